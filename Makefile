@@ -1,0 +1,67 @@
+# Every target does its own setup, so a fresh clone on a fresh machine needs only
+# `make demo` or `make test`. CI runs `make test` (see .ci/run).
+
+UV_VERSION := 0.13.8
+PYTHON ?= python3
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+VENV := .venv
+NUDGE := $(VENV)/bin/nudge
+SERVERS := bash infra/local/servers.sh
+
+.PHONY: help venv up down status migrate topology setup demo test test-fast lint fmt bench clean
+
+help:
+	@echo "make demo   set everything up and run the main job end to end"
+	@echo "make test   set everything up and run the whole suite (lint, types, tests)"
+	@echo "make bench  set everything up and run the benchmarks"
+	@echo "make up / make down   start / stop the local RabbitMQ and PostgreSQL"
+
+$(UV):
+	$(PYTHON) -m pip install --quiet --user "uv==$(UV_VERSION)" || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --quiet
+	@touch $@
+
+venv: $(VENV)/.synced
+
+up:
+	$(SERVERS) up
+
+down:
+	$(SERVERS) down
+
+status:
+	$(SERVERS) status
+
+migrate: venv up
+	$(NUDGE) db upgrade
+
+topology: venv up
+	$(NUDGE) topology apply
+
+setup: migrate topology
+
+demo: setup
+	$(NUDGE) demo
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: setup lint
+	$(VENV)/bin/pytest
+
+test-fast: setup
+	$(VENV)/bin/pytest -x -q -m "not acceptance"
+
+fmt: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: setup
+	$(VENV)/bin/python -m bench $(filter-out bench,$(MAKECMDGOALS))
+
+clean: down
+	rm -rf .local $(VENV)

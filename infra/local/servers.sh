@@ -1,0 +1,679 @@
+#!/usr/bin/env bash
+# Local RabbitMQ and PostgreSQL for Nudge, without Docker.
+#
+# Both servers run from a data directory inside the checkout (default
+# <checkout>/.local), listen on 127.0.0.1 only and use non-default ports, so
+# they never collide with system services. See infra/local/README.md.
+#
+# Usage: servers.sh up|down|status|logs [-f]|env|restart-rabbitmq|restart-postgres
+#
+# Progress goes to stderr; `up` and `env` print only KEY=value lines on stdout.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
+CHECKOUT=$(cd -- "$SCRIPT_DIR/../.." && pwd -P)
+RMQ_SHIPPED_DIR=$CHECKOUT/infra/rabbitmq
+
+LOCAL_DIR=${NUDGE_LOCAL_DIR:-$CHECKOUT/.local}
+[[ $LOCAL_DIR == /* ]] || LOCAL_DIR=$PWD/$LOCAL_DIR
+LOCAL_DIR=${LOCAL_DIR%/}
+
+HOST=127.0.0.1
+RMQ_PORT=${NUDGE_RABBITMQ_PORT:-35672}
+RMQ_MGMT_PORT=${NUDGE_RABBITMQ_MGMT_PORT:-35673}
+RMQ_PROM_PORT=${NUDGE_RABBITMQ_PROM_PORT:-35692}
+RMQ_DIST_PORT=${NUDGE_RABBITMQ_DIST_PORT:-35679}
+PG_PORT=${NUDGE_POSTGRES_PORT:-35432}
+# The node name follows the AMQP port so that two checkouts running side by
+# side (on different ports) do not fight over the same name in the shared epmd.
+RMQ_NODE=${NUDGE_RABBITMQ_NODENAME:-nudge-$RMQ_PORT@localhost}
+START_TIMEOUT=${NUDGE_SERVER_START_TIMEOUT:-90}
+STOP_TIMEOUT=${NUDGE_SERVER_STOP_TIMEOUT:-60}
+LOG_LINES=${NUDGE_LOG_LINES:-50}
+
+PG_DB=nudge
+PG_SUPERUSER=nudge
+
+RMQ_BIN=/usr/lib/rabbitmq/bin
+RMQ_DIR=$LOCAL_DIR/rabbitmq
+RMQ_LOG=$RMQ_DIR/log/rabbitmq.log
+RMQ_STARTUP_LOG=$RMQ_DIR/log/startup.log
+RMQ_PID_FILE=$RMQ_DIR/rabbitmq.pid
+
+PG_DIR=$LOCAL_DIR/postgres
+PG_DATA=$PG_DIR/data
+PG_LOG=$PG_DIR/log/postgres.log
+PG_SOCKET_DIR=$PG_DIR/run
+PG_BIN=
+
+# initdb refuses to run as root, and the Debian RabbitMQ tooling expects its
+# own user, so as root each server runs as its package's system user.
+if [[ $EUID -eq 0 ]]; then
+  RMQ_USER=rabbitmq
+  PG_USER=postgres
+else
+  RMQ_USER=$(id -un)
+  PG_USER=$RMQ_USER
+fi
+
+# ---------------------------------------------------------------- helpers
+
+log() { printf '[servers] %s\n' "$*" >&2; }
+die() {
+  printf '[servers] error: %s\n' "$*" >&2
+  exit 1
+}
+
+usage() {
+  cat <<EOF
+usage: $(basename "$0") COMMAND
+
+  up                 start RabbitMQ and PostgreSQL (no-op for a server already up)
+  down               stop both (no-op if already stopped)
+  status             show both servers; exit 0 if both are up, 3 otherwise
+  logs [-f]          last $LOG_LINES lines of both logs (-f: follow)
+  env                print the NUDGE_* variables clients need
+  restart-rabbitmq   stop and start RabbitMQ, keeping its data
+  restart-postgres   stop and start PostgreSQL, keeping its data
+
+data dir: $LOCAL_DIR
+EOF
+}
+
+check_settings() {
+  local name value
+  for name in RMQ_PORT RMQ_MGMT_PORT RMQ_PROM_PORT RMQ_DIST_PORT PG_PORT; do
+    value=${!name}
+    if [[ ! $value =~ ^[0-9]+$ ]] || ((value < 1 || value > 65535)); then
+      die "invalid port for $name: '$value'"
+    fi
+  done
+  for name in START_TIMEOUT STOP_TIMEOUT LOG_LINES; do
+    [[ ${!name} =~ ^[0-9]+$ ]] || die "$name must be a whole number, got '${!name}'"
+  done
+  local ports
+  ports=$(printf '%s\n' "$RMQ_PORT" "$RMQ_MGMT_PORT" "$RMQ_PROM_PORT" "$RMQ_DIST_PORT" "$PG_PORT" | sort | uniq -d)
+  [[ -z $ports ]] || die "the same port is configured twice: $ports"
+}
+
+# Runs a command as USER (switching only when running as root). fd 9 holds
+# the lock of this script: anything started from here, servers included,
+# must not inherit it, or the lock would live as long as the server.
+run_as() {
+  local user=$1
+  shift
+  if [[ $EUID -eq 0 && $user != root ]]; then
+    setpriv --reuid="$user" --regid="$(id -g "$user")" --init-groups -- "$@" 9>&-
+  else
+    "$@" 9>&-
+  fi
+}
+
+tcp_open() {
+  # shellcheck disable=SC2016 # expanded by the inner bash
+  timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
+}
+
+# Succeeds if URL answers 2xx; optional second argument is user:password.
+http_ok() {
+  local url=$1 auth=${2:-}
+  if command -v curl >/dev/null; then
+    curl -fsS -o /dev/null --max-time 5 ${auth:+-u "$auth"} "$url" 2>/dev/null
+  else
+    python3 - "$url" "$auth" <<'PY' 2>/dev/null
+import base64, sys, urllib.request
+url, auth = sys.argv[1], sys.argv[2]
+req = urllib.request.Request(url)
+if auth:
+    req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+with urllib.request.urlopen(req, timeout=5) as resp:
+    sys.exit(0 if 200 <= resp.status < 300 else 1)
+PY
+  fi
+}
+
+pid_alive() { [[ -n $1 ]] && kill -0 "$1" 2>/dev/null; }
+
+# Waits up to TIMEOUT seconds for PID to exit.
+wait_gone() {
+  local pid=$1 deadline=$((SECONDS + $2))
+  while pid_alive "$pid"; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.5
+  done
+}
+
+# Prints the last lines of each existing log file to stderr.
+show_logs() {
+  local f
+  for f in "$@"; do
+    [[ -s $f ]] || continue
+    printf '%s\n' "----- last 40 lines of $f" >&2
+    tail -n 40 "$f" >&2
+  done
+}
+
+apt_install() {
+  local pkg=$1
+  [[ $EUID -eq 0 ]] ||
+    die "$pkg is not installed and only root can install it (sudo apt-get install -y $pkg)"
+  command -v apt-get >/dev/null || die "$pkg is not installed and there is no apt-get: install it by hand"
+  log "installing $pkg with apt-get"
+  # Package output goes to stderr: stdout is reserved for the env lines.
+  {
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y "$pkg"
+  } >&2
+}
+
+take_lock() {
+  prepare_local_dir
+  exec 9>>"$LOCAL_DIR/.servers.lock"
+  flock -w $((START_TIMEOUT + STOP_TIMEOUT)) 9 ||
+    die "another servers.sh is still working on $LOCAL_DIR"
+}
+
+prepare_local_dir() {
+  mkdir -p "$LOCAL_DIR"
+  # The service users only need to pass through this directory.
+  if [[ $EUID -eq 0 ]]; then chmod o+x "$LOCAL_DIR"; fi
+}
+
+# make_owned_dir USER MODE DIR...: creates DIRs owned by USER.
+make_owned_dir() {
+  local user=$1 mode=$2 dir
+  shift 2
+  for dir in "$@"; do
+    mkdir -p "$dir"
+    if [[ $EUID -eq 0 ]]; then chown "$user:$(id -g "$user")" "$dir"; fi
+    chmod "$mode" "$dir"
+  done
+}
+
+# Installs FILE (written by us) as DEST, owned by USER.
+install_file() {
+  local user=$1 mode=$2 src=$3 dest=$4
+  chmod "$mode" "$src"
+  if [[ $EUID -eq 0 ]]; then chown "$user:$(id -g "$user")" "$src"; fi
+  mv -f "$src" "$dest"
+}
+
+# As root the servers run as other users, who must be able to reach DIR
+# through every parent directory. A checkout under a private directory (such
+# as one made by mktemp -d, or /root) is not reachable: fail with the fix, or
+# apply it when NUDGE_LOCAL_FIX_PERMS=1.
+ensure_reachable() {
+  local user=$1 dir=$2 path='' part mode
+  [[ $EUID -eq 0 && $user != root ]] || return 0
+  if run_as "$user" test -w "$dir" -a -x "$dir"; then return 0; fi
+  local -a parts
+  IFS=/ read -ra parts <<<"${dir#/}"
+  for part in "${parts[@]}"; do
+    path+=/$part
+    run_as "$user" test -x "$path" && continue
+    mode=$(stat -c '%A %U' "$path")
+    if [[ ${NUDGE_LOCAL_FIX_PERMS:-0} == 1 ]]; then
+      log "chmod o+x $path ($mode) so that $user can reach $dir"
+      chmod o+x "$path"
+      continue
+    fi
+    die "user '$user' cannot reach $dir: $path ($mode) is not traversable by others.
+  Fix it with one of:
+    chmod o+x '$path'                      (lets others traverse, not list, it)
+    NUDGE_LOCAL_FIX_PERMS=1 $0 ...          (does that chmod for every such parent)
+    NUDGE_LOCAL_DIR=/var/tmp/nudge-local $0 ...   (keep the data outside $path)"
+  done
+  run_as "$user" test -w "$dir" -a -x "$dir" || die "user '$user' cannot write to $dir"
+}
+
+# --------------------------------------------------------------- RabbitMQ
+
+ensure_rabbitmq_installed() {
+  [[ -x /usr/sbin/rabbitmq-server ]] || apt_install rabbitmq-server
+  [[ -x $RMQ_BIN/rabbitmq-server ]] || die "$RMQ_BIN/rabbitmq-server is missing after installing rabbitmq-server"
+  id -u "$RMQ_USER" >/dev/null 2>&1 || die "user '$RMQ_USER' does not exist (it comes with the rabbitmq-server package)"
+}
+
+# Environment shared by the server and every CLI call, so that nothing is read
+# from or written to /etc/rabbitmq or /var/lib/rabbitmq, and so that the CLI
+# finds the same Erlang cookie (in $HOME) as the server.
+rmq_env() {
+  local ctl_min=$((RMQ_DIST_PORT + 10000))
+  ((ctl_min + 10 < 65536)) || ctl_min=$((RMQ_DIST_PORT - 1010))
+  RMQ_ENV=(
+    HOME="$RMQ_DIR/home"
+    RABBITMQ_NODENAME="$RMQ_NODE"
+    RABBITMQ_USE_LONGNAME=false
+    RABBITMQ_DIST_PORT="$RMQ_DIST_PORT"
+    RABBITMQ_CONF_ENV_FILE="$RMQ_DIR/rabbitmq-env.conf"
+    RABBITMQ_CONFIG_FILE="$RMQ_DIR/rabbitmq.conf"
+    RABBITMQ_CONFIG_FILES="$RMQ_DIR/conf.d"
+    RABBITMQ_ADVANCED_CONFIG_FILE="$RMQ_DIR/advanced.config"
+    RABBITMQ_ENABLED_PLUGINS_FILE="$RMQ_DIR/enabled_plugins"
+    RABBITMQ_MNESIA_BASE="$RMQ_DIR/mnesia"
+    RABBITMQ_LOG_BASE="$RMQ_DIR/log"
+    RABBITMQ_LOGS="$RMQ_LOG"
+    RABBITMQ_PID_FILE="$RMQ_PID_FILE"
+    ERL_CRASH_DUMP="$RMQ_DIR/log/erl_crash.dump"
+    # Erlang distribution on loopback only, for the node and the CLI.
+    RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+    RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+    # The CLI's own distribution ports default to 35672-35682, which would
+    # collide with the AMQP and management ports used here.
+    RABBITMQ_CTL_DIST_PORT_MIN="$ctl_min"
+    RABBITMQ_CTL_DIST_PORT_MAX="$((ctl_min + 10))"
+  )
+}
+
+rmq_ctl() {
+  rmq_env
+  run_as "$RMQ_USER" env -C "$RMQ_DIR" "${RMQ_ENV[@]}" "$RMQ_BIN/rabbitmqctl" -n "$RMQ_NODE" "$@"
+}
+
+# Succeeds if PID is a RabbitMQ VM started for this data directory.
+rmq_is_ours() {
+  local pid=$1 environ
+  [[ $(cat "/proc/$pid/comm" 2>/dev/null) == beam.smp ]] || return 1
+  environ=$(tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null) || return 1
+  grep -qxF "RABBITMQ_MNESIA_BASE=$RMQ_DIR/mnesia" <<<"$environ"
+}
+
+# Prints the pid of the RabbitMQ VM serving this data directory, if any. The
+# pid file is written a little into the boot, so fall back to a process scan.
+rmq_find_pid() {
+  local pid proc
+  if [[ -r $RMQ_PID_FILE ]]; then
+    pid=$(tr -dc '0-9' <"$RMQ_PID_FILE")
+    if [[ -n $pid ]] && rmq_is_ours "$pid"; then
+      echo "$pid"
+      return 0
+    fi
+  fi
+  for proc in /proc/[0-9]*; do
+    pid=${proc#/proc/}
+    if rmq_is_ours "$pid"; then
+      echo "$pid"
+      return 0
+    fi
+  done
+  return 1
+}
+
+rmq_answering() {
+  tcp_open "$HOST" "$RMQ_PORT" &&
+    http_ok "http://$HOST:$RMQ_MGMT_PORT/api/overview" guest:guest &&
+    http_ok "http://$HOST:$RMQ_PROM_PORT/metrics"
+}
+
+rmq_render_config() {
+  local shipped=$RMQ_SHIPPED_DIR/rabbitmq.conf plugins=$RMQ_SHIPPED_DIR/enabled_plugins key
+  [[ -f $shipped ]] || die "missing $shipped"
+  [[ -f $plugins ]] || die "missing $plugins"
+  # RabbitMQ does not reject duplicate keys, so a listener set in the shipped
+  # file would silently fight with the local one: refuse instead.
+  for key in listeners.tcp management.tcp prometheus.tcp; do
+    if grep -Eq "^[[:space:]]*${key//./\\.}\." "$shipped"; then
+      die "$shipped must not set $key.*: servers.sh adds the local listeners itself"
+    fi
+  done
+  {
+    printf '# Generated by infra/local/servers.sh from infra/rabbitmq/rabbitmq.conf.\n'
+    printf '# Edit that file instead; this copy is rewritten on every "up".\n\n'
+    cat "$shipped"
+    printf '\n## Local overrides added by servers.sh: loopback only, non-default ports.\n'
+    printf 'listeners.tcp.default = %s:%s\n' "$HOST" "$RMQ_PORT"
+    printf 'management.tcp.ip = %s\n' "$HOST"
+    printf 'management.tcp.port = %s\n' "$RMQ_MGMT_PORT"
+    printf 'prometheus.tcp.ip = %s\n' "$HOST"
+    printf 'prometheus.tcp.port = %s\n' "$RMQ_PROM_PORT"
+    # Not config, but part of what the node was started with (see rmq_apply_config).
+    printf '# node=%s dist_port=%s\n' "$RMQ_NODE" "$RMQ_DIST_PORT"
+  } >"$RMQ_DIR/rabbitmq.conf.new"
+  cp "$plugins" "$RMQ_DIR/enabled_plugins.new"
+}
+
+# Moves the freshly rendered files into place. While the node runs they must
+# not change: it would keep its old ports and `up` would wait for nothing.
+rmq_apply_config() {
+  local running=$1
+  if [[ $running == yes ]] && ! cmp -s "$RMQ_DIR/rabbitmq.conf.new" "$RMQ_DIR/rabbitmq.conf"; then
+    rm -f "$RMQ_DIR/rabbitmq.conf.new" "$RMQ_DIR/enabled_plugins.new"
+    die "rabbitmq from $RMQ_DIR is running with other settings (ports, node name or config): run '$0 restart-rabbitmq'"
+  fi
+  install_file "$RMQ_USER" 640 "$RMQ_DIR/rabbitmq.conf.new" "$RMQ_DIR/rabbitmq.conf"
+  install_file "$RMQ_USER" 640 "$RMQ_DIR/enabled_plugins.new" "$RMQ_DIR/enabled_plugins"
+}
+
+rmq_prepare() {
+  make_owned_dir "$RMQ_USER" 750 "$RMQ_DIR" "$RMQ_DIR/mnesia" "$RMQ_DIR/log" "$RMQ_DIR/conf.d"
+  make_owned_dir "$RMQ_USER" 700 "$RMQ_DIR/home"
+  ensure_reachable "$RMQ_USER" "$RMQ_DIR"
+  if [[ ! -f $RMQ_DIR/rabbitmq-env.conf ]]; then
+    printf '# Intentionally empty: stops /etc/rabbitmq/rabbitmq-env.conf from being read.\n' \
+      >"$RMQ_DIR/rabbitmq-env.conf.new"
+    install_file "$RMQ_USER" 640 "$RMQ_DIR/rabbitmq-env.conf.new" "$RMQ_DIR/rabbitmq-env.conf"
+  fi
+  # A cookie of our own: the system node's cookie in /var/lib/rabbitmq is
+  # neither needed nor readable by a non-root user.
+  if [[ ! -s $RMQ_DIR/home/.erlang.cookie ]]; then
+    od -An -N20 -tx1 /dev/urandom | tr -d ' \n' | tr 'a-f' 'A-F' >"$RMQ_DIR/home/.erlang.cookie.new"
+    install_file "$RMQ_USER" 400 "$RMQ_DIR/home/.erlang.cookie.new" "$RMQ_DIR/home/.erlang.cookie"
+  fi
+  rmq_render_config
+}
+
+rmq_check_ports_free() {
+  local port
+  for port in "$RMQ_PORT" "$RMQ_MGMT_PORT" "$RMQ_PROM_PORT" "$RMQ_DIST_PORT"; do
+    if tcp_open "$HOST" "$port"; then
+      die "rabbitmq: port $HOST:$port is already used by another process (pick other NUDGE_RABBITMQ_*_PORT values)"
+    fi
+  done
+}
+
+rmq_fail() {
+  log "rabbitmq: $1"
+  show_logs "$RMQ_STARTUP_LOG" "$RMQ_LOG"
+  exit 1
+}
+
+# Waits until the node answers; WATCH_PID dying first means it crashed.
+rmq_wait_ready() {
+  local watch_pid=$1 deadline=$((SECONDS + START_TIMEOUT))
+  until rmq_answering; do
+    pid_alive "$watch_pid" || rmq_fail "the server exited during startup"
+    ((SECONDS < deadline)) || rmq_fail "not ready after ${START_TIMEOUT}s (still running; '$0 down' stops it)"
+    sleep 1
+  done
+}
+
+rmq_up() {
+  local pid
+  ensure_rabbitmq_installed
+  rmq_prepare
+  if pid=$(rmq_find_pid); then
+    rmq_apply_config yes
+    if rmq_answering; then
+      log "rabbitmq: already up (pid $pid, amqp $HOST:$RMQ_PORT)"
+      return 0
+    fi
+    log "rabbitmq: running (pid $pid) but not answering yet, waiting"
+    rmq_wait_ready "$pid"
+    return 0
+  fi
+  rmq_apply_config no
+  rmq_check_ports_free
+  rm -f "$RMQ_PID_FILE"
+  printf '\n===== %s starting %s\n' "$(date '+%F %T')" "$RMQ_NODE" >>"$RMQ_STARTUP_LOG"
+  log "rabbitmq: starting $RMQ_NODE (amqp $HOST:$RMQ_PORT, management $RMQ_MGMT_PORT, prometheus $RMQ_PROM_PORT)"
+  rmq_env
+  # Not the Debian wrapper /usr/sbin/rabbitmq-server: it forces the working
+  # directory and logs into /var and resets HOME (and with it the cookie).
+  # setsid detaches the node from this terminal's Ctrl-C and hangups.
+  run_as "$RMQ_USER" setsid -w env -C "$RMQ_DIR" "${RMQ_ENV[@]}" "$RMQ_BIN/rabbitmq-server" \
+    >>"$RMQ_STARTUP_LOG" 2>&1 </dev/null &
+  rmq_wait_ready $!
+  log "rabbitmq: up (pid $(rmq_find_pid || echo '?'))"
+}
+
+rmq_down() {
+  local pid out
+  if ! pid=$(rmq_find_pid); then
+    log "rabbitmq: already down"
+    rm -f "$RMQ_PID_FILE"
+    return 0
+  fi
+  log "rabbitmq: stopping (pid $pid)"
+  # `stop <pidfile>` returns once the VM process has exited.
+  if ! out=$(rmq_ctl stop "$RMQ_PID_FILE" 2>&1 </dev/null); then
+    log "rabbitmq: rabbitmqctl stop failed, sending SIGTERM: ${out//$'\n'/ }"
+    kill -TERM "$pid" 2>/dev/null || true
+  fi
+  if ! wait_gone "$pid" "$STOP_TIMEOUT"; then
+    log "rabbitmq: still running after ${STOP_TIMEOUT}s, killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+    wait_gone "$pid" 10 || die "rabbitmq: could not kill pid $pid"
+  fi
+  rm -f "$RMQ_PID_FILE"
+  log "rabbitmq: down"
+}
+
+rmq_status() {
+  local pid
+  if pid=$(rmq_find_pid); then
+    if rmq_answering; then
+      printf 'rabbitmq  up        amqp=%s:%s management=%s prometheus=%s node=%s pid=%s\n' \
+        "$HOST" "$RMQ_PORT" "$RMQ_MGMT_PORT" "$RMQ_PROM_PORT" "$RMQ_NODE" "$pid"
+      return 0
+    fi
+    printf 'rabbitmq  starting  amqp=%s:%s pid=%s (running, not answering yet)\n' "$HOST" "$RMQ_PORT" "$pid"
+    return 1
+  fi
+  printf 'rabbitmq  down      amqp=%s:%s\n' "$HOST" "$RMQ_PORT"
+  return 1
+}
+
+# ------------------------------------------------------------- PostgreSQL
+
+# Prints the bin directory of the newest PostgreSQL found (NUDGE_PG_BINDIR wins).
+find_pg_bin() {
+  local candidate best=''
+  if [[ -n ${NUDGE_PG_BINDIR:-} ]]; then
+    [[ -x $NUDGE_PG_BINDIR/pg_ctl ]] || return 1
+    echo "$NUDGE_PG_BINDIR"
+    return 0
+  fi
+  best=$(printf '%s\n' /usr/lib/postgresql/*/bin/pg_ctl | sort -V | tail -n 1)
+  if [[ -x $best ]]; then
+    dirname "$best"
+    return 0
+  fi
+  candidate=$(command -v pg_ctl) || return 1
+  dirname "$(readlink -f "$candidate")"
+}
+
+ensure_postgres_installed() {
+  if ! PG_BIN=$(find_pg_bin); then
+    apt_install postgresql
+    PG_BIN=$(find_pg_bin) || die "no pg_ctl found after installing postgresql"
+  fi
+  local tool
+  for tool in initdb pg_ctl pg_isready psql; do
+    [[ -x $PG_BIN/$tool ]] || die "$PG_BIN/$tool is missing"
+  done
+  id -u "$PG_USER" >/dev/null 2>&1 || die "user '$PG_USER' does not exist (it comes with the postgresql package)"
+}
+
+# pg_ctl runs from / because the caller's directory may be unreadable to postgres.
+pg_ctl_as() { run_as "$PG_USER" env -C / "$PG_BIN/pg_ctl" -D "$PG_DATA" "$@"; }
+
+pg_running() { [[ -n $PG_BIN && -f $PG_DATA/PG_VERSION ]] && pg_ctl_as status >/dev/null 2>&1; }
+
+pg_postmaster_pid() { head -n 1 "$PG_DATA/postmaster.pid" 2>/dev/null; }
+
+pg_answering() { "$PG_BIN/pg_isready" -q -h "$HOST" -p "$PG_PORT" -t 3; }
+
+pg_psql() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$HOST" -p "$PG_PORT" -U "$PG_SUPERUSER" "$@"; }
+
+pg_fail() {
+  log "postgres: $1"
+  show_logs "$PG_DIR/log/initdb.log" "$PG_LOG"
+  exit 1
+}
+
+pg_write_config() {
+  local socket_dir=$PG_SOCKET_DIR conf=$PG_DATA/nudge_local.conf
+  # Unix socket paths are limited to 107 bytes; in a deeply nested checkout
+  # use TCP only rather than fail.
+  if ((${#socket_dir} + 15 > 107)); then
+    log "postgres: $socket_dir is too long for a unix socket, TCP only"
+    socket_dir=''
+  fi
+  {
+    printf '# Written by infra/local/servers.sh on every "up"; do not edit.\n'
+    printf "listen_addresses = '%s'\n" "$HOST"
+    printf 'port = %s\n' "$PG_PORT"
+    printf "unix_socket_directories = '%s'\n" "${socket_dir//\'/\'\'}"
+    printf 'max_connections = 200\n'
+  } >"$conf.new"
+  install_file "$PG_USER" 600 "$conf.new" "$conf"
+  if ! grep -qxF "include 'nudge_local.conf'" "$PG_DATA/postgresql.conf"; then
+    printf "\n# Local settings from infra/local/servers.sh\ninclude 'nudge_local.conf'\n" >>"$PG_DATA/postgresql.conf"
+  fi
+}
+
+pg_prepare() {
+  make_owned_dir "$PG_USER" 750 "$PG_DIR" "$PG_DIR/log" "$PG_SOCKET_DIR"
+  make_owned_dir "$PG_USER" 700 "$PG_DATA"
+  ensure_reachable "$PG_USER" "$PG_DATA"
+  if [[ ! -f $PG_DATA/PG_VERSION ]]; then
+    log "postgres: initdb $PG_DATA"
+    # C locale: identical sorting on every machine, and no dependency on
+    # which locales happen to be generated.
+    run_as "$PG_USER" env -C / "$PG_BIN/initdb" -D "$PG_DATA" --username="$PG_SUPERUSER" \
+      --auth=trust --encoding=UTF8 --no-locale --no-instructions \
+      >"$PG_DIR/log/initdb.log" 2>&1 || pg_fail "initdb failed"
+  fi
+}
+
+pg_ensure_database() {
+  local exists
+  exists=$(pg_psql -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'") ||
+    pg_fail "cannot query the server"
+  if [[ $exists != 1 ]]; then
+    log "postgres: creating database $PG_DB"
+    pg_psql -d postgres -c "CREATE DATABASE $PG_DB" || pg_fail "cannot create database $PG_DB"
+  fi
+}
+
+pg_up() {
+  local port deadline
+  ensure_postgres_installed
+  pg_prepare
+  if pg_running; then
+    port=$(sed -n 4p "$PG_DATA/postmaster.pid")
+    [[ $port == "$PG_PORT" ]] ||
+      die "postgres from $PG_DATA is running on port $port, not $PG_PORT: run '$0 restart-postgres'"
+    log "postgres: already running (pid $(pg_postmaster_pid), $HOST:$PG_PORT)"
+  else
+    pg_write_config
+    if tcp_open "$HOST" "$PG_PORT"; then
+      die "postgres: port $HOST:$PG_PORT is already used by another process (set NUDGE_POSTGRES_PORT)"
+    fi
+    log "postgres: starting on $HOST:$PG_PORT"
+    run_as "$PG_USER" setsid -w env -C / "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" \
+      -w -t "$START_TIMEOUT" start >&2 </dev/null || pg_fail "failed to start"
+  fi
+  deadline=$((SECONDS + START_TIMEOUT))
+  until pg_answering; do
+    ((SECONDS < deadline)) || pg_fail "not accepting connections after ${START_TIMEOUT}s"
+    pg_running || pg_fail "the server exited during startup"
+    sleep 1
+  done
+  pg_ensure_database
+  log "postgres: up"
+}
+
+pg_down() {
+  local pid
+  PG_BIN=$(find_pg_bin) || PG_BIN=''
+  if ! pg_running; then
+    log "postgres: already down"
+    return 0
+  fi
+  pid=$(pg_postmaster_pid)
+  log "postgres: stopping (pid $pid)"
+  if ! pg_ctl_as stop -m fast -w -t "$STOP_TIMEOUT" >&2; then
+    log "postgres: fast shutdown timed out, using immediate"
+    pg_ctl_as stop -m immediate -w -t 10 >&2 || true
+  fi
+  if ! wait_gone "$pid" 10; then
+    kill -KILL "$pid" 2>/dev/null || true
+    wait_gone "$pid" 10 || die "postgres: could not kill pid $pid"
+  fi
+  log "postgres: down"
+}
+
+pg_status() {
+  PG_BIN=$(find_pg_bin) || PG_BIN=''
+  if pg_running; then
+    if pg_answering; then
+      printf 'postgres  up        %s:%s database=%s pid=%s\n' "$HOST" "$PG_PORT" "$PG_DB" "$(pg_postmaster_pid)"
+      return 0
+    fi
+    printf 'postgres  starting  %s:%s pid=%s (running, not answering on this port)\n' \
+      "$HOST" "$PG_PORT" "$(pg_postmaster_pid)"
+    return 1
+  fi
+  printf 'postgres  down      %s:%s\n' "$HOST" "$PG_PORT"
+  return 1
+}
+
+# --------------------------------------------------------------- commands
+
+print_env() {
+  printf 'NUDGE_AMQP_URL=amqp://guest:guest@%s:%s/\n' "$HOST" "$RMQ_PORT"
+  printf 'NUDGE_DATABASE_URL=postgresql+psycopg://%s@%s:%s/%s\n' "$PG_SUPERUSER" "$HOST" "$PG_PORT" "$PG_DB"
+  printf 'NUDGE_RABBITMQ_MGMT_URL=http://guest:guest@%s:%s\n' "$HOST" "$RMQ_MGMT_PORT"
+}
+
+cmd_status() {
+  local rc=0
+  rmq_status || rc=3
+  pg_status || rc=3
+  return "$rc"
+}
+
+cmd_logs() {
+  local -a follow=() files=()
+  local f
+  case ${1:-} in
+    '') ;;
+    -f | --follow) follow=(-F) ;;
+    *) die "usage: $0 logs [-f]" ;;
+  esac
+  for f in "$RMQ_LOG" "$PG_LOG"; do
+    if [[ -e $f || ${#follow[@]} -gt 0 ]]; then files+=("$f"); fi
+  done
+  ((${#files[@]})) || die "no logs yet in $LOCAL_DIR"
+  exec tail -n "$LOG_LINES" "${follow[@]}" "${files[@]}"
+}
+
+main() {
+  local cmd=${1:-help}
+  (($# == 0)) || shift
+  check_settings
+  case $cmd in
+    up)
+      take_lock
+      pg_up
+      rmq_up
+      print_env
+      ;;
+    down)
+      take_lock
+      rmq_down
+      pg_down
+      ;;
+    status) cmd_status ;;
+    logs) cmd_logs "$@" ;;
+    env) print_env ;;
+    restart-rabbitmq)
+      take_lock
+      rmq_down
+      rmq_up
+      ;;
+    restart-postgres)
+      take_lock
+      pg_down
+      pg_up
+      ;;
+    help | -h | --help) usage ;;
+    *)
+      usage >&2
+      exit 2
+      ;;
+  esac
+}
+
+main "$@"

@@ -1,0 +1,23 @@
+"""The publishing library services use. No database credentials needed.
+
+>>> from producer import Producer
+>>> with Producer("amqp://guest:guest@127.0.0.1:35672/") as nudge:
+...     nudge.schedule("42", "trial_end", "webhook", delay=timedelta(days=7),
+...                    exclude_events=["upgrade_subscription"])
+"""
+
+from producer.async_producer import AsyncProducer
+from producer.requests import Scheduled, scheduled
+from producer.sync_producer import Producer
+from shared.errors import BrokerUnavailable, InvalidMessage, NudgeError, PublishNotConfirmed
+
+__all__ = [
+    "AsyncProducer",
+    "BrokerUnavailable",
+    "InvalidMessage",
+    "NudgeError",
+    "Producer",
+    "PublishNotConfirmed",
+    "Scheduled",
+    "scheduled",
+]

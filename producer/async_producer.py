@@ -1,0 +1,79 @@
+"""The asyncio producer, on aio-pika."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+from aio_pika.abc import AbstractRobustConnection
+
+from producer.requests import Scheduled, scheduled
+from shared import amqp
+from shared.contract import ContactRef, Priority
+
+
+class AsyncProducer:
+    """The asyncio twin of :class:`producer.Producer`: confirms and ``mandatory`` on every
+    publish, pipelined confirms in :meth:`schedule_many`, reconnects by itself."""
+
+    def __init__(self, url: str = "amqp://guest:guest@127.0.0.1:35672/", *,
+                 name: str = "nudge-producer") -> None:
+        self._url = url
+        self._name = name
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: amqp.Publisher | None = None
+
+    async def __aenter__(self) -> AsyncProducer:
+        await self._open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def _open(self) -> amqp.Publisher:
+        if self._publisher is None:
+            self._connection = await amqp.connect(self._url, name=self._name)
+            self._publisher = await amqp.Publisher.open(self._connection)
+        return self._publisher
+
+    async def close(self) -> None:
+        if self._publisher is not None:
+            await self._publisher.close()
+        if self._connection is not None:
+            await self._connection.close()
+        self._publisher = self._connection = None
+
+    async def schedule(
+        self,
+        contact: str | Mapping[str, Any] | ContactRef,
+        template: str,
+        channel: str,
+        *,
+        delay: timedelta | float | None = None,
+        deliver_at: datetime | None = None,
+        exclude_events: Sequence[str] = (),
+        expires_at: datetime | None = None,
+        idempotency_key: str | None = None,
+        data: Mapping[str, Any] | None = None,
+        category: str | None = None,
+        priority: str = Priority.AUTOMATION,
+    ) -> str:
+        """Schedule one message; returns its idempotency key once confirmed."""
+        request = scheduled(contact, template, channel, delay=delay, deliver_at=deliver_at,
+                            exclude_events=exclude_events, expires_at=expires_at,
+                            idempotency_key=idempotency_key, data=data, category=category,
+                            priority=priority)
+        return (await self.schedule_many([request]))[0]
+
+    async def schedule_many(self, requests: Iterable[Scheduled]) -> list[str]:
+        """Publish all with confirms awaited together; raises
+        :class:`~shared.errors.PublishNotConfirmed` if any was not confirmed."""
+        publisher = await self._open()
+        batch = list(requests)
+        await publisher.publish_many(
+            amqp.Outgoing(r.exchange, r.routing_key, r.body, r.idempotency_key)
+            for r in batch)
+        return [r.idempotency_key for r in batch]

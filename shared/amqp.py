@@ -1,0 +1,202 @@
+"""The aio-pika adapter used by workers, the CLI and :class:`producer.AsyncProducer`.
+
+aio-pika and aiormq errors are translated here into :mod:`shared.errors`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractRobustConnection,
+    DeliveryMode,
+    ExchangeType,
+)
+
+from shared import delay
+from shared.contract import CONTENT_TYPE
+from shared.errors import BrokerUnavailable, PublishNotConfirmed, TopologyMismatch
+from shared.topology import DEAD_EXCHANGE, Topology
+
+#: How long to wait for a publisher confirm. Quorum queues confirm after a quorum fsync, which
+#: the docs say can take "a few hundred milliseconds" under load.
+CONFIRM_TIMEOUT = 30.0
+
+_PUBLISH_ERRORS = (
+    aiormq.exceptions.AMQPError,
+    aio_pika.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    asyncio.TimeoutError,
+)
+
+
+async def connect(url: str, *, name: str = "nudge") -> AbstractRobustConnection:
+    """A connection that reconnects by itself; raises :class:`BrokerUnavailable`."""
+    try:
+        return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+    except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
+        raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc}") from exc
+
+
+async def declare(connection: AbstractRobustConnection, topology: Topology) -> None:
+    """Declare every exchange, queue and binding of ``topology``; idempotent."""
+    channel = await connection.channel()
+    try:
+        exchanges: dict[str, AbstractExchange] = {}
+        for ex in topology.exchanges:
+            try:
+                exchanges[ex.name] = await channel.declare_exchange(
+                    ex.name, ExchangeType(ex.type), durable=ex.durable, arguments=ex.arguments)
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                raise TopologyMismatch(f"exchange {ex.name}: {exc}") from exc
+        queues = {}
+        for q in topology.queues:
+            try:
+                queues[q.name] = await channel.declare_queue(
+                    q.name, durable=q.durable, arguments=q.arguments)
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                raise TopologyMismatch(
+                    f"queue {q.name} exists with other arguments ({exc}); delete it or "
+                    "use the arguments in shared/topology.py") from exc
+        for b in topology.bindings:
+            if b.destination_type == "queue":
+                await queues[b.destination].bind(exchanges[b.source], b.routing_key)
+            else:
+                await exchanges[b.destination].bind(exchanges[b.source], b.routing_key)
+    except aiormq.exceptions.AMQPError as exc:
+        raise BrokerUnavailable(f"declaring the topology failed: {exc}") from exc
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def detect_backend(url: str) -> delay.BackendName:
+    """``plugin`` when the broker knows the ``x-delayed-message`` exchange type, else ``tiers``.
+
+    Declaring an unknown exchange type is a connection error (503 COMMAND_INVALID), so the
+    probe uses a connection of its own.
+    """
+    try:
+        connection = await aio_pika.connect(url, client_properties={
+            "connection_name": "nudge-probe"})
+    except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
+        raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc}") from exc
+    quiet = [logging.getLogger(name) for name in ("aiormq", "aio_pika")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:  # the expected 503 would be logged as a crash
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        channel = await connection.channel()
+        probe = await channel.declare_exchange(
+            "nudge.delay.probe", ExchangeType.X_DELAYED_MESSAGE, auto_delete=True,
+            arguments={"x-delayed-type": "direct"})
+        await probe.delete()
+        return "plugin"
+    except aiormq.exceptions.AMQPError:
+        return "tiers"
+    finally:
+        if not connection.is_closed:
+            await connection.close()
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message to publish."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    message_id: str
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    mandatory: bool = True
+    priority: int | None = None
+
+
+class Publisher:
+    """Publishes with confirms and ``mandatory`` on its own channel; pipelines many publishes.
+
+    ``mandatory`` only means something with confirms: a returned message raises instead of
+    being confirmed as if delivered (RabbitMQ confirms unroutable messages at once).
+    """
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self._channel = channel
+        self._exchanges: dict[str, AbstractExchange] = {}
+
+    @classmethod
+    async def open(cls, connection: AbstractRobustConnection) -> Publisher:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        return cls(channel)
+
+    async def close(self) -> None:
+        if not self._channel.is_closed:
+            await self._channel.close()
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        if name not in self._exchanges:
+            self._exchanges[name] = await self._channel.get_exchange(name, ensure=False)
+        return self._exchanges[name]
+
+    async def publish(self, out: Outgoing) -> None:
+        """Publish one message; raises :class:`PublishNotConfirmed` unless confirmed."""
+        message = aio_pika.Message(
+            out.body,
+            content_type=CONTENT_TYPE,
+            delivery_mode=DeliveryMode.PERSISTENT,
+            message_id=out.message_id,
+            headers=dict(out.headers),
+        )
+        try:
+            exchange = await self._exchange(out.exchange)
+            await exchange.publish(message, out.routing_key, mandatory=out.mandatory,
+                                   timeout=CONFIRM_TIMEOUT)
+        except aio_pika.exceptions.PublishError as exc:
+            raise PublishNotConfirmed(
+                f"returned unroutable by {out.exchange!r} with key {out.routing_key!r}: "
+                "run `nudge topology apply`") from exc
+        except _PUBLISH_ERRORS as exc:
+            raise PublishNotConfirmed(f"publish to {out.exchange!r} not confirmed: "
+                                      f"{exc!r}") from exc
+
+    async def publish_many(self, messages: Iterable[Outgoing]) -> None:
+        """Publish all, waiting for the confirms together; raises the first failure after all
+        have settled."""
+        results = await asyncio.gather(*(self.publish(m) for m in messages),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def publish_delayed(self, backend: delay.BackendName, destination: str,
+                              delay_ms: int, body: bytes, message_id: str,
+                              headers: Mapping[str, Any] | None = None) -> None:
+        """Publish ``body`` so that it reaches ``destination`` after ``delay_ms``."""
+        await self.publish(self.delayed(backend, destination, delay_ms, body, message_id,
+                                        headers))
+
+    @staticmethod
+    def delayed(backend: delay.BackendName, destination: str, delay_ms: int, body: bytes,
+                message_id: str, headers: Mapping[str, Any] | None = None) -> Outgoing:
+        """The :class:`Outgoing` for a delayed publish, without dead-lettering history."""
+        r = delay.route(backend, destination, delay_ms)
+        return Outgoing(r.exchange, r.routing_key, body, message_id,
+                        {**delay.strip_death(dict(headers or {})), **r.headers},
+                        mandatory=r.mandatory)
+
+    async def dead_letter(self, body: bytes, message_id: str | None, reason: str,
+                          source_queue: str, headers: Mapping[str, Any] | None = None) -> None:
+        """Park a message in ``nudge.dead`` with the reason it was rejected."""
+        await self.publish(Outgoing(
+            DEAD_EXCHANGE, source_queue, body, message_id or "",
+            {**delay.strip_death(dict(headers or {})),
+             "x-nudge-reason": reason[:1000], "x-nudge-source-queue": source_queue}))

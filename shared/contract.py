@@ -1,0 +1,256 @@
+"""The wire contract: what services publish and what workers pass each other.
+
+JSON bodies, ``content_type: application/json``, a version field ``v``, UTC ISO-8601 times, and
+the AMQP ``message_id`` property as the idempotency key. The same pydantic models validate on
+both ends, so a service gets the error before it publishes and a worker rejects the same input
+from a raw-AMQP producer with the same words. ``nudge contract export`` writes them as JSON
+Schema and AsyncAPI for services in other languages.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import zoneinfo
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from shared.errors import InvalidMessage
+
+CONTENT_TYPE = "application/json"
+MAX_BODY_BYTES = 256 * 1024
+#: The longest delay any backend accepts (the tiers ladder holds 2^28-1 s, about 8.5 years).
+MAX_DELAY = timedelta(seconds=2**28 - 1)
+
+Name = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")
+]
+ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+IdempotencyKey = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+class Channel(enum.StrEnum):
+    """Where a message goes out."""
+
+    WEBHOOK = "webhook"
+    LOG = "log"
+    EMAIL = "email"
+
+
+class Priority(enum.StrEnum):
+    """Priority class: which anti-spam policies apply and which queue carries the message."""
+
+    TRANSACTIONAL = "transactional"
+    AUTOMATION = "automation"
+    CAMPAIGN = "campaign"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+
+class ContactRef(_Model):
+    """The recipient, by the service's own user id; other fields update the stored contact."""
+
+    id: ExternalId
+    email: str | None = Field(default=None, max_length=320)
+    phone: str | None = Field(default=None, max_length=40)
+    timezone: str | None = Field(default=None, max_length=64)
+    attributes: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        if value is not None and not _EMAIL.match(value):
+            raise ValueError("must look like name@example.com")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError("must be an IANA time zone such as Europe/Paris") from exc
+        return value
+
+
+class ScheduleMessage(_Model):
+    """``nudge.intake``, routing key ``schedule``: send ``template`` to ``contact`` at
+    ``deliver_at`` unless, by then, it no longer makes sense."""
+
+    v: Literal[1] = 1
+    contact: ContactRef
+    template: Name
+    channel: Channel
+    deliver_at: AwareDatetime
+    expires_at: AwareDatetime | None = None
+    exclude_events: tuple[Name, ...] = Field(default=(), max_length=50)
+    category: Name | None = None
+    priority: Priority = Priority.AUTOMATION
+    data: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @field_validator("deliver_at", "expires_at")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return value.astimezone(UTC) if value is not None else None
+
+    @model_validator(mode="after")
+    def _times(self) -> ScheduleMessage:
+        if self.expires_at is not None and self.expires_at <= self.deliver_at:
+            raise ValueError("expires_at: must be later than deliver_at")
+        if self.deliver_at - datetime.now(UTC) > MAX_DELAY:
+            raise ValueError(f"deliver_at: must be at most {MAX_DELAY.days} days from now")
+        return self
+
+
+class DueMessage(_Model):
+    """``nudge.due`` (through the delay exchange): message ``message_id`` is due for contact
+    ``contact_id``. Internal to the workers; ``attempt`` counts delivery attempts."""
+
+    v: Literal[1] = 1
+    message_id: int = Field(gt=0)
+    contact_id: int = Field(gt=0)
+    deliver_at: AwareDatetime
+    attempt: int = Field(default=1, ge=1, le=1000)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def describe(exc: ValidationError) -> str:
+    """One line naming each invalid field and what would be valid."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if ":" in msg.split(" ", 1)[0]:  # the validator already named the field
+            parts.append(msg)
+        else:
+            parts.append(f"{loc or 'body'}: {msg}")
+    return "; ".join(parts)
+
+
+def build(model: type[M], **fields: Any) -> M:
+    """Construct a contract model from Python values, raising :class:`InvalidMessage`."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise InvalidMessage(describe(exc)) from exc
+
+
+def encode(model: BaseModel) -> bytes:
+    """The JSON body for ``model``; raises :class:`InvalidMessage` when it is too large."""
+    body = model.model_dump_json(exclude_defaults=False).encode()
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidMessage(f"body: {len(body)} bytes, at most {MAX_BODY_BYTES} allowed")
+    return body
+
+
+def decode(
+    model: type[M], body: bytes, *, content_type: str | None, message_id: str | None = None
+) -> M:
+    """Parse and validate a received body, raising :class:`InvalidMessage` with a reason that
+    names the field. Never raises anything else, whatever the bytes."""
+    if content_type not in (None, CONTENT_TYPE):
+        raise InvalidMessage(f"content_type: {content_type!r}, expected {CONTENT_TYPE!r}")
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidMessage(f"body: {len(body)} bytes, at most {MAX_BODY_BYTES} allowed")
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidMessage(f"body: not valid UTF-8 JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise InvalidMessage("body: must be a JSON object")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidMessage(describe(exc)) from exc
+    except RecursionError as exc:  # absurdly nested JSON
+        raise InvalidMessage("body: nested too deeply") from exc
+
+
+def idempotency_key(message_id: str | None) -> str:
+    """Validate the AMQP ``message_id`` property, which is the idempotency key."""
+    if not message_id:
+        raise InvalidMessage("message_id: required, it is the idempotency key")
+    if len(message_id) > 200:
+        raise InvalidMessage("message_id: at most 200 characters")
+    return message_id
+
+
+def contact_ref(contact: str | Mapping[str, Any] | ContactRef) -> ContactRef:
+    """Accept a bare external id, a mapping of contact fields, or a :class:`ContactRef`."""
+    if isinstance(contact, ContactRef):
+        return contact
+    if isinstance(contact, str):
+        return build(ContactRef, id=contact)
+    return build(ContactRef, **dict(contact))
+
+
+def schedule_request(
+    contact: str | Mapping[str, Any] | ContactRef,
+    template: str,
+    channel: str,
+    *,
+    delay: timedelta | float | None = None,
+    deliver_at: datetime | None = None,
+    exclude_events: Sequence[str] = (),
+    expires_at: datetime | None = None,
+    category: str | None = None,
+    priority: str = Priority.AUTOMATION,
+    data: Mapping[str, Any] | None = None,
+    now: datetime | None = None,
+) -> ScheduleMessage:
+    """Build a validated :class:`ScheduleMessage` from a producer's arguments.
+
+    Exactly one of ``delay`` (a timedelta or seconds) and ``deliver_at`` may be given; neither
+    means now.
+    """
+    if delay is not None and deliver_at is not None:
+        raise InvalidMessage("delay: give either delay or deliver_at, not both")
+    now = now or datetime.now(UTC)
+    if delay is not None:
+        if isinstance(delay, int | float):
+            if delay != delay or delay in (float("inf"), float("-inf")):
+                raise InvalidMessage("delay: must be a finite number of seconds")
+            if delay > MAX_DELAY.total_seconds():
+                raise InvalidMessage(f"delay: must be at most {MAX_DELAY.days} days")
+            delay = timedelta(seconds=delay)
+        if delay < timedelta(0):
+            raise InvalidMessage("delay: must not be negative")
+        if delay > MAX_DELAY:
+            raise InvalidMessage(f"delay: must be at most {MAX_DELAY.days} days")
+        deliver_at = now + delay
+    if deliver_at is not None and deliver_at.tzinfo is None:
+        raise InvalidMessage("deliver_at: must be timezone-aware (UTC)")
+    return build(
+        ScheduleMessage,
+        contact=contact_ref(contact),
+        template=template,
+        channel=channel,
+        deliver_at=deliver_at or now,
+        expires_at=expires_at,
+        exclude_events=tuple(exclude_events),
+        category=category,
+        priority=priority,
+        data=dict(data or {}),
+    )

@@ -1,0 +1,60 @@
+"""Every error Nudge raises on purpose descends from :class:`NudgeError`.
+
+Driver errors (pika, aio-pika, psycopg) are translated at the adapter that calls the driver and
+chained with ``from exc``, so callers only ever catch these.
+"""
+
+from __future__ import annotations
+
+
+class NudgeError(Exception):
+    """Nudge failed to do what was asked."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.__doc__ or self.__class__.__name__)
+
+
+class ConfigError(NudgeError):
+    """The configuration is invalid."""
+
+
+class InvalidMessage(NudgeError):
+    """A message does not follow the wire contract.
+
+    ``reason`` names the field and what would be valid, e.g.
+    ``"deliver_at: Input should be a valid datetime"``.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BrokerError(NudgeError):
+    """RabbitMQ could not be reached or refused an operation."""
+
+
+class BrokerUnavailable(BrokerError):
+    """RabbitMQ could not be reached."""
+
+
+class PublishNotConfirmed(BrokerError):
+    """The broker did not confirm a publish: it was nacked, returned unroutable, or the
+    connection was lost before the confirm arrived. The message may or may not have been
+    enqueued; publish it again with the same idempotency key."""
+
+
+class TopologyMismatch(BrokerError):
+    """An exchange or queue exists on the broker with arguments other than ours."""
+
+
+class StoreError(NudgeError):
+    """PostgreSQL failed."""
+
+
+class StoreUnavailable(StoreError):
+    """PostgreSQL could not be reached; the operation can be retried."""
+
+
+class NotFound(NudgeError):
+    """The requested record does not exist."""

@@ -1,0 +1,154 @@
+"""Topology as data: every exchange, queue, binding and argument Nudge uses, defined once.
+
+``nudge topology apply`` declares it, every worker declares it at start (declaring is
+idempotent), and ``infra/rabbitmq/definitions.json`` is this same data in RabbitMQ's
+definitions format, kept equal by a test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from shared import delay
+
+ExchangeType = Literal["direct", "topic", "fanout", "x-delayed-message"]
+
+#: Deliveries after which a work queue parks a message in ``nudge.dead``. RabbitMQ 3.10 has no
+#: default (4.0 defaults to 20), so a message that crashes its consumer would loop forever.
+DELIVERY_LIMIT = 10
+
+INTAKE_EXCHANGE = "nudge.intake"
+INTAKE_QUEUE = "nudge.intake"
+SCHEDULE_KEY = "schedule"
+DUE_QUEUE = "nudge.due"
+DUE_DESTINATION = "due"
+DEAD_EXCHANGE = "nudge.dead"
+DEAD_QUEUE = "nudge.dead"
+CONTROL_EXCHANGE = "nudge.control"
+
+
+@dataclass(frozen=True)
+class Exchange:
+    name: str
+    type: ExchangeType
+    arguments: dict[str, Any] = field(default_factory=dict)
+    durable: bool = True
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    durable: bool = True
+
+
+@dataclass(frozen=True)
+class Binding:
+    source: str
+    destination: str
+    routing_key: str
+    destination_type: Literal["queue", "exchange"] = "queue"
+
+
+@dataclass(frozen=True)
+class Topology:
+    backend: delay.BackendName
+    exchanges: tuple[Exchange, ...]
+    queues: tuple[Queue, ...]
+    bindings: tuple[Binding, ...]
+
+    def queue(self, name: str) -> Queue:
+        return next(q for q in self.queues if q.name == name)
+
+
+def _quorum(**extra: Any) -> dict[str, Any]:
+    return {"x-queue-type": "quorum", **extra}
+
+
+def work_queue(name: str) -> Queue:
+    """A quorum queue that parks a message in ``nudge.dead`` after :data:`DELIVERY_LIMIT`
+    deliveries, dead-lettering at-least-once (which requires ``reject-publish``)."""
+    return Queue(name, _quorum(**{
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": DEAD_EXCHANGE,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }))
+
+
+def _ladder() -> tuple[list[Exchange], list[Queue], list[Binding]]:
+    exchanges = [Exchange(delay.TIERS_OUTPUT_EXCHANGE, "topic")]
+    queues: list[Queue] = []
+    bindings: list[Binding] = []
+    for level in range(delay.LEVELS):
+        name = delay.level_name(level)
+        below = delay.level_name(level - 1) if level else delay.TIERS_OUTPUT_EXCHANGE
+        exchanges.append(Exchange(name, "topic"))
+        queues.append(Queue(name, _quorum(**{
+            "x-message-ttl": delay.level_ttl_ms(level),
+            "x-dead-letter-exchange": below,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        })))
+        # Bit set: wait here. Bit clear: fall through to the level below at once.
+        bindings.append(Binding(name, name, delay.level_binding_key(level, "1")))
+        bindings.append(Binding(name, below, delay.level_binding_key(level, "0"), "exchange"))
+    return exchanges, queues, bindings
+
+
+def destination_binding(backend: delay.BackendName, destination: str, queue: str) -> Binding:
+    """How the delay exchange hands a due message for ``destination`` to ``queue``."""
+    if backend == "plugin":
+        return Binding(delay.PLUGIN_EXCHANGE, queue, destination)
+    return Binding(delay.TIERS_OUTPUT_EXCHANGE, queue, f"#.{destination}")
+
+
+def build(backend: delay.BackendName) -> Topology:
+    """The whole topology for a delay backend."""
+    exchanges = [
+        Exchange(INTAKE_EXCHANGE, "direct"),
+        Exchange(DEAD_EXCHANGE, "fanout"),
+        Exchange(CONTROL_EXCHANGE, "fanout"),
+    ]
+    queues = [
+        work_queue(INTAKE_QUEUE),
+        work_queue(DUE_QUEUE),
+        Queue(DEAD_QUEUE, _quorum()),
+    ]
+    bindings = [
+        Binding(INTAKE_EXCHANGE, INTAKE_QUEUE, SCHEDULE_KEY),
+        Binding(DEAD_EXCHANGE, DEAD_QUEUE, ""),
+    ]
+    if backend == "plugin":
+        exchanges.append(Exchange(delay.PLUGIN_EXCHANGE, "x-delayed-message",
+                                  {"x-delayed-type": "direct"}))
+    else:
+        ladder_exchanges, ladder_queues, ladder_bindings = _ladder()
+        exchanges += ladder_exchanges
+        queues += ladder_queues
+        bindings += ladder_bindings
+    bindings.append(destination_binding(backend, DUE_DESTINATION, DUE_QUEUE))
+    return Topology(backend, tuple(exchanges), tuple(queues), tuple(bindings))
+
+
+def to_definitions(topology: Topology, vhost: str = "/") -> dict[str, Any]:
+    """The topology in RabbitMQ's definitions format (``rabbitmqctl import_definitions``)."""
+    return {
+        "exchanges": [
+            {"name": e.name, "vhost": vhost, "type": e.type, "durable": e.durable,
+             "auto_delete": False, "internal": False, "arguments": e.arguments}
+            for e in topology.exchanges
+        ],
+        "queues": [
+            {"name": q.name, "vhost": vhost, "durable": q.durable, "auto_delete": False,
+             "arguments": q.arguments}
+            for q in topology.queues
+        ],
+        "bindings": [
+            {"source": b.source, "vhost": vhost, "destination": b.destination,
+             "destination_type": b.destination_type, "routing_key": b.routing_key,
+             "arguments": {}}
+            for b in topology.bindings
+        ],
+    }

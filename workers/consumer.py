@@ -1,0 +1,238 @@
+"""The consumer loop shared by every worker role.
+
+Deliveries are decoded (bad input is parked in ``nudge.dead`` at once, with a reason naming the
+field), held in memory if they arrived a little early, gathered into batches and handed to the
+role's handler, whose :mod:`~workers.outcomes` are mapped to ack / republish / dead-letter.
+Acks come only after the handler's Postgres work committed and every republish was confirmed:
+a crash at any point leaves the message unacked, and RabbitMQ redelivers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Generic, Protocol, TypeVar
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from shared import delay
+from shared.amqp import Publisher
+from shared.errors import BrokerError, InvalidMessage, PublishNotConfirmed, StoreUnavailable
+from workers import metrics
+from workers.outcomes import Done, Outcome, Reject, Retry
+
+log = structlog.get_logger("nudge.consumer")
+
+T = TypeVar("T")
+
+
+class Handler(Protocol[T]):
+    """A worker role's logic for one queue."""
+
+    queue: str
+    #: The delay destination that leads back to ``queue`` (for retries), if any.
+    destination: str | None
+
+    def decode(self, message: AbstractIncomingMessage) -> T:
+        """Parse a delivery; raise :class:`InvalidMessage` naming the field."""
+        ...
+
+    def due_at(self, item: T) -> datetime | None:
+        """When the item may be handled; ``None`` means now."""
+        ...
+
+    async def handle(self, batch: Sequence[T]) -> Sequence[Outcome]:
+        """Handle a batch; one outcome per item, in order."""
+        ...
+
+
+@dataclass
+class _Inbound(Generic[T]):
+    item: T
+    message: AbstractIncomingMessage
+
+
+_ACK_ERRORS = (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError,
+               ConnectionError)
+
+
+class Consumer(Generic[T]):
+    """Consumes one queue with ``concurrency`` batches in flight."""
+
+    def __init__(self, handler: Handler[T], channel: AbstractChannel, publisher: Publisher,
+                 backend: delay.BackendName, *, concurrency: int, batch_size: int,
+                 batch_wait: float) -> None:
+        self.handler = handler
+        self._channel = channel
+        self._publisher = publisher
+        self._backend = backend
+        self._concurrency = concurrency
+        self._batch_size = batch_size
+        self._batch_wait = batch_wait
+        self._ready: asyncio.Queue[_Inbound[T]] = asyncio.Queue()
+        self._held: dict[int, asyncio.TimerHandle] = {}
+        self._busy = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._stopping = False
+        self.last_activity = time.monotonic()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing held, queued or being handled."""
+        return not self._held and self._ready.empty() and self._busy == 0
+
+    async def start(self) -> None:
+        self._queue = await self._channel.get_queue(self.handler.queue, ensure=False)
+        self._tasks = [asyncio.create_task(self._batches(), name=f"batch-{i}")
+                       for i in range(self._concurrency)]
+        self._tag = await self._queue.consume(self._on_message)
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop consuming, finish what was received (held messages included), then return."""
+        self._stopping = True
+        if self._queue is not None and self._tag is not None:
+            try:
+                await self._queue.cancel(self._tag)
+            except _ACK_ERRORS:
+                pass
+        deadline = time.monotonic() + timeout
+        while not self.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self.last_activity = time.monotonic()
+        metrics.received.labels(self.handler.queue).inc()
+        try:
+            item = self.handler.decode(message)
+        except InvalidMessage as exc:
+            await self._reject(message, exc.reason)
+            return
+        due = self.handler.due_at(item)
+        wait = (due - datetime.now(UTC)).total_seconds() if due else 0.0
+        if wait <= 0:
+            self._ready.put_nowait(_Inbound(item, message))
+        elif wait * 1000 > delay.HOLD_LIMIT.total_seconds() * 1000 or self._stopping:
+            # Too early to hold (the plugin caps x-delay at ~49.7 days, a re-delay may be
+            # long): back into the delay for the rest.
+            await self._settle(_Inbound(item, message), Retry(int(wait * 1000)))
+        else:
+            key = id(message)
+            loop = asyncio.get_running_loop()
+            self._held[key] = loop.call_later(wait, self._release, key, _Inbound(item, message))
+            metrics.held.labels(self.handler.queue).set(len(self._held))
+
+    def _release(self, key: int, inbound: _Inbound[T]) -> None:
+        self._held.pop(key, None)
+        metrics.held.labels(self.handler.queue).set(len(self._held))
+        self._ready.put_nowait(inbound)
+
+    async def _batches(self) -> None:
+        while True:
+            first = await self._ready.get()
+            self._busy += 1
+            try:
+                batch = [first]
+                deadline = time.monotonic() + self._batch_wait
+                while len(batch) < self._batch_size:
+                    try:
+                        batch.append(self._ready.get_nowait())
+                        continue
+                    except asyncio.QueueEmpty:
+                        pass
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self._ready.get(), remaining))
+                    except TimeoutError:
+                        break
+                await self._handle(batch)
+            finally:
+                self._busy -= 1
+                self.last_activity = time.monotonic()
+
+    async def _handle(self, batch: list[_Inbound[T]]) -> None:
+        metrics.batch_size.labels(self.handler.queue).observe(len(batch))
+        backoff = 0.5
+        while True:
+            try:
+                outcomes = await self.handler.handle([b.item for b in batch])
+                break
+            except (StoreUnavailable, BrokerError) as exc:
+                # Postgres or RabbitMQ is restarting or unreachable: keep the messages
+                # (unacked) and try again, rather than burning their delivery count.
+                metrics.store_unavailable.labels(self.handler.queue).inc()
+                log.warning("infrastructure unavailable, retrying batch", error=str(exc),
+                            size=len(batch), retry_in=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+            except Exception:
+                if len(batch) > 1:  # find the poison message: the others go through
+                    for inbound in batch:
+                        await self._handle([inbound])
+                    return
+                log.exception("handler crashed; message returned to the queue",
+                              queue=self.handler.queue, message_id=batch[0].message.message_id)
+                await self._nack(batch[0].message)
+                return
+        await asyncio.gather(*(self._settle(b, o) for b, o in zip(batch, outcomes, strict=True)))
+
+    async def _settle(self, inbound: _Inbound[T], outcome: Outcome) -> None:
+        message = inbound.message
+        try:
+            if isinstance(outcome, Retry):
+                if self.handler.destination is None:
+                    raise RuntimeError(f"{self.handler.queue} cannot retry: no destination")
+                await self._publisher.publish_delayed(
+                    self._backend, self.handler.destination, outcome.delay_ms,
+                    outcome.body if outcome.body is not None else message.body,
+                    outcome.message_id or message.message_id or "", message.headers)
+                metrics.retries.labels(self.handler.queue).inc()
+            elif isinstance(outcome, Reject):
+                await self._reject(message, outcome.reason)
+                return
+            else:
+                assert isinstance(outcome, Done)
+        except PublishNotConfirmed as exc:
+            log.warning("republish not confirmed; message returned to the queue", error=str(exc))
+            await self._nack(message)
+            return
+        await self._ack(message)
+
+    async def _reject(self, message: AbstractIncomingMessage, reason: str) -> None:
+        field = reason.split(":", 1)[0]
+        metrics.dead_lettered.labels(self.handler.queue, field).inc()
+        log.warning("rejected to nudge.dead", queue=self.handler.queue, reason=reason,
+                    message_id=message.message_id)
+        try:
+            await self._publisher.dead_letter(message.body, message.message_id, reason,
+                                              self.handler.queue, message.headers)
+        except PublishNotConfirmed:
+            await self._nack(message)
+            return
+        await self._ack(message)
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await message.ack()
+        except _ACK_ERRORS as exc:
+            # The channel died since delivery: RabbitMQ redelivers it and the claim in
+            # Postgres makes the second handling a no-op.
+            log.info("ack failed, message will be redelivered", error=repr(exc))
+
+    async def _nack(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await message.nack(requeue=True)
+        except _ACK_ERRORS as exc:
+            log.info("nack failed, message will be redelivered", error=repr(exc))

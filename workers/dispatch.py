@@ -1,0 +1,185 @@
+"""The ``dispatch`` role: delivers due messages from ``nudge.due``, each exactly once.
+
+Per batch: claim the recipients' ``message_items`` rows in one statement, decide what each
+claimed recipient gets (cancelled, expired, or a send), send concurrently through the
+channels, then record every outcome in one statement. The row is claimed before the send and
+finalised after it, so a redelivered AMQP message never sends twice, and a worker that dies
+between the two leaves a ``sending`` row whose lease runs out and is claimed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared import contract
+from shared.config import Settings
+from shared.contract import DueMessage
+from shared.topology import DUE_DESTINATION, DUE_QUEUE
+from workers import metrics
+from workers.channels import Channel, Delivery, SendResult, Verdict
+from workers.outcomes import DONE, Outcome, Reject, Retry
+from workers.scheduler import due_message_id
+from workers.store import messages
+from workers.store.db import transaction
+from workers.store.messages import Claimed, ItemState, Key
+from workers.store.schema import ItemStatus, MessageStatus
+
+log = structlog.get_logger("nudge.dispatch")
+
+
+def backoff(attempt: int, base: float, cap: float, retry_after: float | None = None,
+            rng: random.Random | None = None) -> float:
+    """Seconds before attempt ``attempt + 1``: exponential with "equal jitter", at least what
+    the receiver asked for in ``Retry-After``."""
+    ceiling = min(cap, base * 2 ** (attempt - 1))
+    seconds = ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+    return max(seconds, retry_after or 0.0)
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+class DispatchHandler:
+    """Claims, checks, delivers and records due messages."""
+
+    queue = DUE_QUEUE
+    destination = DUE_DESTINATION
+
+    def __init__(self, settings: Settings, engine: AsyncEngine,
+                 channels: Mapping[str, Channel]) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._channels = channels
+
+    def decode(self, message: AbstractIncomingMessage) -> DueMessage:
+        return contract.decode(DueMessage, message.body, content_type=message.content_type)
+
+    def due_at(self, item: DueMessage) -> datetime | None:
+        return item.deliver_at
+
+    async def handle(self, batch: Sequence[DueMessage]) -> Sequence[Outcome]:
+        first: dict[Key, int] = {}
+        for i, due in enumerate(batch):
+            first.setdefault((due.message_id, due.contact_id), i)
+        async with transaction(self._engine) as conn:
+            claimed, states = await messages.claim(
+                conn, [(batch[i].message_id, batch[i].contact_id, batch[i].attempt)
+                       for i in first.values()], self._settings.claim_lease_seconds)
+        now = datetime.now(UTC)
+        # A second copy in the same batch is dropped: the first copy carries the work.
+        result: list[Outcome] = [DONE] * len(batch)
+        claimed_keys = {(c.message_id, c.contact_id) for c in claimed}
+        for key, i in first.items():
+            if key not in claimed_keys:
+                result[i] = self._not_claimed(batch[i], states.get(key), now)
+
+        records: list[messages.Outcome] = []
+        sends: list[tuple[Claimed, Channel]] = []
+        for c in claimed:
+            decided = self._decide(c, now)
+            if isinstance(decided, messages.Outcome):
+                records.append(decided)
+            else:
+                sends.append((c, decided))
+        sent = await asyncio.gather(*(self._send(c, ch) for c, ch in sends))
+        for (c, _), (send_result, started) in zip(sends, sent, strict=True):
+            record, retry = self._after_send(c, send_result, started)
+            records.append(record)
+            if retry is not None:
+                result[first[(c.message_id, c.contact_id)]] = retry
+        async with transaction(self._engine) as conn:
+            await messages.finalise(conn, records)
+        for record, (c, ch) in zip(records[len(records) - len(sends):], sends, strict=True):
+            if record.status is ItemStatus.SENT:
+                metrics.lateness.labels(ch.name).observe(
+                    max(0.0, (now - c.deliver_at).total_seconds()))
+        for r in records:
+            metrics.outcomes.labels(self._channel_of(r, claimed), r.status.value,
+                                    (r.reason or "").split(":", 1)[0]).inc()
+        return result
+
+    @staticmethod
+    def _channel_of(record: messages.Outcome, claimed: Sequence[Claimed]) -> str:
+        return next((c.channel for c in claimed if c.message_id == record.message_id), "")
+
+    def _not_claimed(self, due: DueMessage, state: ItemState | None,
+                     now: datetime) -> Outcome:
+        if state is None:
+            return Reject(f"message_id: no message {due.message_id} for contact "
+                          f"{due.contact_id}")
+        if state.status.final:
+            return DONE  # already recorded: a redelivery or a duplicate
+        if state.status is ItemStatus.SENDING:
+            # Another worker holds it; come back when its lease runs out.
+            lease_end = (state.claimed_at or now) + timedelta(
+                seconds=self._settings.claim_lease_seconds)
+            return Retry(max(1000, _ms((lease_end - now).total_seconds()) + 100))
+        # deferred: the copy that deferred it may have died before publishing its retry
+        if due.attempt == state.attempts:
+            at = state.next_attempt_at or now
+            nxt = DueMessage(message_id=due.message_id, contact_id=due.contact_id,
+                             deliver_at=at, attempt=state.attempts + 1)
+            return Retry(_ms((at - now).total_seconds()), contract.encode(nxt),
+                         due_message_id(due.message_id, due.contact_id, nxt.attempt))
+        return DONE  # a stale copy of an older attempt
+
+    def _decide(self, c: Claimed, now: datetime) -> messages.Outcome | Channel:
+        key = (c.message_id, c.contact_id)
+        if c.message_status == MessageStatus.CANCELLED:
+            return messages.Outcome(*key, ItemStatus.CANCELLED, "cancelled: message cancelled")
+        if c.expires_at is not None and c.expires_at <= now:
+            return messages.Outcome(*key, ItemStatus.EXPIRED,
+                                    f"expired: at {c.expires_at.isoformat()}")
+        channel = self._channels.get(c.channel)
+        if channel is None:
+            return messages.Outcome(*key, ItemStatus.FAILED,
+                                    f"channel: {c.channel!r} is not configured on this worker "
+                                    f"(configured: {', '.join(sorted(self._channels))})")
+        return channel
+
+    async def _send(self, c: Claimed, channel: Channel) -> tuple[SendResult, float]:
+        started = time.monotonic()
+        delivery = Delivery(
+            message_id=c.message_id, contact_id=c.contact_id, external_id=c.external_id,
+            template=c.template, channel=c.channel, category=c.category, priority=c.priority,
+            data=c.data, attempt=c.attempts, email=c.email, phone=c.phone,
+            attributes=c.attributes)
+        try:
+            result = await channel.send(delivery)
+        except Exception as exc:  # a channel bug must not lose the batch
+            log.exception("channel crashed", channel=channel.name, message_id=c.message_id)
+            result = SendResult(Verdict.TRANSIENT, f"channel crashed: {exc!r}")
+        metrics.send_latency.labels(channel.name).observe(time.monotonic() - started)
+        return result, started
+
+    def _after_send(self, c: Claimed, result: SendResult,
+                    started: float) -> tuple[messages.Outcome, Retry | None]:
+        key = (c.message_id, c.contact_id)
+        if result.verdict is Verdict.SENT:
+            return messages.Outcome(*key, ItemStatus.SENT), None
+        if result.verdict is Verdict.PERMANENT:
+            return messages.Outcome(*key, ItemStatus.FAILED, "permanent: receiver refused",
+                                    result.error), None
+        if c.attempts >= self._settings.max_attempts:
+            return messages.Outcome(*key, ItemStatus.FAILED,
+                                    f"attempts: gave up after {c.attempts}", result.error), None
+        wait = backoff(c.attempts, self._settings.retry_base_seconds,
+                       self._settings.retry_max_seconds, result.retry_after)
+        at = datetime.now(UTC) + timedelta(seconds=wait)
+        nxt = DueMessage(message_id=c.message_id, contact_id=c.contact_id, deliver_at=at,
+                         attempt=c.attempts + 1)
+        return (
+            messages.Outcome(*key, ItemStatus.DEFERRED, f"retry: attempt {c.attempts + 1}",
+                             result.error, at),
+            Retry(_ms(wait), contract.encode(nxt),
+                  due_message_id(c.message_id, c.contact_id, nxt.attempt)),
+        )

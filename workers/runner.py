@@ -1,0 +1,138 @@
+"""Runs worker roles in one process: connect, declare the topology, consume, and shut down
+cleanly on SIGTERM/SIGINT (stop consuming, finish in-flight work, exit 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import structlog
+from prometheus_client import start_http_server
+
+from shared import amqp, delay, topology
+from shared.config import Settings
+from shared.errors import BrokerUnavailable
+from workers.channels import Channel
+from workers.channels.log import LogChannel
+from workers.channels.webhook import WebhookChannel
+from workers.consumer import Consumer
+from workers.dispatch import DispatchHandler
+from workers.scheduler import SchedulerHandler
+from workers.store.db import async_engine
+
+log = structlog.get_logger("nudge.worker")
+
+Role = Literal["scheduler", "dispatch"]
+ROLES: tuple[Role, ...] = ("scheduler", "dispatch")
+
+
+def build_channels(settings: Settings) -> dict[str, Channel]:
+    """The delivery channels this worker's configuration enables."""
+    channels: dict[str, Channel] = {"log": LogChannel()}
+    if settings.webhook_url:
+        channels["webhook"] = WebhookChannel(settings.webhook_url, settings.webhook_secret,
+                                             timeout=settings.webhook_timeout_seconds)
+    return channels
+
+
+async def resolve_backend(settings: Settings) -> delay.BackendName:
+    """The configured delay backend; ``auto`` asks the broker."""
+    if settings.delay_backend != "auto":
+        return settings.delay_backend
+    return await amqp.detect_backend(settings.amqp_url)
+
+
+async def run(settings: Settings, roles: Sequence[Role], *, concurrency: int,
+              burst: bool = False, burst_idle: float = 2.0) -> None:
+    """Run ``roles`` until SIGTERM/SIGINT, or, with ``burst``, until there is no work left."""
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="127.0.0.1")
+    connection = await amqp.connect(settings.amqp_url, name=f"nudge-{'+'.join(roles)}")
+    backend = await resolve_backend(settings)
+    topo = topology.build(backend)
+    await amqp.declare(connection, topo)
+    engine = async_engine(settings.database_url, pool_size=concurrency * len(roles) + 1)
+    publisher = await amqp.Publisher.open(connection)
+    channels = build_channels(settings)
+    consumers: list[Consumer[Any]] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for role in roles:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=settings.prefetch)
+            handler: Any
+            if role == "scheduler":
+                handler = SchedulerHandler(engine, publisher, backend)
+            else:
+                handler = DispatchHandler(settings, engine, channels)
+            consumer: Consumer[Any] = Consumer(
+                handler, channel, publisher, backend, concurrency=concurrency,
+                batch_size=settings.batch_size, batch_wait=settings.batch_wait_seconds)
+            await consumer.start()
+            consumers.append(consumer)
+        log.info("worker started", roles=list(roles), backend=backend,
+                 concurrency=concurrency, burst=burst)
+        if burst:
+            watcher = asyncio.create_task(
+                _until_drained(connection, topo, consumers, burst_idle))
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (watcher, stopper):
+                task.cancel()
+        else:
+            await stop.wait()
+        log.info("worker stopping")
+        for consumer in consumers:
+            await consumer.stop()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        for ch in channels.values():
+            await ch.close()
+        await publisher.close()
+        with contextlib.suppress(Exception):
+            await connection.close()
+        await engine.dispose()
+    log.info("worker stopped")
+
+
+async def queue_depths(connection: Any, names: Sequence[str]) -> dict[str, int]:
+    """Ready messages per queue (passive declare)."""
+    channel = await connection.channel()
+    try:
+        depths = {}
+        for name in names:
+            q = await channel.declare_queue(name, passive=True)
+            depths[name] = q.declaration_result.message_count or 0
+        return depths
+    finally:
+        await channel.close()
+
+
+async def _until_drained(connection: Any, topo: topology.Topology,
+                         consumers: Sequence[Consumer[Any]], idle: float) -> None:
+    """Return once every consumer is idle, nothing waits in our queues or the delay ladder,
+    and that has held for ``idle`` seconds."""
+    watched = [c.handler.queue for c in consumers]
+    watched += [q.name for q in topo.queues if q.name.startswith("nudge.delay.")]
+    quiet_since: float | None = None
+    while True:
+        await asyncio.sleep(0.25)
+        try:
+            empty = not any((await queue_depths(connection, watched)).values())
+        except BrokerUnavailable:
+            empty = False
+        busy = any(not c.idle or time.monotonic() - c.last_activity < idle for c in consumers)
+        if empty and not busy:
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= idle:
+                return
+        else:
+            quiet_since = None

@@ -1,0 +1,100 @@
+"""A webhook receiver as a business API should write one: it verifies the signature and
+drops duplicates by ``Idempotency-Key``. The demo, the tests and the benchmarks use it as the
+far end of the webhook channel; it records what arrived.
+
+Its behaviour can be scripted per call (``fail_first``, ``status_for``) to play a failing API.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from workers.channels.webhook import SIGNATURE_HEADER, verify
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request that reached the sink."""
+
+    at: float
+    idempotency_key: str
+    body: dict[str, Any]
+    signature_ok: bool
+    status: int
+
+
+@dataclass
+class Sink:
+    """Records every request; answers 200 unless ``respond`` says otherwise."""
+
+    secret: str
+    requests: list[Received] = field(default_factory=list)
+    respond: Callable[[dict[str, Any], int], tuple[int, dict[str, str]]] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}/hook"
+
+    def start(self, port: int = 0) -> Sink:
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                ok = verify(sink.secret, body, self.headers.get(SIGNATURE_HEADER, ""))
+                doc = json.loads(body) if body else {}
+                with sink._lock:
+                    attempt = sum(1 for r in sink.requests
+                                  if r.idempotency_key == self.headers.get("Idempotency-Key"))
+                    status, headers = (sink.respond(doc, attempt) if sink.respond
+                                       else (200, {}))
+                    if not ok:
+                        status = 401
+                    sink.requests.append(Received(time.time(),
+                                                  self.headers.get("Idempotency-Key", ""),
+                                                  doc, ok, status))
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def accepted(self) -> list[Received]:
+        """Requests answered 2xx, first per idempotency key (what a receiver would keep)."""
+        seen: set[str] = set()
+        out = []
+        with self._lock:
+            for r in self.requests:
+                if 200 <= r.status < 300 and r.idempotency_key not in seen:
+                    seen.add(r.idempotency_key)
+                    out.append(r)
+        return out
+
+    def duplicates(self) -> int:
+        """2xx requests whose idempotency key had already been accepted."""
+        with self._lock:
+            ok = [r.idempotency_key for r in self.requests if 200 <= r.status < 300]
+        return len(ok) - len(set(ok))

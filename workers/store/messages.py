@@ -1,0 +1,246 @@
+"""Repository for messages, their recipients (``message_items``) and contacts.
+
+Batch work takes a constant number of statements per batch: ``unnest`` over arrays, never one
+round trip per recipient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from shared.contract import ContactRef, ScheduleMessage
+from workers.store.schema import ItemStatus, MessageStatus, contacts, message_items, messages
+
+Key = tuple[int, int]  # (message_id, contact_id)
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """What the scheduler needs to publish a message into the delay."""
+
+    id: int
+    contact_id: int
+    deliver_at: datetime
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A recipient this worker now owns, with everything needed to decide and deliver."""
+
+    message_id: int
+    contact_id: int
+    attempts: int
+    message_status: int
+    template: str
+    channel: str
+    category: str | None
+    priority: str
+    data: dict[str, Any]
+    deliver_at: datetime
+    expires_at: datetime | None
+    external_id: str
+    email: str | None
+    phone: str | None
+    timezone: str | None
+    attributes: dict[str, Any]
+    subscribed: bool
+
+
+@dataclass(frozen=True)
+class ItemState:
+    """A recipient row this worker could not claim: final, or someone else's for now."""
+
+    status: ItemStatus
+    attempts: int
+    claimed_at: datetime | None
+    next_attempt_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a claimed recipient ended (or why it waits)."""
+
+    message_id: int
+    contact_id: int
+    status: ItemStatus
+    reason: str | None = None
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+
+
+async def upsert_contacts(conn: AsyncConnection, refs: Iterable[ContactRef]) -> dict[str, int]:
+    """Create or update contacts by external id; fields a reference leaves out are kept."""
+    merged: dict[str, ContactRef] = {}
+    for ref in refs:  # one row per id: ON CONFLICT DO UPDATE cannot touch a row twice
+        merged[ref.id] = ref
+    rows = [{"external_id": r.id, "email": r.email, "phone": r.phone, "timezone": r.timezone,
+             "attributes": r.attributes} for r in sorted(merged.values(), key=lambda r: r.id)]
+    stmt = insert(contacts)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[contacts.c.external_id],
+        set_={
+            "email": text("coalesce(excluded.email, contacts.email)"),
+            "phone": text("coalesce(excluded.phone, contacts.phone)"),
+            "timezone": text("coalesce(excluded.timezone, contacts.timezone)"),
+            "attributes": text("contacts.attributes || excluded.attributes"),
+            "updated_at": text("now()"),
+        },
+    ).returning(contacts.c.id, contacts.c.external_id)
+    result = await conn.execute(stmt, rows)
+    return {row.external_id: row.id for row in result}
+
+
+async def insert_single_messages(
+    conn: AsyncConnection, requests: Sequence[tuple[str, ScheduleMessage]], now: datetime,
+) -> list[StoredMessage]:
+    """Store scheduled messages keyed by idempotency key; a key seen before keeps its first
+    row. Returns every message of the batch, new or old, so the caller can (re)publish it."""
+    ids = await upsert_contacts(conn, (req.contact for _, req in requests))
+    rows = [{
+        "kind": "single", "idempotency_key": key, "contact_id": ids[req.contact.id],
+        "template": req.template, "channel": req.channel.value, "category": req.category,
+        "priority": req.priority.value, "exclude_events": list(req.exclude_events),
+        "data": req.data, "scheduled_at": now, "deliver_at": req.deliver_at,
+        "expires_at": req.expires_at, "planned": 1,
+    } for key, req in requests]
+    await conn.execute(insert(messages).on_conflict_do_nothing(
+        index_elements=[messages.c.idempotency_key]), rows)
+    result = await conn.execute(
+        select(messages.c.id, messages.c.contact_id, messages.c.deliver_at,
+               messages.c.idempotency_key)
+        .where(messages.c.idempotency_key.in_([key for key, _ in requests])))
+    return [StoredMessage(r.id, r.contact_id, r.deliver_at, r.idempotency_key) for r in result]
+
+
+_CLAIM = text("""
+WITH wanted AS (
+    SELECT * FROM unnest(CAST(:mids AS bigint[]), CAST(:cids AS bigint[]),
+                         CAST(:attempts AS int[])) AS t(message_id, contact_id, attempt)
+), claimed AS (
+    INSERT INTO message_items AS mi (message_id, contact_id, status, attempts, claimed_at,
+                                     updated_at)
+    SELECT w.message_id, w.contact_id, 'sending', w.attempt, now(), now() FROM wanted w
+     WHERE EXISTS (SELECT 1 FROM messages m WHERE m.id = w.message_id)
+       AND EXISTS (SELECT 1 FROM contacts k WHERE k.id = w.contact_id)
+     ORDER BY w.message_id, w.contact_id
+    ON CONFLICT (message_id, contact_id) DO UPDATE
+       SET status = 'sending', claimed_at = now(), updated_at = now(),
+           attempts = CASE WHEN mi.status = 'deferred' THEN excluded.attempts
+                           ELSE mi.attempts + 1 END
+     WHERE (mi.status = 'deferred' AND excluded.attempts > mi.attempts)
+        OR (mi.status = 'sending' AND mi.claimed_at < now() - make_interval(secs => :lease))
+    RETURNING mi.message_id, mi.contact_id, mi.attempts
+)
+SELECT c.message_id, c.contact_id, c.attempts, m.status AS message_status, m.template,
+       m.channel, m.category, m.priority, m.data, m.deliver_at, m.expires_at,
+       k.external_id, k.email, k.phone, k.timezone, k.attributes, k.subscribed
+  FROM claimed c
+  JOIN messages m ON m.id = c.message_id
+  JOIN contacts k ON k.id = c.contact_id
+""")
+
+_STATES = text("""
+SELECT mi.message_id, mi.contact_id, mi.status, mi.attempts, mi.claimed_at,
+       mi.next_attempt_at
+  FROM message_items mi
+  JOIN unnest(CAST(:mids AS bigint[]), CAST(:cids AS bigint[])) AS t(message_id, contact_id)
+    ON mi.message_id = t.message_id AND mi.contact_id = t.contact_id
+""")
+
+
+async def claim(
+    conn: AsyncConnection, wanted: Sequence[tuple[int, int, int]], lease_seconds: float,
+) -> tuple[list[Claimed], dict[Key, ItemState]]:
+    """Claim recipient rows for sending, in two statements for the whole batch.
+
+    ``wanted`` holds (message_id, contact_id, attempt) without duplicates. A row is claimed
+    when it does not exist yet, when it is ``deferred`` and this is a later attempt, or when
+    it is ``sending`` but its claimer's lease ran out (the claimer crashed between send and
+    finalise). Returns the claimed rows and the states of the others; a key with neither
+    names a message or contact that does not exist.
+    """
+    result = await conn.execute(_CLAIM, {
+        "mids": [w[0] for w in wanted], "cids": [w[1] for w in wanted],
+        "attempts": [w[2] for w in wanted], "lease": lease_seconds})
+    claimed = [Claimed(**row._mapping) for row in result]
+    got = {(c.message_id, c.contact_id) for c in claimed}
+    rest = [w for w in wanted if (w[0], w[1]) not in got]
+    states: dict[Key, ItemState] = {}
+    if rest:
+        result = await conn.execute(_STATES, {"mids": [w[0] for w in rest],
+                                              "cids": [w[1] for w in rest]})
+        for row in result:
+            states[(row.message_id, row.contact_id)] = ItemState(
+                ItemStatus(row.status), row.attempts, row.claimed_at, row.next_attempt_at)
+    return claimed, states
+
+
+_FINALISE = text("""
+UPDATE message_items AS mi
+   SET status = v.status, reason = v.reason, last_error = coalesce(v.error, mi.last_error),
+       next_attempt_at = v.next_attempt_at,
+       sent_at = CASE WHEN v.status = 'sent' THEN now() ELSE mi.sent_at END,
+       updated_at = now()
+  FROM unnest(CAST(:mids AS bigint[]), CAST(:cids AS bigint[]), CAST(:statuses AS text[]),
+              CAST(:reasons AS text[]), CAST(:errors AS text[]),
+              CAST(:nexts AS timestamptz[]))
+       AS v(message_id, contact_id, status, reason, error, next_attempt_at)
+ WHERE mi.message_id = v.message_id AND mi.contact_id = v.contact_id
+   AND mi.status = 'sending'
+""")
+
+_COMPLETE_SINGLES = text("""
+UPDATE messages SET status = :completed
+ WHERE id = ANY(CAST(:mids AS bigint[])) AND kind = 'single' AND status <> :completed
+""")
+
+
+async def finalise(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> None:
+    """Record the outcome of claimed rows in one statement (plus one for completed
+    single-recipient messages)."""
+    if not outcomes:
+        return
+    await conn.execute(_FINALISE, {
+        "mids": [o.message_id for o in outcomes], "cids": [o.contact_id for o in outcomes],
+        "statuses": [o.status.value for o in outcomes], "reasons": [o.reason for o in outcomes],
+        "errors": [o.error for o in outcomes],
+        "nexts": [o.next_attempt_at for o in outcomes]})
+    done = sorted({o.message_id for o in outcomes if o.status.final})
+    if done:
+        await conn.execute(_COMPLETE_SINGLES,
+                           {"mids": done, "completed": int(MessageStatus.COMPLETED)})
+
+
+def cancel(conn: Connection, message_id: int) -> bool:
+    """Mark a message cancelled; recipients still pending will be recorded ``cancelled`` when
+    they fall due. Returns False when it had already completed or been cancelled."""
+    result = conn.execute(
+        update(messages)
+        .where(messages.c.id == message_id,
+               messages.c.status.in_([int(MessageStatus.NOT_STARTED),
+                                      int(MessageStatus.SENDING),
+                                      int(MessageStatus.PAUSED)]))
+        .values(status=int(MessageStatus.CANCELLED)))
+    return result.rowcount == 1
+
+
+def find(conn: Connection, ref: str) -> dict[str, Any] | None:
+    """A message by numeric id or idempotency key, with its recipients' outcomes."""
+    cond = (messages.c.id == int(ref)) if ref.isdigit() else (messages.c.idempotency_key == ref)
+    row = conn.execute(select(messages).where(cond)).mappings().first()
+    if row is None:
+        return None
+    items = conn.execute(
+        select(message_items, contacts.c.external_id)
+        .join(contacts, contacts.c.id == message_items.c.contact_id)
+        .where(message_items.c.message_id == bindparam("mid"))
+        .order_by(message_items.c.contact_id), {"mid": row["id"]}).mappings().all()
+    return {**dict(row), "items": [dict(i) for i in items]}

@@ -1,0 +1,146 @@
+"""The Postgres schema, as SQLAlchemy Core tables. Alembic migrations create it; a test proves
+the migrations and these tables agree.
+
+``message_items`` is keyed by (message_id, contact_id) so it can be hash-partitioned on
+``message_id`` when it reaches billions of rows without changing a key.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    Table,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData(naming_convention={
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+})
+
+
+class MessageStatus(enum.IntEnum):
+    """``messages.status``."""
+
+    NOT_STARTED = 0
+    SENDING = 1
+    PAUSED = 2
+    COMPLETED = 3
+    CANCELLED = 4
+
+
+class ItemStatus(enum.StrEnum):
+    """``message_items.status``: ``sending`` while claimed, ``deferred`` while waiting for a
+    retry or a window; every other value is final."""
+
+    SENDING = "sending"
+    DEFERRED = "deferred"
+    SENT = "sent"
+    FAILED = "failed"
+    EXCLUDED = "excluded"
+    SUPPRESSED = "suppressed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self not in (ItemStatus.SENDING, ItemStatus.DEFERRED)
+
+
+def _now() -> Column[object]:
+    return Column("created_at", DateTime(timezone=True), nullable=False,
+                  server_default=func.now())
+
+
+contacts = Table(
+    "contacts", metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("external_id", Text, nullable=False, unique=True),
+    Column("email", Text),
+    Column("phone", Text),
+    Column("timezone", Text),
+    Column("attributes", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("subscribed", Boolean, nullable=False, server_default=text("true")),
+    _now(),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+contact_events = Table(
+    "contact_events", metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("contact_id", BigInteger, ForeignKey("contacts.id", ondelete="CASCADE"),
+           nullable=False),
+    Column("name", Text, nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("event_id", Text, nullable=False, unique=True),
+    Column("data", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # "did contact C do any of E1..En since T"
+    Index(None, "contact_id", "name", "occurred_at"),
+)
+
+messages = Table(
+    "messages", metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("kind", Text, nullable=False),
+    Column("idempotency_key", Text, nullable=False, unique=True),
+    Column("contact_id", BigInteger, ForeignKey("contacts.id", ondelete="CASCADE")),
+    Column("template", Text, nullable=False),
+    Column("channel", Text, nullable=False),
+    Column("category", Text),
+    Column("priority", Text, nullable=False),
+    Column("exclude_events", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    Column("data", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("scheduled_at", DateTime(timezone=True), nullable=False),
+    Column("deliver_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True)),
+    Column("status", SmallInteger, nullable=False, server_default=text("0")),
+    Column("planned", Integer, nullable=False, server_default=text("0")),
+    _now(),
+    CheckConstraint("kind IN ('single', 'campaign', 'rule')", name="kind"),
+    CheckConstraint("priority IN ('transactional', 'automation', 'campaign')",
+                    name="priority"),
+    CheckConstraint("status BETWEEN 0 AND 4", name="status"),
+)
+
+_item_statuses = ", ".join(f"'{s.value}'" for s in ItemStatus)
+
+message_items = Table(
+    "message_items", metadata,
+    Column("message_id", BigInteger, ForeignKey("messages.id", ondelete="CASCADE"),
+           nullable=False),
+    Column("contact_id", BigInteger, ForeignKey("contacts.id", ondelete="CASCADE"),
+           nullable=False),
+    Column("status", Text, nullable=False),
+    Column("reason", Text),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text),
+    Column("claimed_at", DateTime(timezone=True)),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("sent_at", DateTime(timezone=True)),
+    Column("read_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("message_id", "contact_id"),
+    CheckConstraint(f"status IN ({_item_statuses})", name="status"),
+    # window checks: what was sent to this contact lately
+    Index(None, "contact_id", "sent_at"),
+)
