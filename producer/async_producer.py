@@ -18,8 +18,9 @@ class AsyncProducer:
     """The asyncio twin of :class:`producer.Producer`: confirms and ``mandatory`` on every
     publish, pipelined confirms in :meth:`schedule_many`, reconnects by itself."""
 
-    def __init__(self, url: str = "amqp://guest:guest@127.0.0.1:35672/", *,
-                 name: str = "nudge-producer") -> None:
+    def __init__(
+        self, url: str = "amqp://guest:guest@127.0.0.1:35672/", *, name: str = "nudge-producer"
+    ) -> None:
         self._url = url
         self._name = name
         self._connection: AbstractRobustConnection | None = None
@@ -29,8 +30,12 @@ class AsyncProducer:
         await self._open()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await self.close()
 
     async def _open(self) -> amqp.Publisher:
@@ -62,10 +67,19 @@ class AsyncProducer:
         priority: str = Priority.AUTOMATION,
     ) -> str:
         """Schedule one message; returns its idempotency key once confirmed."""
-        request = scheduled(contact, template, channel, delay=delay, deliver_at=deliver_at,
-                            exclude_events=exclude_events, expires_at=expires_at,
-                            idempotency_key=idempotency_key, data=data, category=category,
-                            priority=priority)
+        request = scheduled(
+            contact,
+            template,
+            channel,
+            delay=delay,
+            deliver_at=deliver_at,
+            exclude_events=exclude_events,
+            expires_at=expires_at,
+            idempotency_key=idempotency_key,
+            data=data,
+            category=category,
+            priority=priority,
+        )
         return (await self.schedule_many([request]))[0]
 
     async def schedule_many(self, requests: Iterable[Scheduled]) -> list[str]:
@@ -74,6 +88,6 @@ class AsyncProducer:
         publisher = await self._open()
         batch = list(requests)
         await publisher.publish_many(
-            amqp.Outgoing(r.exchange, r.routing_key, r.body, r.idempotency_key)
-            for r in batch)
+            amqp.Outgoing(r.exchange, r.routing_key, r.body, r.idempotency_key) for r in batch
+        )
         return [r.idempotency_key for r in batch]

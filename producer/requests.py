@@ -48,9 +48,18 @@ def scheduled(
     (seconds or a timedelta) or ``deliver_at`` (timezone-aware), or neither for now. Without
     ``idempotency_key`` a random one is made: pass your own to make retries safe."""
     message = contract.schedule_request(
-        contact, template, channel, delay=delay, deliver_at=deliver_at,
-        exclude_events=exclude_events, expires_at=expires_at, category=category,
-        priority=priority, data=data)
-    key = contract.idempotency_key(idempotency_key if idempotency_key is not None
-                                   else str(uuid.uuid4()))
+        contact,
+        template,
+        channel,
+        delay=delay,
+        deliver_at=deliver_at,
+        exclude_events=exclude_events,
+        expires_at=expires_at,
+        category=category,
+        priority=priority,
+        data=data,
+    )
+    key = contract.idempotency_key(
+        idempotency_key if idempotency_key is not None else str(uuid.uuid4())
+    )
     return Scheduled(message, key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -31,8 +32,13 @@ class Producer:
     Not thread-safe: use one per thread.
     """
 
-    def __init__(self, url: str = "amqp://guest:guest@127.0.0.1:35672/", *,
-                 confirm_timeout: float = 30.0, name: str = "nudge-producer") -> None:
+    def __init__(
+        self,
+        url: str = "amqp://guest:guest@127.0.0.1:35672/",
+        *,
+        confirm_timeout: float = 30.0,
+        name: str = "nudge-producer",
+    ) -> None:
         self._params = pika.URLParameters(url)
         self._params.client_properties = {"connection_name": name}
         self._confirm_timeout = confirm_timeout
@@ -46,16 +52,18 @@ class Producer:
     def __enter__(self) -> Producer:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def close(self) -> None:
         if self._connection is not None and self._connection.is_open:
-            try:
+            with contextlib.suppress(pika.exceptions.AMQPError):
                 self._connection.close()
-            except pika.exceptions.AMQPError:
-                pass
         self._connection = None
 
     def schedule(
@@ -75,10 +83,19 @@ class Producer:
     ) -> str:
         """Schedule one message (see :func:`producer.scheduled` for the arguments); returns
         its idempotency key once the broker confirmed it."""
-        request = scheduled(contact, template, channel, delay=delay, deliver_at=deliver_at,
-                            exclude_events=exclude_events, expires_at=expires_at,
-                            idempotency_key=idempotency_key, data=data, category=category,
-                            priority=priority)
+        request = scheduled(
+            contact,
+            template,
+            channel,
+            delay=delay,
+            deliver_at=deliver_at,
+            exclude_events=exclude_events,
+            expires_at=expires_at,
+            idempotency_key=idempotency_key,
+            data=data,
+            category=category,
+            priority=priority,
+        )
         return self.schedule_many([request])[0]
 
     def schedule_many(self, requests: Iterable[Scheduled]) -> list[str]:
@@ -112,8 +129,9 @@ class Producer:
             # callbacks on the underlying channel to pipeline them.
             impl = channel._impl
             ready: list[bool] = []
-            impl.confirm_delivery(ack_nack_callback=self._on_confirm,
-                                  callback=lambda _frame: ready.append(True))
+            impl.confirm_delivery(
+                ack_nack_callback=self._on_confirm, callback=lambda _frame: ready.append(True)
+            )
             while not ready:
                 self._connection.process_data_events(time_limit=0.1)
             impl.add_on_return_callback(self._on_return)
@@ -130,10 +148,17 @@ class Producer:
     def _publish(self, request: Scheduled) -> None:
         channel = self._open()
         properties = pika.BasicProperties(
-            content_type=CONTENT_TYPE, delivery_mode=pika.DeliveryMode.Persistent,
-            message_id=request.idempotency_key)
-        channel.basic_publish(request.exchange, request.routing_key, request.body,
-                              properties=properties, mandatory=True)
+            content_type=CONTENT_TYPE,
+            delivery_mode=pika.DeliveryMode.Persistent,
+            message_id=request.idempotency_key,
+        )
+        channel.basic_publish(
+            request.exchange,
+            request.routing_key,
+            request.body,
+            properties=properties,
+            mandatory=True,
+        )
         self._pending[self._next_tag] = request.idempotency_key
         self._next_tag += 1
 
@@ -150,8 +175,11 @@ class Producer:
 
     def _on_confirm(self, frame: pika.frame.Method[Any]) -> None:
         method = frame.method
-        tags = ([t for t in self._pending if t <= method.delivery_tag] if method.multiple
-                else [method.delivery_tag])
+        tags = (
+            [t for t in self._pending if t <= method.delivery_tag]
+            if method.multiple
+            else [method.delivery_tag]
+        )
         nacked = isinstance(method, pika.spec.Basic.Nack)
         for tag in tags:
             key = self._pending.pop(tag, None)
@@ -163,8 +191,9 @@ class Producer:
                 self._returned.discard(key)
                 self._failed[key] = "unroutable: run `nudge topology apply`"
 
-    def _on_return(self, _channel: Any, _method: Any, properties: pika.BasicProperties,
-                   _body: bytes) -> None:
+    def _on_return(
+        self, _channel: Any, _method: Any, properties: pika.BasicProperties, _body: bytes
+    ) -> None:
         # RabbitMQ sends basic.return before the basic.ack of an unroutable message.
         if properties.message_id:
             self._returned.add(properties.message_id)

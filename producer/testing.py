@@ -32,10 +32,19 @@ class InMemoryProducer:
         category: str | None = None,
         priority: str = Priority.AUTOMATION,
     ) -> str:
-        request = scheduled(contact, template, channel, delay=delay, deliver_at=deliver_at,
-                            exclude_events=exclude_events, expires_at=expires_at,
-                            idempotency_key=idempotency_key, data=data, category=category,
-                            priority=priority)
+        request = scheduled(
+            contact,
+            template,
+            channel,
+            delay=delay,
+            deliver_at=deliver_at,
+            exclude_events=exclude_events,
+            expires_at=expires_at,
+            idempotency_key=idempotency_key,
+            data=data,
+            category=category,
+            priority=priority,
+        )
         return self.schedule_many([request])[0]
 
     def schedule_many(self, requests: Iterable[Scheduled]) -> list[str]:

@@ -54,18 +54,21 @@ async def declare(connection: AbstractRobustConnection, topology: Topology) -> N
         for ex in topology.exchanges:
             try:
                 exchanges[ex.name] = await channel.declare_exchange(
-                    ex.name, ExchangeType(ex.type), durable=ex.durable, arguments=ex.arguments)
+                    ex.name, ExchangeType(ex.type), durable=ex.durable, arguments=ex.arguments
+                )
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 raise TopologyMismatch(f"exchange {ex.name}: {exc}") from exc
         queues = {}
         for q in topology.queues:
             try:
                 queues[q.name] = await channel.declare_queue(
-                    q.name, durable=q.durable, arguments=q.arguments)
+                    q.name, durable=q.durable, arguments=q.arguments
+                )
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 raise TopologyMismatch(
                     f"queue {q.name} exists with other arguments ({exc}); delete it or "
-                    "use the arguments in shared/topology.py") from exc
+                    "use the arguments in shared/topology.py"
+                ) from exc
         for b in topology.bindings:
             if b.destination_type == "queue":
                 await queues[b.destination].bind(exchanges[b.source], b.routing_key)
@@ -85,8 +88,9 @@ async def detect_backend(url: str) -> delay.BackendName:
     probe uses a connection of its own.
     """
     try:
-        connection = await aio_pika.connect(url, client_properties={
-            "connection_name": "nudge-probe"})
+        connection = await aio_pika.connect(
+            url, client_properties={"connection_name": "nudge-probe"}
+        )
     except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
         raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc}") from exc
     quiet = [logging.getLogger(name) for name in ("aiormq", "aio_pika")]
@@ -96,8 +100,11 @@ async def detect_backend(url: str) -> delay.BackendName:
     try:
         channel = await connection.channel()
         probe = await channel.declare_exchange(
-            "nudge.delay.probe", ExchangeType.X_DELAYED_MESSAGE, auto_delete=True,
-            arguments={"x-delayed-type": "direct"})
+            "nudge.delay.probe",
+            ExchangeType.X_DELAYED_MESSAGE,
+            auto_delete=True,
+            arguments={"x-delayed-type": "direct"},
+        )
         await probe.delete()
         return "plugin"
     except aiormq.exceptions.AMQPError:
@@ -158,45 +165,78 @@ class Publisher:
         )
         try:
             exchange = await self._exchange(out.exchange)
-            await exchange.publish(message, out.routing_key, mandatory=out.mandatory,
-                                   timeout=CONFIRM_TIMEOUT)
+            await exchange.publish(
+                message, out.routing_key, mandatory=out.mandatory, timeout=CONFIRM_TIMEOUT
+            )
         except aio_pika.exceptions.PublishError as exc:
             raise PublishNotConfirmed(
                 f"returned unroutable by {out.exchange!r} with key {out.routing_key!r}: "
-                "run `nudge topology apply`") from exc
+                "run `nudge topology apply`"
+            ) from exc
         except _PUBLISH_ERRORS as exc:
-            raise PublishNotConfirmed(f"publish to {out.exchange!r} not confirmed: "
-                                      f"{exc!r}") from exc
+            raise PublishNotConfirmed(
+                f"publish to {out.exchange!r} not confirmed: {exc!r}"
+            ) from exc
 
     async def publish_many(self, messages: Iterable[Outgoing]) -> None:
         """Publish all, waiting for the confirms together; raises the first failure after all
         have settled."""
-        results = await asyncio.gather(*(self.publish(m) for m in messages),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(self.publish(m) for m in messages), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
 
-    async def publish_delayed(self, backend: delay.BackendName, destination: str,
-                              delay_ms: int, body: bytes, message_id: str,
-                              headers: Mapping[str, Any] | None = None) -> None:
+    async def publish_delayed(
+        self,
+        backend: delay.BackendName,
+        destination: str,
+        delay_ms: int,
+        body: bytes,
+        message_id: str,
+        headers: Mapping[str, Any] | None = None,
+    ) -> None:
         """Publish ``body`` so that it reaches ``destination`` after ``delay_ms``."""
-        await self.publish(self.delayed(backend, destination, delay_ms, body, message_id,
-                                        headers))
+        await self.publish(self.delayed(backend, destination, delay_ms, body, message_id, headers))
 
     @staticmethod
-    def delayed(backend: delay.BackendName, destination: str, delay_ms: int, body: bytes,
-                message_id: str, headers: Mapping[str, Any] | None = None) -> Outgoing:
+    def delayed(
+        backend: delay.BackendName,
+        destination: str,
+        delay_ms: int,
+        body: bytes,
+        message_id: str,
+        headers: Mapping[str, Any] | None = None,
+    ) -> Outgoing:
         """The :class:`Outgoing` for a delayed publish, without dead-lettering history."""
         r = delay.route(backend, destination, delay_ms)
-        return Outgoing(r.exchange, r.routing_key, body, message_id,
-                        {**delay.strip_death(dict(headers or {})), **r.headers},
-                        mandatory=r.mandatory)
+        return Outgoing(
+            r.exchange,
+            r.routing_key,
+            body,
+            message_id,
+            {**delay.strip_death(dict(headers or {})), **r.headers},
+            mandatory=r.mandatory,
+        )
 
-    async def dead_letter(self, body: bytes, message_id: str | None, reason: str,
-                          source_queue: str, headers: Mapping[str, Any] | None = None) -> None:
+    async def dead_letter(
+        self,
+        body: bytes,
+        message_id: str | None,
+        reason: str,
+        source_queue: str,
+        headers: Mapping[str, Any] | None = None,
+    ) -> None:
         """Park a message in ``nudge.dead`` with the reason it was rejected."""
-        await self.publish(Outgoing(
-            DEAD_EXCHANGE, source_queue, body, message_id or "",
-            {**delay.strip_death(dict(headers or {})),
-             "x-nudge-reason": reason[:1000], "x-nudge-source-queue": source_queue}))
+        await self.publish(
+            Outgoing(
+                DEAD_EXCHANGE,
+                source_queue,
+                body,
+                message_id or "",
+                {
+                    **delay.strip_death(dict(headers or {})),
+                    "x-nudge-reason": reason[:1000],
+                    "x-nudge-source-queue": source_queue,
+                },
+            )
+        )

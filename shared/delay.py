@@ -42,9 +42,15 @@ MAX_LADDER_MS = (2**LEVELS - 1) * UNIT_MS
 PLUGIN_MAX_DELAY_MS = 2**32 - 1
 
 #: Headers RabbitMQ adds on dead-lettering; a re-delayed message must not carry them.
-DEATH_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue",
-                 "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue",
-                 "x-last-death-reason")
+DEATH_HEADERS = (
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+)
 
 BackendName = Literal["plugin", "tiers"]
 
@@ -59,12 +65,12 @@ def level_name(level: int) -> str:
 
 def level_ttl_ms(level: int) -> int:
     """How long a message waits in level ``level``."""
-    return (2**level) * UNIT_MS
+    return (1 << level) * UNIT_MS
 
 
 def ladder_units(delay_ms: int) -> int:
     """Whole units the ladder carries for ``delay_ms``; the rest is the consumer's hold."""
-    return min(max(0, delay_ms - MARGIN_MS) // UNIT_MS, 2**LEVELS - 1)
+    return min(max(0, delay_ms - MARGIN_MS) // UNIT_MS, (1 << LEVELS) - 1)
 
 
 def levels_visited(units: int) -> list[int]:
@@ -98,8 +104,12 @@ def route(backend: BackendName, destination: str, delay_ms: int) -> Route:
     if backend == "plugin":
         # The plugin cannot know whether a queue will exist when the message is due, so it
         # returns every mandatory delayed message: publish without mandatory.
-        return Route(PLUGIN_EXCHANGE, destination,
-                     {"x-delay": min(delay_ms, PLUGIN_MAX_DELAY_MS)}, mandatory=False)
+        return Route(
+            PLUGIN_EXCHANGE,
+            destination,
+            {"x-delay": min(delay_ms, PLUGIN_MAX_DELAY_MS)},
+            mandatory=False,
+        )
     units = ladder_units(delay_ms)
     key = tiers_routing_key(units, destination)
     exchange = level_name(units.bit_length() - 1) if units else TIERS_OUTPUT_EXCHANGE

@@ -13,16 +13,23 @@ def parse_duration(text: str) -> timedelta:
     """Parse ``text``; raises ValueError saying what would be valid."""
     match = _DURATION.match(text)
     if not match:
-        raise ValueError(f"{text!r} is not a duration: use a number and one of "
-                         f"{', '.join(_UNITS)} (e.g. 500ms, 15m, 2h, 7d)")
+        raise ValueError(
+            f"{text!r} is not a duration: use a number and one of "
+            f"{', '.join(_UNITS)} (e.g. 500ms, 15m, 2h, 7d)"
+        )
     return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
 
 
 def format_duration(value: timedelta) -> str:
     """The shortest exact form of ``value`` in the units :func:`parse_duration` reads."""
     ms = round(value.total_seconds() * 1000)
-    for unit, factor in (("w", 604800000), ("d", 86400000), ("h", 3600000), ("m", 60000),
-                         ("s", 1000)):
+    for unit, factor in (
+        ("w", 604800000),
+        ("d", 86400000),
+        ("h", 3600000),
+        ("m", 60000),
+        ("s", 1000),
+    ):
         if ms and ms % factor == 0:
             return f"{ms // factor}{unit}"
     return f"{ms}ms"

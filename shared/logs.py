@@ -11,10 +11,12 @@ import structlog
 def configure(level: str = "info", *, json: bool = True) -> None:
     """Configure structlog (and the standard library's loggers, for pika and aio-pika)."""
     numeric = logging.getLevelNamesMapping()[level.upper()]
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr,
-                        format="%(message)s")
+    logging.basicConfig(
+        level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(message)s"
+    )
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer())
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -69,12 +69,17 @@ def _quorum(**extra: Any) -> dict[str, Any]:
 def work_queue(name: str) -> Queue:
     """A quorum queue that parks a message in ``nudge.dead`` after :data:`DELIVERY_LIMIT`
     deliveries, dead-lettering at-least-once (which requires ``reject-publish``)."""
-    return Queue(name, _quorum(**{
-        "x-delivery-limit": DELIVERY_LIMIT,
-        "x-dead-letter-exchange": DEAD_EXCHANGE,
-        "x-dead-letter-strategy": "at-least-once",
-        "x-overflow": "reject-publish",
-    }))
+    return Queue(
+        name,
+        _quorum(
+            **{
+                "x-delivery-limit": DELIVERY_LIMIT,
+                "x-dead-letter-exchange": DEAD_EXCHANGE,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            }
+        ),
+    )
 
 
 def _ladder() -> tuple[list[Exchange], list[Queue], list[Binding]]:
@@ -85,12 +90,19 @@ def _ladder() -> tuple[list[Exchange], list[Queue], list[Binding]]:
         name = delay.level_name(level)
         below = delay.level_name(level - 1) if level else delay.TIERS_OUTPUT_EXCHANGE
         exchanges.append(Exchange(name, "topic"))
-        queues.append(Queue(name, _quorum(**{
-            "x-message-ttl": delay.level_ttl_ms(level),
-            "x-dead-letter-exchange": below,
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
-        })))
+        queues.append(
+            Queue(
+                name,
+                _quorum(
+                    **{
+                        "x-message-ttl": delay.level_ttl_ms(level),
+                        "x-dead-letter-exchange": below,
+                        "x-dead-letter-strategy": "at-least-once",
+                        "x-overflow": "reject-publish",
+                    }
+                ),
+            )
+        )
         # Bit set: wait here. Bit clear: fall through to the level below at once.
         bindings.append(Binding(name, name, delay.level_binding_key(level, "1")))
         bindings.append(Binding(name, below, delay.level_binding_key(level, "0"), "exchange"))
@@ -121,8 +133,9 @@ def build(backend: delay.BackendName) -> Topology:
         Binding(DEAD_EXCHANGE, DEAD_QUEUE, ""),
     ]
     if backend == "plugin":
-        exchanges.append(Exchange(delay.PLUGIN_EXCHANGE, "x-delayed-message",
-                                  {"x-delayed-type": "direct"}))
+        exchanges.append(
+            Exchange(delay.PLUGIN_EXCHANGE, "x-delayed-message", {"x-delayed-type": "direct"})
+        )
     else:
         ladder_exchanges, ladder_queues, ladder_bindings = _ladder()
         exchanges += ladder_exchanges
@@ -136,19 +149,36 @@ def to_definitions(topology: Topology, vhost: str = "/") -> dict[str, Any]:
     """The topology in RabbitMQ's definitions format (``rabbitmqctl import_definitions``)."""
     return {
         "exchanges": [
-            {"name": e.name, "vhost": vhost, "type": e.type, "durable": e.durable,
-             "auto_delete": False, "internal": False, "arguments": e.arguments}
+            {
+                "name": e.name,
+                "vhost": vhost,
+                "type": e.type,
+                "durable": e.durable,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": e.arguments,
+            }
             for e in topology.exchanges
         ],
         "queues": [
-            {"name": q.name, "vhost": vhost, "durable": q.durable, "auto_delete": False,
-             "arguments": q.arguments}
+            {
+                "name": q.name,
+                "vhost": vhost,
+                "durable": q.durable,
+                "auto_delete": False,
+                "arguments": q.arguments,
+            }
             for q in topology.queues
         ],
         "bindings": [
-            {"source": b.source, "vhost": vhost, "destination": b.destination,
-             "destination_type": b.destination_type, "routing_key": b.routing_key,
-             "arguments": {}}
+            {
+                "source": b.source,
+                "vhost": vhost,
+                "destination": b.destination,
+                "destination_type": b.destination_type,
+                "routing_key": b.routing_key,
+                "arguments": {},
+            }
             for b in topology.bindings
         ],
     }

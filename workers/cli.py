@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import click
 
@@ -22,7 +22,8 @@ from shared.config import Settings
 from shared.durations import parse_duration
 from shared.errors import ConfigError, InvalidMessage, NotFound, NudgeError
 
-F = TypeVar("F", bound=Callable[..., Any])
+if TYPE_CHECKING:
+    from workers.runner import Role
 
 EXIT_FAILED, EXIT_INVALID, EXIT_NOT_FOUND = 1, 2, 4
 
@@ -57,11 +58,12 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str, sort_keys=True))
 
 
-class _Duration(click.ParamType):
+class _Duration(click.ParamType[timedelta, Any]):
     name = "duration"
 
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> timedelta:
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> timedelta:
         if isinstance(value, timedelta):
             return value
         try:
@@ -74,8 +76,13 @@ DURATION = _Duration()
 
 
 @click.group()
-@click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
-              envvar="NUDGE_CONFIG", help="TOML file of settings (NUDGE_* variables win).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, path_type=Path),
+    envvar="NUDGE_CONFIG",
+    help="TOML file of settings (NUDGE_* variables win).",
+)
 @click.pass_context
 def main(ctx: click.Context, config_file: Path | None) -> None:
     """Nudge: the right message to the right person at the right time, never twice.
@@ -115,8 +122,12 @@ def topology_group() -> None:
 
 
 @topology_group.command("apply")
-@click.option("--backend", type=click.Choice(["auto", "plugin", "tiers"]), default=None,
-              help="Delay backend (default: NUDGE_DELAY_BACKEND, auto).")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "plugin", "tiers"]),
+    default=None,
+    help="Delay backend (default: NUDGE_DELAY_BACKEND, auto).",
+)
 @click.pass_context
 def topology_apply(ctx: click.Context, backend: str | None) -> None:
     """Declare every exchange, queue and binding; idempotent."""
@@ -128,8 +139,10 @@ def topology_apply(ctx: click.Context, backend: str | None) -> None:
         connection = await amqp.connect(settings.amqp_url, name="nudge-cli")
         try:
             chosen = await resolve_backend(
-                settings if backend is None else settings.model_copy(
-                    update={"delay_backend": backend}))
+                settings
+                if backend is None
+                else settings.model_copy(update={"delay_backend": backend})
+            )
             topo = topology.build(chosen)
             await amqp.declare(connection, topo)
             return chosen, topo
@@ -138,30 +151,46 @@ def topology_apply(ctx: click.Context, backend: str | None) -> None:
 
     with _errors():
         chosen, topo = asyncio.run(apply())
-    click.echo(f"topology applied: backend={chosen}, {len(topo.exchanges)} exchanges, "
-               f"{len(topo.queues)} queues, {len(topo.bindings)} bindings")
+    click.echo(
+        f"topology applied: backend={chosen}, {len(topo.exchanges)} exchanges, "
+        f"{len(topo.queues)} queues, {len(topo.bindings)} bindings"
+    )
 
 
 @topology_group.command("export")
-@click.option("--backend", type=click.Choice(["plugin", "tiers"]), default="tiers",
-              show_default=True)
+@click.option(
+    "--backend", type=click.Choice(["plugin", "tiers"]), default="tiers", show_default=True
+)
 def topology_export(backend: str) -> None:
     """Print the topology as RabbitMQ definitions JSON."""
-    click.echo(json.dumps(topology.to_definitions(topology.build(backend)),  # type: ignore[arg-type]
-                          indent=2, sort_keys=True))
+    click.echo(
+        json.dumps(
+            topology.to_definitions(topology.build(backend)),  # type: ignore[arg-type]
+            indent=2,
+            sort_keys=True,
+        )
+    )
 
 
 # --- worker --------------------------------------------------------------------------------
 
 
 @main.command()
-@click.argument("roles", nargs=-1, required=True,
-                type=click.Choice(["scheduler", "dispatch"]))
-@click.option("--concurrency", "-c", default=2, show_default=True, type=click.IntRange(1, 64),
-              help="Batches in flight per role.")
-@click.option("--burst", is_flag=True,
-              help="Exit once the queues and the delay ladder are empty and nothing is in "
-                   "flight (for demos and tests).")
+@click.argument("roles", nargs=-1, required=True, type=click.Choice(["scheduler", "dispatch"]))
+@click.option(
+    "--concurrency",
+    "-c",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Batches in flight per role.",
+)
+@click.option(
+    "--burst",
+    is_flag=True,
+    help="Exit once the queues and the delay ladder are empty and nothing is in "
+    "flight (for demos and tests).",
+)
 @click.pass_context
 def worker(ctx: click.Context, roles: tuple[str, ...], concurrency: int, burst: bool) -> None:
     """Run worker ROLES in this process until SIGTERM (which finishes in-flight work and
@@ -172,8 +201,14 @@ def worker(ctx: click.Context, roles: tuple[str, ...], concurrency: int, burst: 
     settings = _settings(ctx)
     configure(settings.log_level)
     with _errors():
-        asyncio.run(run(settings, roles, concurrency=concurrency,  # type: ignore[arg-type]
-                        burst=burst))
+        asyncio.run(
+            run(
+                settings,
+                cast("list[Role]", list(roles)),
+                concurrency=concurrency,
+                burst=burst,
+            )
+        )
 
 
 # --- message -------------------------------------------------------------------------------
@@ -189,19 +224,36 @@ def message() -> None:
 @click.argument("template")
 @click.argument("channel")
 @click.option("--delay", type=DURATION, help="e.g. 500ms, 15m, 7d.")
-@click.option("--at", "deliver_at", type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z"]),
-              help="Deliver at this time, e.g. 2026-12-01T09:00:00+00:00.")
-@click.option("--exclude", "exclude_events", multiple=True,
-              help="Do not send if the contact does this event first (repeatable).")
+@click.option(
+    "--at",
+    "deliver_at",
+    type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z"]),
+    help="Deliver at this time, e.g. 2026-12-01T09:00:00+00:00.",
+)
+@click.option(
+    "--exclude",
+    "exclude_events",
+    multiple=True,
+    help="Do not send if the contact does this event first (repeatable).",
+)
 @click.option("--expires-in", type=DURATION, help="Record expired if due after this long.")
 @click.option("--key", "idempotency_key", help="Idempotency key (default: random).")
 @click.option("--data", default="{}", help="JSON object for the template.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def message_schedule(ctx: click.Context, contact: str, template: str, channel: str,
-                     delay: timedelta | None, deliver_at: datetime | None,
-                     exclude_events: tuple[str, ...], expires_in: timedelta | None,
-                     idempotency_key: str | None, data: str, as_json: bool) -> None:
+def message_schedule(
+    ctx: click.Context,
+    contact: str,
+    template: str,
+    channel: str,
+    delay: timedelta | None,
+    deliver_at: datetime | None,
+    exclude_events: tuple[str, ...],
+    expires_in: timedelta | None,
+    idempotency_key: str | None,
+    data: str,
+    as_json: bool,
+) -> None:
     """Schedule TEMPLATE for CONTACT on CHANNEL, through RabbitMQ like any service."""
     from datetime import UTC
 
@@ -215,10 +267,16 @@ def message_schedule(ctx: click.Context, contact: str, template: str, channel: s
     base = deliver_at or datetime.now(UTC) + (delay or timedelta(0))
     with _errors(), Producer(settings.amqp_url, name="nudge-cli") as producer:
         key = producer.schedule(
-            contact, template, channel, delay=delay, deliver_at=deliver_at,
+            contact,
+            template,
+            channel,
+            delay=delay,
+            deliver_at=deliver_at,
             exclude_events=exclude_events,
             expires_at=base + expires_in if expires_in else None,
-            idempotency_key=idempotency_key, data=payload)
+            idempotency_key=idempotency_key,
+            data=payload,
+        )
     if as_json:
         _print_json({"idempotency_key": key})
     else:
@@ -254,19 +312,24 @@ def message_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     if as_json:
         _print_json(found)
         return
-    click.echo(f"message {found['id']} ({found['idempotency_key']}): {found['template']} "
-               f"via {found['channel']}, {MessageStatus(found['status']).name.lower()}")
-    click.echo(f"  deliver_at {found['deliver_at'].isoformat()}"
-               + (f", expires_at {found['expires_at'].isoformat()}"
-                  if found["expires_at"] else ""))
+    click.echo(
+        f"message {found['id']} ({found['idempotency_key']}): {found['template']} "
+        f"via {found['channel']}, {MessageStatus(found['status']).name.lower()}"
+    )
+    click.echo(
+        f"  deliver_at {found['deliver_at'].isoformat()}"
+        + (f", expires_at {found['expires_at'].isoformat()}" if found["expires_at"] else "")
+    )
     if not found["items"]:
         click.echo("  no recipient has an outcome yet")
     for item in found["items"]:
         when = item["sent_at"].isoformat() if item["sent_at"] else ""
-        click.echo(f"  {item['external_id']}: {item['status']} {when}".rstrip()
-                   + (f" ({item['reason']})" if item["reason"] else "")
-                   + (f" attempts={item['attempts']}" if item["attempts"] > 1 else "")
-                   + (f" last_error={item['last_error']}" if item["last_error"] else ""))
+        click.echo(
+            f"  {item['external_id']}: {item['status']} {when}".rstrip()
+            + (f" ({item['reason']})" if item["reason"] else "")
+            + (f" attempts={item['attempts']}" if item["attempts"] > 1 else "")
+            + (f" last_error={item['last_error']}" if item["last_error"] else "")
+        )
 
 
 @message.command("cancel")
@@ -286,16 +349,24 @@ def message_cancel(ctx: click.Context, ref: str) -> None:
                 changed = messages.cancel(conn, found["id"])
         finally:
             engine.dispose()
-    click.echo(f"message {found['id']} cancelled" if changed
-               else f"message {found['id']} had already completed or been cancelled")
+    click.echo(
+        f"message {found['id']} cancelled"
+        if changed
+        else f"message {found['id']} had already completed or been cancelled"
+    )
 
 
 # --- demo ----------------------------------------------------------------------------------
 
 
 @main.command()
-@click.option("--count", default=12, show_default=True, type=click.IntRange(1, 100000),
-              help="Messages to schedule, spread over 0.5-9 s.")
+@click.option(
+    "--count",
+    default=12,
+    show_default=True,
+    type=click.IntRange(1, 100000),
+    help="Messages to schedule, spread over 0.5-9 s.",
+)
 @click.pass_context
 def demo(ctx: click.Context, count: int) -> None:
     """Run the main job end to end: a service schedules messages, workers deliver them to a
@@ -306,3 +377,27 @@ def demo(ctx: click.Context, count: int) -> None:
     with _errors():
         ok = run_demo(settings, count)
     sys.exit(0 if ok else EXIT_FAILED)
+
+
+# --- contract ------------------------------------------------------------------------------
+
+
+@main.group("contract")
+def contract_group() -> None:
+    """The wire contract for services in other languages."""
+
+
+@contract_group.command("export")
+@click.argument(
+    "directory", default="docs/contract", type=click.Path(file_okay=False, path_type=Path)
+)
+def contract_export(directory: Path) -> None:
+    """Write the AsyncAPI document and JSON Schemas to DIRECTORY (default docs/contract)."""
+    from shared.asyncapi import export
+
+    try:
+        written = export(directory)
+    except OSError as exc:
+        _fail(f"cannot write {directory}: {exc}", EXIT_FAILED)
+    for path in written:
+        click.echo(str(path))

@@ -10,6 +10,7 @@ a crash at any point leaves the message unacked, and RabbitMQ redelivers it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,16 +59,27 @@ class _Inbound(Generic[T]):
     message: AbstractIncomingMessage
 
 
-_ACK_ERRORS = (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError,
-               ConnectionError)
+_ACK_ERRORS = (
+    aiormq.exceptions.AMQPError,
+    aio_pika.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+)
 
 
 class Consumer(Generic[T]):
     """Consumes one queue with ``concurrency`` batches in flight."""
 
-    def __init__(self, handler: Handler[T], channel: AbstractChannel, publisher: Publisher,
-                 backend: delay.BackendName, *, concurrency: int, batch_size: int,
-                 batch_wait: float) -> None:
+    def __init__(
+        self,
+        handler: Handler[T],
+        channel: AbstractChannel,
+        publisher: Publisher,
+        backend: delay.BackendName,
+        *,
+        concurrency: int,
+        batch_size: int,
+        batch_wait: float,
+    ) -> None:
         self.handler = handler
         self._channel = channel
         self._publisher = publisher
@@ -91,20 +103,20 @@ class Consumer(Generic[T]):
 
     async def start(self) -> None:
         self._queue = await self._channel.get_queue(self.handler.queue, ensure=False)
-        self._tasks = [asyncio.create_task(self._batches(), name=f"batch-{i}")
-                       for i in range(self._concurrency)]
+        self._tasks = [
+            asyncio.create_task(self._batches(), name=f"batch-{i}")
+            for i in range(self._concurrency)
+        ]
         self._tag = await self._queue.consume(self._on_message)
 
-    async def stop(self, timeout: float = 30.0) -> None:
+    async def stop(self, grace: float = 30.0) -> None:
         """Stop consuming, finish what was received (held messages included), then return."""
         self._stopping = True
         if self._queue is not None and self._tag is not None:
-            try:
+            with contextlib.suppress(*_ACK_ERRORS):
                 await self._queue.cancel(self._tag)
-            except _ACK_ERRORS:
-                pass
-        deadline = time.monotonic() + timeout
-        while not self.idle and time.monotonic() < deadline:
+        deadline = time.monotonic() + grace
+        while not self.idle and time.monotonic() < deadline:  # noqa: ASYNC110 (cheap poll)
             await asyncio.sleep(0.05)
         for task in self._tasks:
             task.cancel()
@@ -173,8 +185,12 @@ class Consumer(Generic[T]):
                 # Postgres or RabbitMQ is restarting or unreachable: keep the messages
                 # (unacked) and try again, rather than burning their delivery count.
                 metrics.store_unavailable.labels(self.handler.queue).inc()
-                log.warning("infrastructure unavailable, retrying batch", error=str(exc),
-                            size=len(batch), retry_in=backoff)
+                log.warning(
+                    "infrastructure unavailable, retrying batch",
+                    error=str(exc),
+                    size=len(batch),
+                    retry_in=backoff,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
             except Exception:
@@ -182,8 +198,11 @@ class Consumer(Generic[T]):
                     for inbound in batch:
                         await self._handle([inbound])
                     return
-                log.exception("handler crashed; message returned to the queue",
-                              queue=self.handler.queue, message_id=batch[0].message.message_id)
+                log.exception(
+                    "handler crashed; message returned to the queue",
+                    queue=self.handler.queue,
+                    message_id=batch[0].message.message_id,
+                )
                 await self._nack(batch[0].message)
                 return
         await asyncio.gather(*(self._settle(b, o) for b, o in zip(batch, outcomes, strict=True)))
@@ -195,9 +214,13 @@ class Consumer(Generic[T]):
                 if self.handler.destination is None:
                     raise RuntimeError(f"{self.handler.queue} cannot retry: no destination")
                 await self._publisher.publish_delayed(
-                    self._backend, self.handler.destination, outcome.delay_ms,
+                    self._backend,
+                    self.handler.destination,
+                    outcome.delay_ms,
                     outcome.body if outcome.body is not None else message.body,
-                    outcome.message_id or message.message_id or "", message.headers)
+                    outcome.message_id or message.message_id or "",
+                    message.headers,
+                )
                 metrics.retries.labels(self.handler.queue).inc()
             elif isinstance(outcome, Reject):
                 await self._reject(message, outcome.reason)
@@ -213,11 +236,16 @@ class Consumer(Generic[T]):
     async def _reject(self, message: AbstractIncomingMessage, reason: str) -> None:
         field = reason.split(":", 1)[0]
         metrics.dead_lettered.labels(self.handler.queue, field).inc()
-        log.warning("rejected to nudge.dead", queue=self.handler.queue, reason=reason,
-                    message_id=message.message_id)
+        log.warning(
+            "rejected to nudge.dead",
+            queue=self.handler.queue,
+            reason=reason,
+            message_id=message.message_id,
+        )
         try:
-            await self._publisher.dead_letter(message.body, message.message_id, reason,
-                                              self.handler.queue, message.headers)
+            await self._publisher.dead_letter(
+                message.body, message.message_id, reason, self.handler.queue, message.headers
+            )
         except PublishNotConfirmed:
             await self._nack(message)
             return

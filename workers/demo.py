@@ -18,7 +18,7 @@ import uuid
 from typing import Any
 
 import click
-from sqlalchemy import Engine, Row, select
+from sqlalchemy import Engine, select
 
 from producer import Producer, scheduled
 from shared.config import Settings
@@ -32,26 +32,42 @@ from workers.store.schema import contacts, message_items, messages
 def run_demo(settings: Settings, count: int) -> bool:
     run = uuid.uuid4().hex[:8]
     sink = Sink(settings.webhook_secret).start()
-    env = {**os.environ, "NUDGE_WEBHOOK_URL": sink.url,
-           "NUDGE_WEBHOOK_SECRET": settings.webhook_secret}
-    worker = subprocess.Popen([sys.executable, "-m", "workers", "worker", "scheduler",
-                               "dispatch", "--concurrency", "2"], env=env,
-                              stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "NUDGE_WEBHOOK_URL": sink.url,
+        "NUDGE_WEBHOOK_SECRET": settings.webhook_secret,
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "workers", "worker", "scheduler", "dispatch", "--concurrency", "2"],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
     engine = sync_engine(settings.database_url)
     try:
         _wait_consumers(settings.amqp_url, worker, deadline=time.monotonic() + 60)
         delays = [0.5 + 8.5 * i / max(1, count - 1) for i in range(count)]
-        requests = [scheduled(f"demo-{run}-{i}", "trial_end", "webhook", delay=d,
-                              idempotency_key=f"demo-{run}-{i}", data={"plan": "pro"})
-                    for i, d in enumerate(delays)]
+        requests = [
+            scheduled(
+                f"demo-{run}-{i}",
+                "trial_end",
+                "webhook",
+                delay=d,
+                idempotency_key=f"demo-{run}-{i}",
+                data={"plan": "pro"},
+            )
+            for i, d in enumerate(delays)
+        ]
         cancelled_key = f"demo-{run}-cancelled"
         with Producer(settings.amqp_url, name="nudge-demo") as producer:
             producer.schedule_many(requests)
             producer.schedule_many([requests[0]])  # a retried publish: same key
-            producer.schedule(f"demo-{run}-c", "trial_end", "webhook", delay=6,
-                              idempotency_key=cancelled_key)
-        click.echo(f"scheduled {count} messages over {delays[0]:.1f}-{delays[-1]:.1f} s "
-                   f"(+1 duplicate publish, +1 to cancel) for run {run}")
+            producer.schedule(
+                f"demo-{run}-c", "trial_end", "webhook", delay=6, idempotency_key=cancelled_key
+            )
+        click.echo(
+            f"scheduled {count} messages over {delays[0]:.1f}-{delays[-1]:.1f} s "
+            f"(+1 duplicate publish, +1 to cancel) for run {run}"
+        )
         keys = [r.idempotency_key for r in requests] + [cancelled_key]
         asked = {r.idempotency_key: d for r, d in zip(requests, delays, strict=True)}
         asked[cancelled_key] = 6.0
@@ -63,16 +79,23 @@ def run_demo(settings: Settings, count: int) -> bool:
         ok = True
         for row in rows:
             arrival = arrivals.get(row.id)
-            late = (f"{(arrival.at - row.deliver_at.timestamp()) * 1000:8.0f}"
-                    if arrival else f"{'-':>8}")
+            late = (
+                f"{(arrival.at - row.deliver_at.timestamp()) * 1000:8.0f}"
+                if arrival
+                else f"{'-':>8}"
+            )
             delay = asked[row.idempotency_key]
-            click.echo(f"{row.idempotency_key:<24} {row.external_id:<20} {delay:5.1f}s "
-                       f"{late}  {row.status}" + (f" ({row.reason})" if row.reason else ""))
+            click.echo(
+                f"{row.idempotency_key:<24} {row.external_id:<20} {delay:5.1f}s "
+                f"{late}  {row.status}" + (f" ({row.reason})" if row.reason else "")
+            )
             expected = "cancelled" if row.idempotency_key == cancelled_key else "sent"
             ok &= row.status == expected
-        click.echo(f"webhook receiver: {len(sink.requests)} requests, "
-                   f"{len(sink.accepted())} accepted, {sink.duplicates()} duplicates, "
-                   f"{sum(not r.signature_ok for r in sink.requests)} bad signatures")
+        click.echo(
+            f"webhook receiver: {len(sink.requests)} requests, "
+            f"{len(sink.accepted())} accepted, {sink.duplicates()} duplicates, "
+            f"{sum(not r.signature_ok for r in sink.requests)} bad signatures"
+        )
         ok &= len(sink.accepted()) == count and sink.duplicates() == 0
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -95,8 +118,10 @@ def _wait_consumers(amqp_url: str, worker: subprocess.Popen[bytes], deadline: fl
         connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
         try:
             channel = connection.channel()
-            counts = [channel.queue_declare(q, passive=True).method.consumer_count
-                      for q in (INTAKE_QUEUE, DUE_QUEUE)]
+            counts = [
+                channel.queue_declare(q, passive=True).method.consumer_count
+                for q in (INTAKE_QUEUE, DUE_QUEUE)
+            ]
         finally:
             connection.close()
         if all(counts):
@@ -117,14 +142,22 @@ def _cancel_when_stored(engine: Engine, key: str) -> None:
     raise click.ClickException(f"{key} was never stored: is the scheduler running?")
 
 
-def _wait_outcomes(engine: Engine, keys: list[str], deadline: float) -> list[Row[Any]]:
-    query = (select(messages.c.id, messages.c.idempotency_key, messages.c.deliver_at,
-                    messages.c.scheduled_at, contacts.c.external_id, message_items.c.status,
-                    message_items.c.reason)
-             .join(contacts, contacts.c.id == messages.c.contact_id)
-             .outerjoin(message_items, message_items.c.message_id == messages.c.id)
-             .where(messages.c.idempotency_key.in_(keys))
-             .order_by(messages.c.deliver_at))
+def _wait_outcomes(engine: Engine, keys: list[str], deadline: float) -> list[Any]:
+    query = (
+        select(
+            messages.c.id,
+            messages.c.idempotency_key,
+            messages.c.deliver_at,
+            messages.c.scheduled_at,
+            contacts.c.external_id,
+            message_items.c.status,
+            message_items.c.reason,
+        )
+        .join(contacts, contacts.c.id == messages.c.contact_id)
+        .outerjoin(message_items, message_items.c.message_id == messages.c.id)
+        .where(messages.c.idempotency_key.in_(keys))
+        .order_by(messages.c.deliver_at)
+    )
     while True:
         with engine.connect() as conn:
             rows = list(conn.execute(query))

@@ -35,11 +35,16 @@ from workers.store.schema import ItemStatus, MessageStatus
 log = structlog.get_logger("nudge.dispatch")
 
 
-def backoff(attempt: int, base: float, cap: float, retry_after: float | None = None,
-            rng: random.Random | None = None) -> float:
+def backoff(
+    attempt: int,
+    base: float,
+    cap: float,
+    retry_after: float | None = None,
+    rng: random.Random | None = None,
+) -> float:
     """Seconds before attempt ``attempt + 1``: exponential with "equal jitter", at least what
     the receiver asked for in ``Retry-After``."""
-    ceiling = min(cap, base * 2 ** (attempt - 1))
+    ceiling = min(cap, base * (1 << min(attempt - 1, 62)))
     seconds = ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
     return max(seconds, retry_after or 0.0)
 
@@ -54,8 +59,9 @@ class DispatchHandler:
     queue = DUE_QUEUE
     destination = DUE_DESTINATION
 
-    def __init__(self, settings: Settings, engine: AsyncEngine,
-                 channels: Mapping[str, Channel]) -> None:
+    def __init__(
+        self, settings: Settings, engine: AsyncEngine, channels: Mapping[str, Channel]
+    ) -> None:
         self._settings = settings
         self._engine = engine
         self._channels = channels
@@ -72,8 +78,13 @@ class DispatchHandler:
             first.setdefault((due.message_id, due.contact_id), i)
         async with transaction(self._engine) as conn:
             claimed, states = await messages.claim(
-                conn, [(batch[i].message_id, batch[i].contact_id, batch[i].attempt)
-                       for i in first.values()], self._settings.claim_lease_seconds)
+                conn,
+                [
+                    (batch[i].message_id, batch[i].contact_id, batch[i].attempt)
+                    for i in first.values()
+                ],
+                self._settings.claim_lease_seconds,
+            )
         now = datetime.now(UTC)
         # A second copy in the same batch is dropped: the first copy carries the work.
         result: list[Outcome] = [DONE] * len(batch)
@@ -98,38 +109,46 @@ class DispatchHandler:
                 result[first[(c.message_id, c.contact_id)]] = retry
         async with transaction(self._engine) as conn:
             await messages.finalise(conn, records)
-        for record, (c, ch) in zip(records[len(records) - len(sends):], sends, strict=True):
+        for record, (c, ch) in zip(records[len(records) - len(sends) :], sends, strict=True):
             if record.status is ItemStatus.SENT:
                 metrics.lateness.labels(ch.name).observe(
-                    max(0.0, (now - c.deliver_at).total_seconds()))
+                    max(0.0, (now - c.deliver_at).total_seconds())
+                )
         for r in records:
-            metrics.outcomes.labels(self._channel_of(r, claimed), r.status.value,
-                                    (r.reason or "").split(":", 1)[0]).inc()
+            metrics.outcomes.labels(
+                self._channel_of(r, claimed), r.status.value, (r.reason or "").split(":", 1)[0]
+            ).inc()
         return result
 
     @staticmethod
     def _channel_of(record: messages.Outcome, claimed: Sequence[Claimed]) -> str:
         return next((c.channel for c in claimed if c.message_id == record.message_id), "")
 
-    def _not_claimed(self, due: DueMessage, state: ItemState | None,
-                     now: datetime) -> Outcome:
+    def _not_claimed(self, due: DueMessage, state: ItemState | None, now: datetime) -> Outcome:
         if state is None:
-            return Reject(f"message_id: no message {due.message_id} for contact "
-                          f"{due.contact_id}")
+            return Reject(f"message_id: no message {due.message_id} for contact {due.contact_id}")
         if state.status.final:
             return DONE  # already recorded: a redelivery or a duplicate
         if state.status is ItemStatus.SENDING:
             # Another worker holds it; come back when its lease runs out.
             lease_end = (state.claimed_at or now) + timedelta(
-                seconds=self._settings.claim_lease_seconds)
+                seconds=self._settings.claim_lease_seconds
+            )
             return Retry(max(1000, _ms((lease_end - now).total_seconds()) + 100))
         # deferred: the copy that deferred it may have died before publishing its retry
         if due.attempt == state.attempts:
             at = state.next_attempt_at or now
-            nxt = DueMessage(message_id=due.message_id, contact_id=due.contact_id,
-                             deliver_at=at, attempt=state.attempts + 1)
-            return Retry(_ms((at - now).total_seconds()), contract.encode(nxt),
-                         due_message_id(due.message_id, due.contact_id, nxt.attempt))
+            nxt = DueMessage(
+                message_id=due.message_id,
+                contact_id=due.contact_id,
+                deliver_at=at,
+                attempt=state.attempts + 1,
+            )
+            return Retry(
+                _ms((at - now).total_seconds()),
+                contract.encode(nxt),
+                due_message_id(due.message_id, due.contact_id, nxt.attempt),
+            )
         return DONE  # a stale copy of an older attempt
 
     def _decide(self, c: Claimed, now: datetime) -> messages.Outcome | Channel:
@@ -137,22 +156,35 @@ class DispatchHandler:
         if c.message_status == MessageStatus.CANCELLED:
             return messages.Outcome(*key, ItemStatus.CANCELLED, "cancelled: message cancelled")
         if c.expires_at is not None and c.expires_at <= now:
-            return messages.Outcome(*key, ItemStatus.EXPIRED,
-                                    f"expired: at {c.expires_at.isoformat()}")
+            return messages.Outcome(
+                *key, ItemStatus.EXPIRED, f"expired: at {c.expires_at.isoformat()}"
+            )
         channel = self._channels.get(c.channel)
         if channel is None:
-            return messages.Outcome(*key, ItemStatus.FAILED,
-                                    f"channel: {c.channel!r} is not configured on this worker "
-                                    f"(configured: {', '.join(sorted(self._channels))})")
+            return messages.Outcome(
+                *key,
+                ItemStatus.FAILED,
+                f"channel: {c.channel!r} is not configured on this worker "
+                f"(configured: {', '.join(sorted(self._channels))})",
+            )
         return channel
 
     async def _send(self, c: Claimed, channel: Channel) -> tuple[SendResult, float]:
         started = time.monotonic()
         delivery = Delivery(
-            message_id=c.message_id, contact_id=c.contact_id, external_id=c.external_id,
-            template=c.template, channel=c.channel, category=c.category, priority=c.priority,
-            data=c.data, attempt=c.attempts, email=c.email, phone=c.phone,
-            attributes=c.attributes)
+            message_id=c.message_id,
+            contact_id=c.contact_id,
+            external_id=c.external_id,
+            template=c.template,
+            channel=c.channel,
+            category=c.category,
+            priority=c.priority,
+            data=c.data,
+            attempt=c.attempts,
+            email=c.email,
+            phone=c.phone,
+            attributes=c.attributes,
+        )
         try:
             result = await channel.send(delivery)
         except Exception as exc:  # a channel bug must not lose the batch
@@ -161,25 +193,37 @@ class DispatchHandler:
         metrics.send_latency.labels(channel.name).observe(time.monotonic() - started)
         return result, started
 
-    def _after_send(self, c: Claimed, result: SendResult,
-                    started: float) -> tuple[messages.Outcome, Retry | None]:
+    def _after_send(
+        self, c: Claimed, result: SendResult, started: float
+    ) -> tuple[messages.Outcome, Retry | None]:
         key = (c.message_id, c.contact_id)
         if result.verdict is Verdict.SENT:
             return messages.Outcome(*key, ItemStatus.SENT), None
         if result.verdict is Verdict.PERMANENT:
-            return messages.Outcome(*key, ItemStatus.FAILED, "permanent: receiver refused",
-                                    result.error), None
+            return messages.Outcome(
+                *key, ItemStatus.FAILED, "permanent: receiver refused", result.error
+            ), None
         if c.attempts >= self._settings.max_attempts:
-            return messages.Outcome(*key, ItemStatus.FAILED,
-                                    f"attempts: gave up after {c.attempts}", result.error), None
-        wait = backoff(c.attempts, self._settings.retry_base_seconds,
-                       self._settings.retry_max_seconds, result.retry_after)
+            return messages.Outcome(
+                *key, ItemStatus.FAILED, f"attempts: gave up after {c.attempts}", result.error
+            ), None
+        wait = backoff(
+            c.attempts,
+            self._settings.retry_base_seconds,
+            self._settings.retry_max_seconds,
+            result.retry_after,
+        )
         at = datetime.now(UTC) + timedelta(seconds=wait)
-        nxt = DueMessage(message_id=c.message_id, contact_id=c.contact_id, deliver_at=at,
-                         attempt=c.attempts + 1)
+        nxt = DueMessage(
+            message_id=c.message_id, contact_id=c.contact_id, deliver_at=at, attempt=c.attempts + 1
+        )
         return (
-            messages.Outcome(*key, ItemStatus.DEFERRED, f"retry: attempt {c.attempts + 1}",
-                             result.error, at),
-            Retry(_ms(wait), contract.encode(nxt),
-                  due_message_id(c.message_id, c.contact_id, nxt.attempt)),
+            messages.Outcome(
+                *key, ItemStatus.DEFERRED, f"retry: attempt {c.attempts + 1}", result.error, at
+            ),
+            Retry(
+                _ms(wait),
+                contract.encode(nxt),
+                due_message_id(c.message_id, c.contact_id, nxt.attempt),
+            ),
         )

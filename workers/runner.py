@@ -34,8 +34,9 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
     """The delivery channels this worker's configuration enables."""
     channels: dict[str, Channel] = {"log": LogChannel()}
     if settings.webhook_url:
-        channels["webhook"] = WebhookChannel(settings.webhook_url, settings.webhook_secret,
-                                             timeout=settings.webhook_timeout_seconds)
+        channels["webhook"] = WebhookChannel(
+            settings.webhook_url, settings.webhook_secret, timeout=settings.webhook_timeout_seconds
+        )
     return channels
 
 
@@ -46,8 +47,14 @@ async def resolve_backend(settings: Settings) -> delay.BackendName:
     return await amqp.detect_backend(settings.amqp_url)
 
 
-async def run(settings: Settings, roles: Sequence[Role], *, concurrency: int,
-              burst: bool = False, burst_idle: float = 2.0) -> None:
+async def run(
+    settings: Settings,
+    roles: Sequence[Role],
+    *,
+    concurrency: int,
+    burst: bool = False,
+    burst_idle: float = 2.0,
+) -> None:
     """Run ``roles`` until SIGTERM/SIGINT, or, with ``burst``, until there is no work left."""
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="127.0.0.1")
@@ -73,15 +80,25 @@ async def run(settings: Settings, roles: Sequence[Role], *, concurrency: int,
             else:
                 handler = DispatchHandler(settings, engine, channels)
             consumer: Consumer[Any] = Consumer(
-                handler, channel, publisher, backend, concurrency=concurrency,
-                batch_size=settings.batch_size, batch_wait=settings.batch_wait_seconds)
+                handler,
+                channel,
+                publisher,
+                backend,
+                concurrency=concurrency,
+                batch_size=settings.batch_size,
+                batch_wait=settings.batch_wait_seconds,
+            )
             await consumer.start()
             consumers.append(consumer)
-        log.info("worker started", roles=list(roles), backend=backend,
-                 concurrency=concurrency, burst=burst)
+        log.info(
+            "worker started",
+            roles=list(roles),
+            backend=backend,
+            concurrency=concurrency,
+            burst=burst,
+        )
         if burst:
-            watcher = asyncio.create_task(
-                _until_drained(connection, topo, consumers, burst_idle))
+            watcher = asyncio.create_task(_until_drained(connection, topo, consumers, burst_idle))
             stopper = asyncio.create_task(stop.wait())
             await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
             for task in (watcher, stopper):
@@ -116,8 +133,9 @@ async def queue_depths(connection: Any, names: Sequence[str]) -> dict[str, int]:
         await channel.close()
 
 
-async def _until_drained(connection: Any, topo: topology.Topology,
-                         consumers: Sequence[Consumer[Any]], idle: float) -> None:
+async def _until_drained(
+    connection: Any, topo: topology.Topology, consumers: Sequence[Consumer[Any]], idle: float
+) -> None:
     """Return once every consumer is idle, nothing waits in our queues or the delay ladder,
     and that has held for ``idle`` seconds."""
     watched = [c.handler.queue for c in consumers]

@@ -41,16 +41,16 @@ class SchedulerHandler:
     queue = INTAKE_QUEUE
     destination = None
 
-    def __init__(self, engine: AsyncEngine, publisher: Publisher,
-                 backend: delay.BackendName) -> None:
+    def __init__(
+        self, engine: AsyncEngine, publisher: Publisher, backend: delay.BackendName
+    ) -> None:
         self._engine = engine
         self._publisher = publisher
         self._backend = backend
 
     def decode(self, message: AbstractIncomingMessage) -> Intake:
         key = contract.idempotency_key(message.message_id)
-        request = contract.decode(ScheduleMessage, message.body,
-                                  content_type=message.content_type)
+        request = contract.decode(ScheduleMessage, message.body, content_type=message.content_type)
         return Intake(key, request)
 
     def due_at(self, item: Intake) -> datetime | None:
@@ -60,13 +60,19 @@ class SchedulerHandler:
         now = datetime.now(UTC)
         async with transaction(self._engine) as conn:
             stored = await messages.insert_single_messages(
-                conn, [(i.key, i.request) for i in batch], now)
+                conn, [(i.key, i.request) for i in batch], now
+            )
         now = datetime.now(UTC)
         await self._publisher.publish_many(
             Publisher.delayed(
-                self._backend, DUE_DESTINATION, delay.delay_until(s.deliver_at, now),
-                contract.encode(DueMessage(message_id=s.id, contact_id=s.contact_id,
-                                           deliver_at=s.deliver_at)),
-                due_message_id(s.id, s.contact_id, 1))
-            for s in stored)
+                self._backend,
+                DUE_DESTINATION,
+                delay.delay_until(s.deliver_at, now),
+                contract.encode(
+                    DueMessage(message_id=s.id, contact_id=s.contact_id, deliver_at=s.deliver_at)
+                ),
+                due_message_id(s.id, s.contact_id, 1),
+            )
+            for s in stored
+        )
         return [DONE] * len(batch)

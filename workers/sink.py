@@ -34,6 +34,8 @@ class Sink:
     """Records every request; answers 200 unless ``respond`` says otherwise."""
 
     secret: str
+    #: Seconds each request takes to answer, to play a slow API.
+    latency: float = 0.0
     requests: list[Received] = field(default_factory=list)
     respond: Callable[[dict[str, Any], int], tuple[int, dict[str, str]]] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -49,20 +51,26 @@ class Sink:
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if sink.latency:
+                    time.sleep(sink.latency)
                 ok = verify(sink.secret, body, self.headers.get(SIGNATURE_HEADER, ""))
                 doc = json.loads(body) if body else {}
                 with sink._lock:
-                    attempt = sum(1 for r in sink.requests
-                                  if r.idempotency_key == self.headers.get("Idempotency-Key"))
-                    status, headers = (sink.respond(doc, attempt) if sink.respond
-                                       else (200, {}))
+                    attempt = sum(
+                        1
+                        for r in sink.requests
+                        if r.idempotency_key == self.headers.get("Idempotency-Key")
+                    )
+                    status, headers = sink.respond(doc, attempt) if sink.respond else (200, {})
                     if not ok:
                         status = 401
-                    sink.requests.append(Received(time.time(),
-                                                  self.headers.get("Idempotency-Key", ""),
-                                                  doc, ok, status))
+                    sink.requests.append(
+                        Received(
+                            time.time(), self.headers.get("Idempotency-Key", ""), doc, ok, status
+                        )
+                    )
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)

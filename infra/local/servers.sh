@@ -5,7 +5,7 @@
 # <checkout>/.local), listen on 127.0.0.1 only and use non-default ports, so
 # they never collide with system services. See infra/local/README.md.
 #
-# Usage: servers.sh up|down|status|logs [-f]|env|restart-rabbitmq|restart-postgres
+# Usage: servers.sh up|down|status|logs [-f]|env|restart-rabbitmq|restart-postgres|ctl TOOL ARGS
 #
 # Progress goes to stderr; `up` and `env` print only KEY=value lines on stdout.
 set -euo pipefail
@@ -75,38 +75,48 @@ usage: $(basename "$0") COMMAND
   env                print the NUDGE_* variables clients need
   restart-rabbitmq   stop and start RabbitMQ, keeping its data
   restart-postgres   stop and start PostgreSQL, keeping its data
+  ctl TOOL ARGS...   run rabbitmqctl, rabbitmq-diagnostics, rabbitmq-plugins or
+                     rabbitmq-queues against the local node (same cookie and node name)
 
 data dir: $LOCAL_DIR
 EOF
 }
 
 check_settings() {
-  local name value
-  for name in RMQ_PORT RMQ_MGMT_PORT RMQ_PROM_PORT RMQ_DIST_PORT PG_PORT; do
-    value=${!name}
+  local pair name value
+  for pair in NUDGE_RABBITMQ_PORT="$RMQ_PORT" NUDGE_RABBITMQ_MGMT_PORT="$RMQ_MGMT_PORT" \
+    NUDGE_RABBITMQ_PROM_PORT="$RMQ_PROM_PORT" NUDGE_RABBITMQ_DIST_PORT="$RMQ_DIST_PORT" \
+    NUDGE_POSTGRES_PORT="$PG_PORT"; do
+    name=${pair%%=*} value=${pair#*=}
     if [[ ! $value =~ ^[0-9]+$ ]] || ((value < 1 || value > 65535)); then
-      die "invalid port for $name: '$value'"
+      die "$name is not a valid port: '$value'"
     fi
   done
-  for name in START_TIMEOUT STOP_TIMEOUT LOG_LINES; do
-    [[ ${!name} =~ ^[0-9]+$ ]] || die "$name must be a whole number, got '${!name}'"
+  for pair in NUDGE_SERVER_START_TIMEOUT="$START_TIMEOUT" NUDGE_SERVER_STOP_TIMEOUT="$STOP_TIMEOUT" \
+    NUDGE_LOG_LINES="$LOG_LINES"; do
+    name=${pair%%=*} value=${pair#*=}
+    [[ $value =~ ^[0-9]+$ ]] || die "$name must be a whole number, got '$value'"
   done
   local ports
   ports=$(printf '%s\n' "$RMQ_PORT" "$RMQ_MGMT_PORT" "$RMQ_PROM_PORT" "$RMQ_DIST_PORT" "$PG_PORT" | sort | uniq -d)
   [[ -z $ports ]] || die "the same port is configured twice: $ports"
 }
 
-# Runs a command as USER (switching only when running as root). fd 9 holds
-# the lock of this script: anything started from here, servers included,
-# must not inherit it, or the lock would live as long as the server.
-run_as() {
-  local user=$1
-  shift
-  if [[ $EUID -eq 0 && $user != root ]]; then
-    setpriv --reuid="$user" --regid="$(id -g "$user")" --init-groups -- "$@" 9>&-
-  else
-    "$@" 9>&-
+# Sets AS_USER to the command prefix that runs a command as USER (empty
+# unless we are root).
+as_user() {
+  AS_USER=()
+  if [[ $EUID -eq 0 && $1 != root ]]; then
+    AS_USER=(setpriv --reuid="$1" --regid="$(id -g "$1")" --init-groups --)
   fi
+}
+
+# Runs a command as USER. fd 9 holds this script's lock: nothing started from
+# here may inherit it, or the lock would live as long as the server.
+run_as() {
+  as_user "$1"
+  shift
+  "${AS_USER[@]}" "$@" 9>&-
 }
 
 tcp_open() {
@@ -132,7 +142,26 @@ PY
   fi
 }
 
-pid_alive() { [[ -n $1 ]] && kill -0 "$1" 2>/dev/null; }
+# A zombie counts as gone: a killed server may wait a moment to be reaped.
+pid_alive() {
+  local stat
+  [[ -n $1 ]] && kill -0 "$1" 2>/dev/null || return 1
+  read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
+  stat=${stat##*) }
+  [[ ${stat:0:1} != Z ]]
+}
+
+# wait_for READY ALIVE: polls until the command READY succeeds (returns 0)
+# or the command ALIVE fails (returns 1), for at most START_TIMEOUT seconds
+# (returns 2). Both are word-split into a command and its arguments.
+wait_for() {
+  local deadline=$((SECONDS + START_TIMEOUT))
+  until $1; do
+    $2 || return 1
+    ((SECONDS < deadline)) || return 2
+    sleep 1
+  done
+}
 
 # Waits up to TIMEOUT seconds for PID to exit.
 wait_gone() {
@@ -217,11 +246,10 @@ ensure_reachable() {
       chmod o+x "$path"
       continue
     fi
-    die "user '$user' cannot reach $dir: $path ($mode) is not traversable by others.
-  Fix it with one of:
-    chmod o+x '$path'                      (lets others traverse, not list, it)
-    NUDGE_LOCAL_FIX_PERMS=1 $0 ...          (does that chmod for every such parent)
-    NUDGE_LOCAL_DIR=/var/tmp/nudge-local $0 ...   (keep the data outside $path)"
+    die "user '$user' cannot reach $dir: $path ($mode) is not traversable by others. Fix it with one of:
+  - chmod o+x '$path'   (others may then pass through it, not list it)
+  - NUDGE_LOCAL_FIX_PERMS=1 $0 ...   (does that chmod for every such parent)
+  - NUDGE_LOCAL_DIR=/var/tmp/nudge-local $0 ...   (keeps the data outside $path)"
   done
   run_as "$user" test -w "$dir" -a -x "$dir" || die "user '$user' cannot write to $dir"
 }
@@ -265,16 +293,19 @@ rmq_env() {
   )
 }
 
-rmq_ctl() {
+# rmq_tool TOOL ARGS...: runs a RabbitMQ CLI tool against our node.
+rmq_tool() {
+  local tool=$1
+  shift
   rmq_env
-  run_as "$RMQ_USER" env -C "$RMQ_DIR" "${RMQ_ENV[@]}" "$RMQ_BIN/rabbitmqctl" -n "$RMQ_NODE" "$@"
+  run_as "$RMQ_USER" env -C "$RMQ_DIR" "${RMQ_ENV[@]}" "$RMQ_BIN/$tool" -n "$RMQ_NODE" "$@"
 }
 
 # Succeeds if PID is a RabbitMQ VM started for this data directory.
 rmq_is_ours() {
-  local pid=$1 environ
-  [[ $(cat "/proc/$pid/comm" 2>/dev/null) == beam.smp ]] || return 1
-  environ=$(tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null) || return 1
+  local pid=$1 comm environ
+  read -r comm 2>/dev/null <"/proc/$pid/comm" && [[ $comm == beam.smp ]] || return 1
+  environ=$(tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ") || return 1
   grep -qxF "RABBITMQ_MNESIA_BASE=$RMQ_DIR/mnesia" <<<"$environ"
 }
 
@@ -373,22 +404,21 @@ rmq_check_ports_free() {
 
 rmq_fail() {
   log "rabbitmq: $1"
-  show_logs "$RMQ_STARTUP_LOG" "$RMQ_LOG"
+  show_logs "$RMQ_LOG"
+  # Boot failures (a bad config key, say) only reach the console output, and
+  # the root cause is at the start of a long crash report.
+  printf '%s\n' "----- first errors of this start in $RMQ_STARTUP_LOG" >&2
+  awk '/^===== /{ buf = "" } { buf = buf $0 "\n" } END { printf "%s", buf }' "$RMQ_STARTUP_LOG" |
+    grep -m 20 -F '[error]' >&2 || true
   exit 1
 }
 
-# Waits until the node answers; WATCH_PID dying first means it crashed.
-rmq_wait_ready() {
-  local watch_pid=$1 deadline=$((SECONDS + START_TIMEOUT))
-  until rmq_answering; do
-    pid_alive "$watch_pid" || rmq_fail "the server exited during startup"
-    ((SECONDS < deadline)) || rmq_fail "not ready after ${START_TIMEOUT}s (still running; '$0 down' stops it)"
-    sleep 1
-  done
+rmq_fail_timeout() {
+  rmq_fail "not ready after ${START_TIMEOUT}s (it is still running: '$0 down' stops it)"
 }
 
 rmq_up() {
-  local pid
+  local pid rc=0
   ensure_rabbitmq_installed
   rmq_prepare
   if pid=$(rmq_find_pid); then
@@ -398,8 +428,12 @@ rmq_up() {
       return 0
     fi
     log "rabbitmq: running (pid $pid) but not answering yet, waiting"
-    rmq_wait_ready "$pid"
-    return 0
+    wait_for rmq_answering "pid_alive $pid" || rc=$?
+    case $rc in
+      0) return 0 ;;
+      2) rmq_fail_timeout ;;
+    esac
+    log "rabbitmq: pid $pid exited, starting a new node"
   fi
   rmq_apply_config no
   rmq_check_ports_free
@@ -410,9 +444,16 @@ rmq_up() {
   # Not the Debian wrapper /usr/sbin/rabbitmq-server: it forces the working
   # directory and logs into /var and resets HOME (and with it the cookie).
   # setsid detaches the node from this terminal's Ctrl-C and hangups.
-  run_as "$RMQ_USER" setsid -w env -C "$RMQ_DIR" "${RMQ_ENV[@]}" "$RMQ_BIN/rabbitmq-server" \
-    >>"$RMQ_STARTUP_LOG" 2>&1 </dev/null &
-  rmq_wait_ready $!
+  # A plain command, not a shell function: a backgrounded function would leave
+  # a copy of this shell (holding the lock) around for the node's lifetime.
+  as_user "$RMQ_USER"
+  "${AS_USER[@]}" setsid -w env -C "$RMQ_DIR" "${RMQ_ENV[@]}" "$RMQ_BIN/rabbitmq-server" \
+    9>&- >>"$RMQ_STARTUP_LOG" 2>&1 </dev/null &
+  wait_for rmq_answering "pid_alive $!" || rc=$?
+  case $rc in
+    1) rmq_fail "the server exited during startup" ;;
+    2) rmq_fail_timeout ;;
+  esac
   log "rabbitmq: up (pid $(rmq_find_pid || echo '?'))"
 }
 
@@ -425,7 +466,7 @@ rmq_down() {
   fi
   log "rabbitmq: stopping (pid $pid)"
   # `stop <pidfile>` returns once the VM process has exited.
-  if ! out=$(rmq_ctl stop "$RMQ_PID_FILE" 2>&1 </dev/null); then
+  if ! out=$(rmq_tool rabbitmqctl stop "$RMQ_PID_FILE" 2>&1 </dev/null); then
     log "rabbitmq: rabbitmqctl stop failed, sending SIGTERM: ${out//$'\n'/ }"
     kill -TERM "$pid" 2>/dev/null || true
   fi
@@ -487,11 +528,17 @@ ensure_postgres_installed() {
 # pg_ctl runs from / because the caller's directory may be unreadable to postgres.
 pg_ctl_as() { run_as "$PG_USER" env -C / "$PG_BIN/pg_ctl" -D "$PG_DATA" "$@"; }
 
-pg_running() { [[ -n $PG_BIN && -f $PG_DATA/PG_VERSION ]] && pg_ctl_as status >/dev/null 2>&1; }
-
 pg_postmaster_pid() { head -n 1 "$PG_DATA/postmaster.pid" 2>/dev/null; }
 
-pg_answering() { "$PG_BIN/pg_isready" -q -h "$HOST" -p "$PG_PORT" -t 3; }
+# Like `pg_ctl status`, but a zombie or a recycled pid does not count.
+pg_running() {
+  local pid comm
+  pid=$(pg_postmaster_pid) || return 1
+  pid_alive "$pid" && read -r comm 2>/dev/null <"/proc/$pid/comm" && [[ $comm == postgres ]]
+}
+
+# As the superuser: the default (the OS user) would log "role does not exist".
+pg_answering() { "$PG_BIN/pg_isready" -q -h "$HOST" -p "$PG_PORT" -U "$PG_SUPERUSER" -d postgres -t 3; }
 
 pg_psql() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$HOST" -p "$PG_PORT" -U "$PG_SUPERUSER" "$@"; }
 
@@ -547,29 +594,44 @@ pg_ensure_database() {
 }
 
 pg_up() {
-  local port deadline
+  local port pid rc=0
   ensure_postgres_installed
   pg_prepare
   if pg_running; then
     port=$(sed -n 4p "$PG_DATA/postmaster.pid")
     [[ $port == "$PG_PORT" ]] ||
       die "postgres from $PG_DATA is running on port $port, not $PG_PORT: run '$0 restart-postgres'"
-    log "postgres: already running (pid $(pg_postmaster_pid), $HOST:$PG_PORT)"
-  else
-    pg_write_config
-    if tcp_open "$HOST" "$PG_PORT"; then
-      die "postgres: port $HOST:$PG_PORT is already used by another process (set NUDGE_POSTGRES_PORT)"
-    fi
-    log "postgres: starting on $HOST:$PG_PORT"
-    run_as "$PG_USER" setsid -w env -C / "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" \
-      -w -t "$START_TIMEOUT" start >&2 </dev/null || pg_fail "failed to start"
+    wait_for pg_answering pg_running || rc=$?
+    case $rc in
+      0)
+        log "postgres: already up (pid $(pg_postmaster_pid), $HOST:$PG_PORT)"
+        pg_ensure_database
+        return 0
+        ;;
+      2) pg_fail "running but not accepting connections after ${START_TIMEOUT}s" ;;
+    esac
+    log "postgres: the running server exited, starting a new one"
   fi
-  deadline=$((SECONDS + START_TIMEOUT))
-  until pg_answering; do
-    ((SECONDS < deadline)) || pg_fail "not accepting connections after ${START_TIMEOUT}s"
-    pg_running || pg_fail "the server exited during startup"
-    sleep 1
-  done
+  pg_write_config
+  # A killed postmaster can stay a zombie for a moment, and postgres refuses
+  # to start while the pid in its lock file still exists.
+  if pid=$(pg_postmaster_pid) && [[ -n $pid ]]; then
+    for _ in {1..20}; do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.5
+    done
+  fi
+  if tcp_open "$HOST" "$PG_PORT"; then
+    die "postgres: port $HOST:$PG_PORT is already used by another process (set NUDGE_POSTGRES_PORT)"
+  fi
+  log "postgres: starting on $HOST:$PG_PORT"
+  run_as "$PG_USER" setsid -w env -C / "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" \
+    -w -t "$START_TIMEOUT" start >&2 </dev/null || pg_fail "failed to start"
+  wait_for pg_answering pg_running || rc=$?
+  case $rc in
+    1) pg_fail "the server exited during startup" ;;
+    2) pg_fail "not accepting connections after ${START_TIMEOUT}s" ;;
+  esac
   pg_ensure_database
   log "postgres: up"
 }
@@ -583,11 +645,19 @@ pg_down() {
   fi
   pid=$(pg_postmaster_pid)
   log "postgres: stopping (pid $pid)"
-  if ! pg_ctl_as stop -m fast -w -t "$STOP_TIMEOUT" >&2; then
-    log "postgres: fast shutdown timed out, using immediate"
-    pg_ctl_as stop -m immediate -w -t 10 >&2 || true
+  # Fast shutdown is SIGINT, immediate shutdown SIGQUIT.
+  if [[ -n $PG_BIN ]]; then
+    pg_ctl_as stop -m fast -w -t "$STOP_TIMEOUT" >&2 || true
+  else
+    kill -INT "$pid" 2>/dev/null || true
+    wait_gone "$pid" "$STOP_TIMEOUT" || true
+  fi
+  if pid_alive "$pid"; then
+    log "postgres: still running after ${STOP_TIMEOUT}s, immediate shutdown"
+    kill -QUIT "$pid" 2>/dev/null || true
   fi
   if ! wait_gone "$pid" 10; then
+    log "postgres: killing pid $pid"
     kill -KILL "$pid" 2>/dev/null || true
     wait_gone "$pid" 10 || die "postgres: could not kill pid $pid"
   fi
@@ -624,6 +694,17 @@ cmd_status() {
   return "$rc"
 }
 
+cmd_ctl() {
+  local tool=${1:-}
+  case $tool in
+    rabbitmqctl | rabbitmq-diagnostics | rabbitmq-plugins | rabbitmq-queues) ;;
+    *) die "usage: $0 ctl rabbitmqctl|rabbitmq-diagnostics|rabbitmq-plugins|rabbitmq-queues ARGS..." ;;
+  esac
+  shift
+  [[ -d $RMQ_DIR/home ]] || die "rabbitmq was never started from $LOCAL_DIR"
+  rmq_tool "$tool" "$@"
+}
+
 cmd_logs() {
   local -a follow=() files=()
   local f
@@ -658,6 +739,7 @@ main() {
     status) cmd_status ;;
     logs) cmd_logs "$@" ;;
     env) print_env ;;
+    ctl) cmd_ctl "$@" ;;
     restart-rabbitmq)
       take_lock
       rmq_down

@@ -15,8 +15,13 @@ class LogChannel:
     name = "log"
 
     async def send(self, delivery: Delivery) -> SendResult:
-        log.info("delivered", message_id=delivery.message_id, contact=delivery.external_id,
-                 template=delivery.template, attempt=delivery.attempt)
+        log.info(
+            "delivered",
+            message_id=delivery.message_id,
+            contact=delivery.external_id,
+            template=delivery.template,
+            attempt=delivery.attempt,
+        )
         return SendResult.sent()
 
     async def close(self) -> None:

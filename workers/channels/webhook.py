@@ -28,8 +28,9 @@ def sign(secret: str, body: bytes, timestamp: int) -> str:
     return f"t={timestamp},v1={mac.hexdigest()}"
 
 
-def verify(secret: str, body: bytes, header: str, *, tolerance: float = 300.0,
-           now: float | None = None) -> bool:
+def verify(
+    secret: str, body: bytes, header: str, *, tolerance: float = 300.0, now: float | None = None
+) -> bool:
     """True when ``header`` signs ``body`` with ``secret`` within ``tolerance`` seconds."""
     try:
         parts = dict(p.split("=", 1) for p in header.split(","))
@@ -47,8 +48,7 @@ def payload(delivery: Delivery) -> dict[str, Any]:
         "v": 1,
         "idempotency_key": delivery.idempotency_key,
         "message_id": delivery.message_id,
-        "contact": {"id": delivery.external_id, "email": delivery.email,
-                    "phone": delivery.phone},
+        "contact": {"id": delivery.external_id, "email": delivery.email, "phone": delivery.phone},
         "template": delivery.template,
         "category": delivery.category,
         "priority": delivery.priority,
@@ -76,12 +76,14 @@ class WebhookChannel:
 
     name = "webhook"
 
-    def __init__(self, url: str, secret: str, *, timeout: float = 10.0,
-                 max_connections: int = 100) -> None:
+    def __init__(
+        self, url: str, secret: str, *, timeout: float = 10.0, max_connections: int = 100
+    ) -> None:
         self._url = url
         self._secret = secret
         self._client = httpx.AsyncClient(
-            timeout=timeout, limits=httpx.Limits(max_connections=max_connections))
+            timeout=timeout, limits=httpx.Limits(max_connections=max_connections)
+        )
 
     async def send(self, delivery: Delivery) -> SendResult:
         body = json.dumps(payload(delivery), separators=(",", ":")).encode()

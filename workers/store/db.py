@@ -21,8 +21,9 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 def async_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
     """The engine workers use; connections are checked before use so a restarted Postgres
     costs one retry, not a crashed batch."""
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size,
-                               pool_pre_ping=True, pool_recycle=1800)
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_recycle=1800
+    )
 
 
 def sync_engine(url: str) -> Engine:
@@ -36,9 +37,14 @@ def translate(exc: BaseException) -> StoreError:
     orig = exc.orig if isinstance(exc, sqlalchemy.exc.DBAPIError) else exc
     transient = (
         isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated
-    ) or isinstance(orig, psycopg.OperationalError | psycopg.errors.SerializationFailure
-                    | psycopg.errors.DeadlockDetected | psycopg.errors.AdminShutdown
-                    | psycopg.errors.CannotConnectNow)
+    ) or isinstance(
+        orig,
+        psycopg.OperationalError
+        | psycopg.errors.SerializationFailure
+        | psycopg.errors.DeadlockDetected
+        | psycopg.errors.AdminShutdown
+        | psycopg.errors.CannotConnectNow,
+    )
     if isinstance(exc, sqlalchemy.exc.TimeoutError | ConnectionError | OSError):
         transient = True
     cls = StoreUnavailable if transient else StoreError

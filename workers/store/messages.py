@@ -81,42 +81,68 @@ async def upsert_contacts(conn: AsyncConnection, refs: Iterable[ContactRef]) -> 
     merged: dict[str, ContactRef] = {}
     for ref in refs:  # one row per id: ON CONFLICT DO UPDATE cannot touch a row twice
         merged[ref.id] = ref
-    rows = [{"external_id": r.id, "email": r.email, "phone": r.phone, "timezone": r.timezone,
-             "attributes": r.attributes} for r in sorted(merged.values(), key=lambda r: r.id)]
-    stmt = insert(contacts)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[contacts.c.external_id],
-        set_={
-            "email": text("coalesce(excluded.email, contacts.email)"),
-            "phone": text("coalesce(excluded.phone, contacts.phone)"),
-            "timezone": text("coalesce(excluded.timezone, contacts.timezone)"),
-            "attributes": text("contacts.attributes || excluded.attributes"),
-            "updated_at": text("now()"),
-        },
-    ).returning(contacts.c.id, contacts.c.external_id)
+    rows = [
+        {
+            "external_id": r.id,
+            "email": r.email,
+            "phone": r.phone,
+            "timezone": r.timezone,
+            "attributes": r.attributes,
+        }
+        for r in sorted(merged.values(), key=lambda r: r.id)
+    ]
+    stmt = (
+        insert(contacts)
+        .on_conflict_do_update(
+            index_elements=[contacts.c.external_id],
+            set_={
+                "email": text("coalesce(excluded.email, contacts.email)"),
+                "phone": text("coalesce(excluded.phone, contacts.phone)"),
+                "timezone": text("coalesce(excluded.timezone, contacts.timezone)"),
+                "attributes": text("contacts.attributes || excluded.attributes"),
+                "updated_at": text("now()"),
+            },
+        )
+        .returning(contacts.c.id, contacts.c.external_id)
+    )
     result = await conn.execute(stmt, rows)
     return {row.external_id: row.id for row in result}
 
 
 async def insert_single_messages(
-    conn: AsyncConnection, requests: Sequence[tuple[str, ScheduleMessage]], now: datetime,
+    conn: AsyncConnection,
+    requests: Sequence[tuple[str, ScheduleMessage]],
+    now: datetime,
 ) -> list[StoredMessage]:
     """Store scheduled messages keyed by idempotency key; a key seen before keeps its first
     row. Returns every message of the batch, new or old, so the caller can (re)publish it."""
     ids = await upsert_contacts(conn, (req.contact for _, req in requests))
-    rows = [{
-        "kind": "single", "idempotency_key": key, "contact_id": ids[req.contact.id],
-        "template": req.template, "channel": req.channel.value, "category": req.category,
-        "priority": req.priority.value, "exclude_events": list(req.exclude_events),
-        "data": req.data, "scheduled_at": now, "deliver_at": req.deliver_at,
-        "expires_at": req.expires_at, "planned": 1,
-    } for key, req in requests]
-    await conn.execute(insert(messages).on_conflict_do_nothing(
-        index_elements=[messages.c.idempotency_key]), rows)
+    rows = [
+        {
+            "kind": "single",
+            "idempotency_key": key,
+            "contact_id": ids[req.contact.id],
+            "template": req.template,
+            "channel": req.channel.value,
+            "category": req.category,
+            "priority": req.priority.value,
+            "exclude_events": list(req.exclude_events),
+            "data": req.data,
+            "scheduled_at": now,
+            "deliver_at": req.deliver_at,
+            "expires_at": req.expires_at,
+            "planned": 1,
+        }
+        for key, req in requests
+    ]
+    await conn.execute(
+        insert(messages).on_conflict_do_nothing(index_elements=[messages.c.idempotency_key]), rows
+    )
     result = await conn.execute(
-        select(messages.c.id, messages.c.contact_id, messages.c.deliver_at,
-               messages.c.idempotency_key)
-        .where(messages.c.idempotency_key.in_([key for key, _ in requests])))
+        select(
+            messages.c.id, messages.c.contact_id, messages.c.deliver_at, messages.c.idempotency_key
+        ).where(messages.c.idempotency_key.in_([key for key, _ in requests]))
+    )
     return [StoredMessage(r.id, r.contact_id, r.deliver_at, r.idempotency_key) for r in result]
 
 
@@ -157,7 +183,9 @@ SELECT mi.message_id, mi.contact_id, mi.status, mi.attempts, mi.claimed_at,
 
 
 async def claim(
-    conn: AsyncConnection, wanted: Sequence[tuple[int, int, int]], lease_seconds: float,
+    conn: AsyncConnection,
+    wanted: Sequence[tuple[int, int, int]],
+    lease_seconds: float,
 ) -> tuple[list[Claimed], dict[Key, ItemState]]:
     """Claim recipient rows for sending, in two statements for the whole batch.
 
@@ -167,19 +195,27 @@ async def claim(
     finalise). Returns the claimed rows and the states of the others; a key with neither
     names a message or contact that does not exist.
     """
-    result = await conn.execute(_CLAIM, {
-        "mids": [w[0] for w in wanted], "cids": [w[1] for w in wanted],
-        "attempts": [w[2] for w in wanted], "lease": lease_seconds})
+    result = await conn.execute(
+        _CLAIM,
+        {
+            "mids": [w[0] for w in wanted],
+            "cids": [w[1] for w in wanted],
+            "attempts": [w[2] for w in wanted],
+            "lease": lease_seconds,
+        },
+    )
     claimed = [Claimed(**row._mapping) for row in result]
     got = {(c.message_id, c.contact_id) for c in claimed}
     rest = [w for w in wanted if (w[0], w[1]) not in got]
     states: dict[Key, ItemState] = {}
     if rest:
-        result = await conn.execute(_STATES, {"mids": [w[0] for w in rest],
-                                              "cids": [w[1] for w in rest]})
+        result = await conn.execute(
+            _STATES, {"mids": [w[0] for w in rest], "cids": [w[1] for w in rest]}
+        )
         for row in result:
             states[(row.message_id, row.contact_id)] = ItemState(
-                ItemStatus(row.status), row.attempts, row.claimed_at, row.next_attempt_at)
+                ItemStatus(row.status), row.attempts, row.claimed_at, row.next_attempt_at
+            )
     return claimed, states
 
 
@@ -208,15 +244,22 @@ async def finalise(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> None:
     single-recipient messages)."""
     if not outcomes:
         return
-    await conn.execute(_FINALISE, {
-        "mids": [o.message_id for o in outcomes], "cids": [o.contact_id for o in outcomes],
-        "statuses": [o.status.value for o in outcomes], "reasons": [o.reason for o in outcomes],
-        "errors": [o.error for o in outcomes],
-        "nexts": [o.next_attempt_at for o in outcomes]})
+    await conn.execute(
+        _FINALISE,
+        {
+            "mids": [o.message_id for o in outcomes],
+            "cids": [o.contact_id for o in outcomes],
+            "statuses": [o.status.value for o in outcomes],
+            "reasons": [o.reason for o in outcomes],
+            "errors": [o.error for o in outcomes],
+            "nexts": [o.next_attempt_at for o in outcomes],
+        },
+    )
     done = sorted({o.message_id for o in outcomes if o.status.final})
     if done:
-        await conn.execute(_COMPLETE_SINGLES,
-                           {"mids": done, "completed": int(MessageStatus.COMPLETED)})
+        await conn.execute(
+            _COMPLETE_SINGLES, {"mids": done, "completed": int(MessageStatus.COMPLETED)}
+        )
 
 
 def cancel(conn: Connection, message_id: int) -> bool:
@@ -224,11 +267,18 @@ def cancel(conn: Connection, message_id: int) -> bool:
     they fall due. Returns False when it had already completed or been cancelled."""
     result = conn.execute(
         update(messages)
-        .where(messages.c.id == message_id,
-               messages.c.status.in_([int(MessageStatus.NOT_STARTED),
-                                      int(MessageStatus.SENDING),
-                                      int(MessageStatus.PAUSED)]))
-        .values(status=int(MessageStatus.CANCELLED)))
+        .where(
+            messages.c.id == message_id,
+            messages.c.status.in_(
+                [
+                    int(MessageStatus.NOT_STARTED),
+                    int(MessageStatus.SENDING),
+                    int(MessageStatus.PAUSED),
+                ]
+            ),
+        )
+        .values(status=int(MessageStatus.CANCELLED))
+    )
     return result.rowcount == 1
 
 
@@ -238,9 +288,15 @@ def find(conn: Connection, ref: str) -> dict[str, Any] | None:
     row = conn.execute(select(messages).where(cond)).mappings().first()
     if row is None:
         return None
-    items = conn.execute(
-        select(message_items, contacts.c.external_id)
-        .join(contacts, contacts.c.id == message_items.c.contact_id)
-        .where(message_items.c.message_id == bindparam("mid"))
-        .order_by(message_items.c.contact_id), {"mid": row["id"]}).mappings().all()
+    items = (
+        conn.execute(
+            select(message_items, contacts.c.external_id)
+            .join(contacts, contacts.c.id == message_items.c.contact_id)
+            .where(message_items.c.message_id == bindparam("mid"))
+            .order_by(message_items.c.contact_id),
+            {"mid": row["id"]},
+        )
+        .mappings()
+        .all()
+    )
     return {**dict(row), "items": [dict(i) for i in items]}

@@ -29,13 +29,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-metadata = MetaData(naming_convention={
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-})
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
 
 
 class MessageStatus(enum.IntEnum):
@@ -67,12 +69,12 @@ class ItemStatus(enum.StrEnum):
 
 
 def _now() -> Column[object]:
-    return Column("created_at", DateTime(timezone=True), nullable=False,
-                  server_default=func.now())
+    return Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now())
 
 
 contacts = Table(
-    "contacts", metadata,
+    "contacts",
+    metadata,
     Column("id", BigInteger, Identity(always=False), primary_key=True),
     Column("external_id", Text, nullable=False, unique=True),
     Column("email", Text),
@@ -85,10 +87,10 @@ contacts = Table(
 )
 
 contact_events = Table(
-    "contact_events", metadata,
+    "contact_events",
+    metadata,
     Column("id", BigInteger, Identity(always=False), primary_key=True),
-    Column("contact_id", BigInteger, ForeignKey("contacts.id", ondelete="CASCADE"),
-           nullable=False),
+    Column("contact_id", BigInteger, ForeignKey("contacts.id", ondelete="CASCADE"), nullable=False),
     Column("name", Text, nullable=False),
     Column("occurred_at", DateTime(timezone=True), nullable=False),
     Column("event_id", Text, nullable=False, unique=True),
@@ -99,7 +101,8 @@ contact_events = Table(
 )
 
 messages = Table(
-    "messages", metadata,
+    "messages",
+    metadata,
     Column("id", BigInteger, Identity(always=False), primary_key=True),
     Column("kind", Text, nullable=False),
     Column("idempotency_key", Text, nullable=False, unique=True),
@@ -117,19 +120,17 @@ messages = Table(
     Column("planned", Integer, nullable=False, server_default=text("0")),
     _now(),
     CheckConstraint("kind IN ('single', 'campaign', 'rule')", name="kind"),
-    CheckConstraint("priority IN ('transactional', 'automation', 'campaign')",
-                    name="priority"),
+    CheckConstraint("priority IN ('transactional', 'automation', 'campaign')", name="priority"),
     CheckConstraint("status BETWEEN 0 AND 4", name="status"),
 )
 
 _item_statuses = ", ".join(f"'{s.value}'" for s in ItemStatus)
 
 message_items = Table(
-    "message_items", metadata,
-    Column("message_id", BigInteger, ForeignKey("messages.id", ondelete="CASCADE"),
-           nullable=False),
-    Column("contact_id", BigInteger, ForeignKey("contacts.id", ondelete="CASCADE"),
-           nullable=False),
+    "message_items",
+    metadata,
+    Column("message_id", BigInteger, ForeignKey("messages.id", ondelete="CASCADE"), nullable=False),
+    Column("contact_id", BigInteger, ForeignKey("contacts.id", ondelete="CASCADE"), nullable=False),
     Column("status", Text, nullable=False),
     Column("reason", Text),
     Column("attempts", Integer, nullable=False, server_default=text("0")),

@@ -13,8 +13,12 @@ assert url, "sqlalchemy.url is set by workers.store.db.alembic_config"
 
 engine = create_engine(url, poolclass=pool.NullPool)
 with engine.connect() as connection:
-    context.configure(connection=connection, target_metadata=metadata,
-                      compare_type=True, compare_server_default=True)
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        compare_type=True,
+        compare_server_default=True,
+    )
     with context.begin_transaction():
         # One migrator at a time, even when several pods start together.
         connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7342001)")

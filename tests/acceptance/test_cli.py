@@ -1,0 +1,120 @@
+"""The demo's scenario, through the real CLI in subprocesses, as an operator would run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from shared.config import Settings
+from tests.support import settings_env, wait_for
+from workers.sink import Sink
+
+pytestmark = pytest.mark.acceptance
+
+
+def nudge(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers", *args],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_an_operator_schedules_runs_a_burst_worker_and_reads_the_outcomes(
+    settings: Settings, sink: Sink
+) -> None:
+    assert nudge(settings, "db", "upgrade").returncode == 0
+    applied = nudge(settings, "topology", "apply")
+    assert applied.returncode == 0, applied.stderr
+    assert "backend=tiers" in applied.stdout
+    for i, delay in enumerate(("500ms", "1.5s", "3s")):
+        done = nudge(
+            settings,
+            "message",
+            "schedule",
+            f"user-{i}",
+            "trial_end",
+            "webhook",
+            "--delay",
+            delay,
+            "--key",
+            f"cli-{i}",
+            "--data",
+            '{"plan": "pro"}',
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"scheduled cli-{i}"
+    cancelled = nudge(
+        settings,
+        "message",
+        "schedule",
+        "user-x",
+        "trial_end",
+        "webhook",
+        "--delay",
+        "6s",
+        "--key",
+        "cli-x",
+    )
+    assert cancelled.returncode == 0
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "workers", "worker", "scheduler", "dispatch", "--burst"],
+        env=settings_env(settings),
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(
+        lambda: nudge(settings, "message", "show", "cli-x").returncode == 0,
+        timeout=30,
+        message="cli-x stored",
+    )
+    out = nudge(settings, "message", "cancel", "cli-x")
+    assert out.returncode == 0
+    assert "cancelled" in out.stdout
+    assert worker.wait(timeout=60) == 0, "a burst worker exits 0 once everything is done"
+
+    shown = json.loads(nudge(settings, "message", "show", "cli-1", "--json").stdout)
+    assert [i["status"] for i in shown["items"]] == ["sent"]
+    assert shown["items"][0]["external_id"] == "user-1"
+    text = nudge(settings, "message", "show", "cli-x").stdout
+    assert "user-x: cancelled (cancelled: message cancelled)" in text
+    assert sorted(r.body["contact"]["id"] for r in sink.accepted()) == [
+        "user-0",
+        "user-1",
+        "user-2",
+    ]
+
+
+def test_cli_errors_name_the_problem_and_exit_with_documented_codes(settings: Settings) -> None:
+    missing = nudge(settings, "message", "show", "no-such-key")
+    assert missing.returncode == 4
+    assert "no message 'no-such-key'" in missing.stderr
+    bad = nudge(settings, "message", "schedule", "42", "trial_end", "sms")
+    assert bad.returncode == 2
+    assert "channel: Input should be 'webhook', 'log' or 'email'" in bad.stderr
+    bad_delay = nudge(settings, "message", "schedule", "42", "t", "log", "--delay", "soon")
+    assert bad_delay.returncode == 2
+    assert "'soon' is not a duration" in bad_delay.stderr
+    env_bad = settings.model_copy(update={"delay_backend": "auto"})
+    result = subprocess.run(
+        [sys.executable, "-m", "workers", "topology", "apply"],
+        env={**settings_env(env_bad), "NUDGE_DELAY_BACKEND": "sometimes"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "NUDGE_DELAY_BACKEND" in result.stderr
+
+
+def test_nudge_demo_runs_the_main_job_end_to_end(settings: Settings) -> None:
+    env_settings = settings.model_copy(update={"webhook_url": None})
+    done = nudge(env_settings, "demo", "--count", "6", timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "demo OK" in done.stdout
+    assert "6 accepted, 0 duplicates, 0 bad signatures" in done.stdout
+    assert "worker stopped on SIGTERM with exit code 0" in done.stdout

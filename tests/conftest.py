@@ -1,0 +1,154 @@
+"""Fixtures: real RabbitMQ and Postgres (started by ``infra/local/servers.sh up`` if they are
+not running), a fresh vhost and a database cloned from a migrated template for every test."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import Engine, create_engine
+
+from shared import amqp, topology
+from shared.config import Settings
+from tests.support import Management, Worker
+from workers.sink import Sink
+from workers.store.db import upgrade
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = Settings.load()
+SECRET = "test-secret-0123456789"
+TEMPLATE_DB = "nudge_test_template"
+
+
+def _admin_dsn(database: str = "postgres") -> str:
+    parts = urllib.parse.urlsplit(BASE.database_url.replace("postgresql+psycopg", "postgresql"))
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def _db_url(database: str) -> str:
+    parts = urllib.parse.urlsplit(BASE.database_url)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@pytest.fixture(scope="session")
+def servers() -> None:
+    """The local servers; ``up`` is idempotent and fast when they already run."""
+    subprocess.run(
+        ["bash", str(ROOT / "infra/local/servers.sh"), "up"], check=True, stdout=subprocess.DEVNULL
+    )
+
+
+@pytest.fixture(scope="session")
+def template_db(servers: None) -> str:
+    """A database migrated to head, cloned for each test (much faster than migrating)."""
+    with psycopg.connect(_admin_dsn(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+    upgrade(_db_url(TEMPLATE_DB))
+    return TEMPLATE_DB
+
+
+@pytest.fixture
+def database_url(template_db: str) -> Iterator[str]:
+    name = f"nudge_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(_admin_dsn(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    yield _db_url(name)
+    with psycopg.connect(_admin_dsn(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def management(servers: None) -> Iterator[Management]:
+    m = Management(BASE.rabbitmq_mgmt_url)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def vhost(management: Management) -> Iterator[str]:
+    """A fresh, empty RabbitMQ vhost: queues of other tests are invisible here."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    management.create_vhost(name)
+    yield name
+    management.delete_vhost(name)
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    s = Sink(SECRET).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def settings(vhost: str, database_url: str, sink: Sink) -> Settings:
+    """Settings pointing at this test's vhost and database, with the topology declared."""
+    parts = urllib.parse.urlsplit(BASE.amqp_url)
+    amqp_url = urllib.parse.urlunsplit(
+        parts._replace(path="/" + urllib.parse.quote(vhost, safe=""))
+    )
+    s = BASE.model_copy(
+        update={
+            "amqp_url": amqp_url,
+            "database_url": database_url,
+            "delay_backend": "tiers",
+            "webhook_url": sink.url,
+            "webhook_secret": SECRET,
+            "claim_lease_seconds": 3.0,
+            "retry_base_seconds": 0.5,
+            "log_level": "info",
+        }
+    )
+
+    async def declare() -> None:
+        connection = await amqp.connect(amqp_url)
+        try:
+            await amqp.declare(connection, topology.build("tiers"))
+        finally:
+            await connection.close()
+
+    asyncio.run(declare())
+    return s
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[Engine]:
+    e = create_engine(settings.database_url)
+    yield e
+    e.dispose()
+
+
+@pytest.fixture
+def start_worker(settings: Settings) -> Iterator[Callable[..., Worker]]:
+    """Start ``nudge worker`` processes; each must exit 0 on SIGTERM at teardown."""
+    started: list[Worker] = []
+
+    def start(
+        *roles: str,
+        concurrency: int = 2,
+        wait: bool = True,
+        extra: tuple[str, ...] = (),
+        **overrides: object,
+    ) -> Worker:
+        w = Worker(
+            settings.model_copy(update=overrides),
+            roles or ("scheduler", "dispatch"),
+            concurrency,
+            extra,
+        ).start(wait=wait)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        assert w.process is not None
+        if w.process.returncode is None:
+            code = w.stop()
+            assert code == 0, f"worker exited {code} on SIGTERM:\n{w.log()}"

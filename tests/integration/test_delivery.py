@@ -1,0 +1,168 @@
+"""A delayed message travels from a service through RabbitMQ and Postgres to a webhook, on
+time, once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from producer import Producer, scheduled
+from shared import contract, delay
+from shared.config import Settings
+from shared.contract import DueMessage
+from tests.support import Management, Worker, wait_for
+from workers.sink import Sink
+from workers.store.schema import message_items, messages
+
+pytestmark = pytest.mark.integration
+
+
+def _items(engine: Engine) -> list[tuple[str, str, int]]:
+    with engine.connect() as conn:
+        return [
+            (r.idempotency_key, r.status, r.attempts)
+            for r in conn.execute(
+                select(
+                    messages.c.idempotency_key, message_items.c.status, message_items.c.attempts
+                ).join(message_items, message_items.c.message_id == messages.c.id)
+            )
+        ]
+
+
+def test_delays_arrive_in_order_and_less_than_a_second_late(
+    settings: Settings, sink: Sink, start_worker: Callable[..., Worker]
+) -> None:
+    start_worker()
+    t0 = datetime.now(UTC) + timedelta(seconds=0.3)
+    delays = {"d-9s": 9.0, "d-3s": 3.0, "d-0.5s": 0.5, "d-1.5s": 1.5}
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule_many(
+            scheduled(
+                "c-1",
+                "reminder",
+                "webhook",
+                idempotency_key=key,
+                deliver_at=t0 + timedelta(seconds=d),
+                data={"delay": d},
+            )
+            for key, d in delays.items()
+        )
+    wait_for(lambda: len(sink.accepted()) == 4, timeout=20, message="4 webhook calls")
+    arrived = sink.accepted()
+    assert [r.body["data"]["delay"] for r in arrived] == [0.5, 1.5, 3.0, 9.0]
+    for r in arrived:
+        lateness = r.at - (t0.timestamp() + r.body["data"]["delay"])
+        assert 0 <= lateness < 1.0, f"{r.body['data']['delay']} s delay was {lateness:.3f} s late"
+    assert all(r.signature_ok for r in sink.requests)
+
+
+def test_a_forty_day_delay_is_parked_in_the_tier_queues_of_its_bits(
+    settings: Settings,
+    vhost: str,
+    management: Management,
+    engine: Engine,
+    start_worker: Callable[..., Worker],
+) -> None:
+    start_worker("scheduler")
+    forty_days = timedelta(days=40)
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule("c-1", "renewal", "webhook", delay=forty_days, idempotency_key="k40")
+    first = delay.level_name(
+        delay.levels_visited(delay.ladder_units(int(forty_days.total_seconds() * 1000)))[0]
+    )
+    assert first == "nudge.delay.L21"
+    wait_for(
+        lambda: management.queue(vhost, first).get("messages") == 1,
+        timeout=15,
+        message=f"the message parked in {first}",
+    )
+    others = {
+        name: q.get("messages", 0)
+        for name, q in management.queues(vhost).items()
+        if name.startswith("nudge.delay.") and name != first
+    }
+    assert not any(others.values()), others
+    parked = management.get_messages(vhost, first)[0]
+    assert "expiration" not in parked["properties"], "no per-message TTL inside the ladder"
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(messages)) == 1
+
+
+def test_the_same_request_published_twice_is_stored_and_sent_once(
+    settings: Settings, sink: Sink, engine: Engine, start_worker: Callable[..., Worker]
+) -> None:
+    start_worker()
+    with Producer(settings.amqp_url) as producer:
+        for _ in range(3):
+            producer.schedule("c-1", "welcome", "webhook", idempotency_key="same-key")
+    wait_for(
+        lambda: _items(engine) == [("same-key", "sent", 1)], timeout=15, message="one sent row"
+    )
+    # give any stray duplicate the time to arrive: the due queue must drain first
+    wait_for(
+        lambda: sink.requests and time.time() - sink.requests[-1].at > 1.0,
+        timeout=10,
+        message="the sink to go quiet",
+    )
+    assert len(sink.requests) == 1
+
+
+def test_the_same_due_message_delivered_twice_calls_the_webhook_once(
+    settings: Settings, sink: Sink, engine: Engine, start_worker: Callable[..., Worker]
+) -> None:
+    # Store a message (scheduler only), then hand its due message to dispatch twice, as a
+    # redelivery after a lost ack would.
+    scheduler = start_worker("scheduler")
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule("c-1", "welcome", "webhook", delay=3600, idempotency_key="dup")
+    with engine.connect() as conn:
+        row = wait_for(
+            lambda: conn.execute(select(messages)).first(), timeout=10, message="the stored message"
+        )
+    scheduler.stop()
+    assert row is not None
+    due = DueMessage(message_id=row.id, contact_id=row.contact_id, deliver_at=datetime.now(UTC))
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    channel = connection.channel()
+    channel.confirm_delivery()
+    for _ in range(2):
+        channel.basic_publish(
+            "nudge.delay.out",
+            "0." * delay.LEVELS + "due",
+            contract.encode(due),
+            pika.BasicProperties(content_type="application/json", delivery_mode=2),
+            mandatory=True,
+        )
+    connection.close()
+    start_worker("dispatch")
+    wait_for(lambda: _items(engine) == [("dup", "sent", 1)], timeout=15, message="sent once")
+    wait_for(
+        lambda: time.time() - sink.requests[-1].at > 1.0, timeout=10, message="the sink to go quiet"
+    )
+    assert len(sink.requests) == 1
+
+
+def test_an_expired_message_is_recorded_expired_and_never_sent(
+    settings: Settings, sink: Sink, engine: Engine, start_worker: Callable[..., Worker]
+) -> None:
+    now = datetime.now(UTC)
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule(
+            "c-1",
+            "flash_sale",
+            "webhook",
+            deliver_at=now + timedelta(seconds=1),
+            expires_at=now + timedelta(seconds=2),
+            idempotency_key="late",
+        )
+    # no worker runs until after it expired
+    wait_for(lambda: datetime.now(UTC) > now + timedelta(seconds=2.2), timeout=5, message="expiry")
+    start_worker()
+    wait_for(lambda: _items(engine) == [("late", "expired", 1)], timeout=15, message="expired row")
+    assert sink.requests == []

@@ -1,0 +1,214 @@
+"""Test support: waiting on conditions, per-test RabbitMQ vhosts and Postgres databases, and
+worker processes. Everything here talks to the real servers started by ``make up``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+import pika
+
+from shared.config import Settings
+from shared.topology import DUE_QUEUE, INTAKE_QUEUE
+
+T = TypeVar("T")
+
+
+def wait_for(
+    predicate: Callable[[], T],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Management:
+    """The RabbitMQ management HTTP API."""
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self._client = httpx.Client(
+            base_url=f"{parts.scheme}://{parts.hostname}:{parts.port}/api",
+            auth=(parts.username or "guest", parts.password or "guest"),
+            timeout=10,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def create_vhost(self, vhost: str) -> None:
+        q = urllib.parse.quote(vhost, safe="")
+        self._client.put(f"/vhosts/{q}").raise_for_status()
+        self._client.put(
+            f"/permissions/{q}/guest", json={"configure": ".*", "write": ".*", "read": ".*"}
+        ).raise_for_status()
+
+    def delete_vhost(self, vhost: str) -> None:
+        self._client.delete(f"/vhosts/{urllib.parse.quote(vhost, safe='')}")
+
+    def queue(self, vhost: str, name: str) -> dict[str, Any]:
+        r = self._client.get(
+            f"/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(name, safe='')}"
+        )
+        r.raise_for_status()
+        doc: dict[str, Any] = r.json()
+        return doc
+
+    def queues(self, vhost: str) -> dict[str, dict[str, Any]]:
+        r = self._client.get(f"/queues/{urllib.parse.quote(vhost, safe='')}")
+        r.raise_for_status()
+        return {q["name"]: q for q in r.json()}
+
+    def get_messages(self, vhost: str, queue: str, count: int = 100) -> list[dict[str, Any]]:
+        """Fetch (and requeue) up to ``count`` messages of ``queue``."""
+        r = self._client.post(
+            f"/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(queue)}/get",
+            json={"count": count, "ackmode": "ack_requeue_true", "encoding": "auto"},
+        )
+        r.raise_for_status()
+        msgs: list[dict[str, Any]] = r.json()
+        return msgs
+
+
+def ready_count(amqp_url: str, queue: str) -> int:
+    """Messages ready in ``queue`` (passive declare)."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        count: int = connection.channel().queue_declare(queue, passive=True).method.message_count
+        return count
+    finally:
+        connection.close()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The NUDGE_* environment that makes a subprocess use ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUDGE_")}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"NUDGE_{name.upper()}"] = str(value)
+    return env
+
+
+@dataclass
+class Worker:
+    """A ``nudge worker`` subprocess."""
+
+    settings: Settings
+    roles: tuple[str, ...]
+    concurrency: int = 2
+    extra: tuple[str, ...] = ()
+    process: subprocess.Popen[bytes] | None = None
+    log_path: str = ""
+    metrics_port: int = field(default_factory=free_port)
+
+    def start(self, *, wait: bool = True) -> Worker:
+        env = settings_env(self.settings)
+        env["NUDGE_METRICS_PORT"] = str(self.metrics_port)
+        self.log_path = (
+            f"{os.environ.get('TMPDIR', '/tmp')}/nudge-worker-{os.getpid()}-{self.metrics_port}.log"
+        )
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "workers",
+                    "worker",
+                    *self.roles,
+                    "--concurrency",
+                    str(self.concurrency),
+                    *self.extra,
+                ],
+                env=env,
+                stderr=log,
+            )
+        if wait:
+            queues = [
+                q
+                for role, q in (("scheduler", INTAKE_QUEUE), ("dispatch", DUE_QUEUE))
+                if role in self.roles
+            ]
+            wait_for(
+                lambda: self._consuming(queues),
+                timeout=30,
+                message=f"worker {self.roles} to consume",
+            )
+        return self
+
+    def _consuming(self, queues: list[str]) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()}")
+        connection = pika.BlockingConnection(pika.URLParameters(self.settings.amqp_url))
+        try:
+            channel = connection.channel()
+            return all(channel.queue_declare(q, passive=True).method.consumer_count for q in queues)
+        finally:
+            connection.close()
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path) as f:
+                return f.read()[-5000:]
+        except OSError:
+            return ""
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one Prometheus sample of this worker (0 if absent)."""
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and (
+                not want or all(f'{k}="{v}"' in line for k, v in labels.items())
+            ):
+                head, _, value = line.rpartition(" ")
+                if head.split("{")[0] == name:
+                    total += float(value)
+        return total
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout=timeout)
