@@ -21,9 +21,10 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
 import click
+import psutil  # type: ignore[import-untyped]  # no stubs in the lock file
 
 from bench import report, store
-from bench.fleet import Fleet
+from bench.fleet import Fleet, cpu_busy
 from producer import AsyncProducer, Producer, Scheduled, scheduled
 from shared.config import Settings
 from workers.runner import resolve_backend
@@ -104,11 +105,13 @@ def run(settings: Settings, params: Params) -> bool:
             publish_async(settings.amqp_url, warmup, params.async_n, params.lead)
         )
         store.wait_final(engine, warmup, params.async_n, time.monotonic() + 120)
+        since = psutil.cpu_times()
         publish_seconds, validating = publish_sync(settings.amqp_url, prefix, params)
         click.echo(f"published in {publish_seconds:.2f} s; waiting for deliveries")
         final = store.wait_final(
             engine, prefix, params.n, time.monotonic() + params.lead + params.spread + 120
         )
+        busy = cpu_busy(since)
         result = store.outcomes(engine, prefix)
         host = report.machine(settings.rabbitmq_mgmt_url, store.server_version(engine))
     finally:
@@ -144,6 +147,14 @@ def run(settings: Settings, params: Params) -> bool:
     figures += [
         report.Figure(f"peak RSS, worker {i + 1}", w.peak_rss / 2**20, "MB")
         for i, w in enumerate(fleet.workers)
+    ]
+    figures += [
+        report.Figure(
+            "worker CPU per message, all roles",
+            sum(w.cpu_seconds for w in fleet.workers) * 1000 / (n + params.async_n),
+            "ms",
+        ),
+        report.Figure("machine CPU busy, publish to final", busy * 100, "%"),
     ]
     worker_settings = {
         "prefetch": settings.prefetch,

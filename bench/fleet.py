@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pika
 import psutil  # type: ignore[import-untyped]  # no stubs in the lock file
@@ -36,6 +36,7 @@ class Worker:
     log_path: Path
     log_file: IO[bytes]
     peak_rss: int = 0
+    cpu_seconds: float = 0.0
     exit_code: int | None = None
 
 
@@ -106,6 +107,7 @@ class Fleet:
             for worker, handle in zip(self.workers, handles, strict=True):
                 with contextlib.suppress(psutil.Error):  # it exited
                     worker.peak_rss = max(worker.peak_rss, handle.memory_info().rss)
+                    worker.cpu_seconds = sum(handle.cpu_times()[:2])
 
     def stop(self, timeout: float = 60.0) -> list[int]:
         """SIGTERM every worker, wait, and return their exit codes (SIGKILL after
@@ -125,3 +127,12 @@ class Fleet:
         if self._sampler is not None:
             self._sampler.join()
         return [w.exit_code for w in self.workers if w.exit_code is not None]
+
+
+def cpu_busy(since: Any) -> float:
+    """Share of the machine's CPU time (all cores) spent busy since ``since``, a
+    :func:`psutil.cpu_times` snapshot."""
+    now = psutil.cpu_times()
+    idle = (now.idle + now.iowait) - (since.idle + since.iowait)
+    total = sum(now) - sum(since)
+    return 1.0 - idle / total if total > 0 else 0.0

@@ -48,6 +48,7 @@ class Producer:
         self._pending: dict[int, str] = {}  # delivery tag -> idempotency key
         self._failed: dict[str, str] = {}  # idempotency key -> why
         self._returned: set[str] = set()
+        self._closed: str | None = None  # why the broker closed our channel
 
     def __enter__(self) -> Producer:
         return self
@@ -135,6 +136,8 @@ class Producer:
             while not ready:
                 self._connection.process_data_events(time_limit=0.1)
             impl.add_on_return_callback(self._on_return)
+            impl.add_on_close_callback(self._on_close)
+            self._closed = None
             self._channel = channel
             self._next_tag = 1
             self._pending.clear()
@@ -152,7 +155,9 @@ class Producer:
             delivery_mode=pika.DeliveryMode.Persistent,
             message_id=request.idempotency_key,
         )
-        channel.basic_publish(
+        # The underlying channel only buffers the frames; they go out, and confirms come in,
+        # while _wait_confirms pumps the connection.
+        channel._impl.basic_publish(
             request.exchange,
             request.routing_key,
             request.body,
@@ -165,9 +170,11 @@ class Producer:
     def _wait_confirms(self) -> None:
         deadline = time.monotonic() + self._confirm_timeout
         while self._pending:
-            if time.monotonic() > deadline:
+            expired = time.monotonic() > deadline
+            if expired or self._closed is not None:
+                why = self._closed or f"no confirm within {self._confirm_timeout} s"
                 for key in self._pending.values():
-                    self._failed[key] = f"no confirm within {self._confirm_timeout} s"
+                    self._failed[key] = why
                 self._reset()
                 return
             assert self._connection is not None
@@ -190,6 +197,10 @@ class Producer:
             elif key in self._returned:
                 self._returned.discard(key)
                 self._failed[key] = "unroutable: run `nudge topology apply`"
+
+    def _on_close(self, _channel: Any, reason: Exception) -> None:
+        # e.g. 404 NOT_FOUND when the exchange does not exist: nothing pending will be confirmed
+        self._closed = f"channel closed by the broker: {reason}"
 
     def _on_return(
         self, _channel: Any, _method: Any, properties: pika.BasicProperties, _body: bytes

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=500, ge=1, le=5000)
     batch_wait_seconds: float = Field(default=0.01, ge=0)
     metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("amqp_url")

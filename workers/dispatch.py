@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from shared import contract
 from shared.config import Settings
 from shared.contract import DueMessage
+from shared.errors import StoreUnavailable
 from shared.topology import DUE_DESTINATION, DUE_QUEUE
 from workers import metrics
 from workers.channels import Channel, Delivery, SendResult, Verdict
@@ -102,27 +103,39 @@ class DispatchHandler:
             else:
                 sends.append((c, decided))
         sent = await asyncio.gather(*(self._send(c, ch) for c, ch in sends))
-        for (c, _), (send_result, started) in zip(sends, sent, strict=True):
-            record, retry = self._after_send(c, send_result, started)
+        for (c, channel), send_result in zip(sends, sent, strict=True):
+            record, retry = self._after_send(c, send_result)
             records.append(record)
             if retry is not None:
                 result[first[(c.message_id, c.contact_id)]] = retry
-        async with transaction(self._engine) as conn:
-            await messages.finalise(conn, records)
-        for record, (c, ch) in zip(records[len(records) - len(sends) :], sends, strict=True):
             if record.status is ItemStatus.SENT:
-                metrics.lateness.labels(ch.name).observe(
-                    max(0.0, (now - c.deliver_at).total_seconds())
+                metrics.lateness.labels(channel.name).observe(
+                    max(0.0, (datetime.now(UTC) - c.deliver_at).total_seconds())
                 )
+        await self._finalise(records)
+        channel_of = {(c.message_id, c.contact_id): c.channel for c in claimed}
         for r in records:
             metrics.outcomes.labels(
-                self._channel_of(r, claimed), r.status.value, (r.reason or "").split(":", 1)[0]
+                channel_of[(r.message_id, r.contact_id)],
+                r.status.value,
+                (r.reason or "").split(":", 1)[0],
             ).inc()
         return result
 
-    @staticmethod
-    def _channel_of(record: messages.Outcome, claimed: Sequence[Claimed]) -> str:
-        return next((c.channel for c in claimed if c.message_id == record.message_id), "")
+    async def _finalise(self, records: Sequence[messages.Outcome]) -> None:
+        """Record outcomes, retrying while Postgres is unavailable: the sends happened, and
+        handling the batch again would only wait out the lease and send them twice."""
+        pause = 0.5
+        while True:
+            try:
+                async with transaction(self._engine) as conn:
+                    await messages.finalise(conn, records)
+                return
+            except StoreUnavailable as exc:
+                metrics.store_unavailable.labels(self.queue).inc()
+                log.warning("finalise failed, retrying", error=str(exc), retry_in=pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 10.0)
 
     def _not_claimed(self, due: DueMessage, state: ItemState | None, now: datetime) -> Outcome:
         if state is None:
@@ -151,35 +164,46 @@ class DispatchHandler:
             )
         return DONE  # a stale copy of an older attempt
 
+    @staticmethod
+    def _record(
+        c: Claimed,
+        status: ItemStatus,
+        reason: str | None = None,
+        error: str | None = None,
+        next_at: datetime | None = None,
+    ) -> messages.Outcome:
+        return messages.Outcome(
+            c.message_id, c.contact_id, c.attempts, status, reason, error, next_at
+        )
+
     def _decide(self, c: Claimed, now: datetime) -> messages.Outcome | Channel:
-        key = (c.message_id, c.contact_id)
         if c.message_status == MessageStatus.CANCELLED:
-            return messages.Outcome(*key, ItemStatus.CANCELLED, "cancelled: message cancelled")
+            return self._record(c, ItemStatus.CANCELLED, "cancelled: message cancelled")
         if c.expires_at is not None and c.expires_at <= now:
-            return messages.Outcome(
-                *key, ItemStatus.EXPIRED, f"expired: at {c.expires_at.isoformat()}"
-            )
+            return self._record(c, ItemStatus.EXPIRED, f"expired: at {c.expires_at.isoformat()}")
         channel = self._channels.get(c.channel)
         if channel is None:
-            return messages.Outcome(
-                *key,
+            return self._record(
+                c,
                 ItemStatus.FAILED,
                 f"channel: {c.channel!r} is not configured on this worker "
                 f"(configured: {', '.join(sorted(self._channels))})",
             )
         return channel
 
-    async def _send(self, c: Claimed, channel: Channel) -> tuple[SendResult, float]:
+    async def _send(self, c: Claimed, channel: Channel) -> SendResult:
         started = time.monotonic()
         delivery = Delivery(
             message_id=c.message_id,
             contact_id=c.contact_id,
+            key=c.idempotency_key,
             external_id=c.external_id,
             template=c.template,
             channel=c.channel,
             category=c.category,
             priority=c.priority,
             data=c.data,
+            deliver_at=c.deliver_at,
             attempt=c.attempts,
             email=c.email,
             phone=c.phone,
@@ -191,21 +215,18 @@ class DispatchHandler:
             log.exception("channel crashed", channel=channel.name, message_id=c.message_id)
             result = SendResult(Verdict.TRANSIENT, f"channel crashed: {exc!r}")
         metrics.send_latency.labels(channel.name).observe(time.monotonic() - started)
-        return result, started
+        return result
 
-    def _after_send(
-        self, c: Claimed, result: SendResult, started: float
-    ) -> tuple[messages.Outcome, Retry | None]:
-        key = (c.message_id, c.contact_id)
+    def _after_send(self, c: Claimed, result: SendResult) -> tuple[messages.Outcome, Retry | None]:
         if result.verdict is Verdict.SENT:
-            return messages.Outcome(*key, ItemStatus.SENT), None
+            return self._record(c, ItemStatus.SENT), None
         if result.verdict is Verdict.PERMANENT:
-            return messages.Outcome(
-                *key, ItemStatus.FAILED, "permanent: receiver refused", result.error
+            return self._record(
+                c, ItemStatus.FAILED, "permanent: receiver refused", result.error
             ), None
         if c.attempts >= self._settings.max_attempts:
-            return messages.Outcome(
-                *key, ItemStatus.FAILED, f"attempts: gave up after {c.attempts}", result.error
+            return self._record(
+                c, ItemStatus.FAILED, f"attempts: gave up after {c.attempts}", result.error
             ), None
         wait = backoff(
             c.attempts,
@@ -218,8 +239,8 @@ class DispatchHandler:
             message_id=c.message_id, contact_id=c.contact_id, deliver_at=at, attempt=c.attempts + 1
         )
         return (
-            messages.Outcome(
-                *key, ItemStatus.DEFERRED, f"retry: attempt {c.attempts + 1}", result.error, at
+            self._record(
+                c, ItemStatus.DEFERRED, f"retry: attempt {c.attempts + 1}", result.error, at
             ),
             Retry(
                 _ms(wait),

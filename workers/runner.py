@@ -22,7 +22,7 @@ from workers.channels.webhook import WebhookChannel
 from workers.consumer import Consumer
 from workers.dispatch import DispatchHandler
 from workers.scheduler import SchedulerHandler
-from workers.store.db import async_engine
+from workers.store.db import async_engine, check_schema
 
 log = structlog.get_logger("nudge.worker")
 
@@ -56,8 +56,9 @@ async def run(
     burst_idle: float = 2.0,
 ) -> None:
     """Run ``roles`` until SIGTERM/SIGINT, or, with ``burst``, until there is no work left."""
+    check_schema(settings.database_url)
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="127.0.0.1")
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
     connection = await amqp.connect(settings.amqp_url, name=f"nudge-{'+'.join(roles)}")
     backend = await resolve_backend(settings)
     topo = topology.build(backend)
@@ -139,7 +140,9 @@ async def _until_drained(
     """Return once every consumer is idle, nothing waits in our queues or the delay ladder,
     and that has held for ``idle`` seconds."""
     watched = [c.handler.queue for c in consumers]
-    watched += [q.name for q in topo.queues if q.name.startswith("nudge.delay.")]
+    if any(c.handler.queue == topology.DUE_QUEUE for c in consumers):
+        # what waits in the delay will come to the due queue
+        watched += [q.name for q in topo.queues if q.name.startswith("nudge.delay.")]
     quiet_since: float | None = None
     while True:
         await asyncio.sleep(0.25)

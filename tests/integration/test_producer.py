@@ -68,7 +68,10 @@ def test_a_missing_exchange_raises(settings: Settings) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     connection.channel().exchange_delete("nudge.intake")
     connection.close()
-    with Producer(settings.amqp_url) as producer, pytest.raises(PublishNotConfirmed):
+    with (
+        Producer(settings.amqp_url) as producer,
+        pytest.raises(PublishNotConfirmed, match="NOT_FOUND"),
+    ):
         producer.schedule("c-1", "welcome", "log")
 
 

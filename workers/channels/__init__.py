@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 
@@ -18,12 +19,15 @@ class Delivery:
 
     message_id: int
     contact_id: int
+    #: The idempotency key the service published the message with.
+    key: str
     external_id: str
     template: str
     channel: str
     category: str | None
     priority: str
     data: dict[str, Any]
+    deliver_at: datetime
     attempt: int
     email: str | None = None
     phone: str | None = None

@@ -48,6 +48,8 @@ def payload(delivery: Delivery) -> dict[str, Any]:
         "v": 1,
         "idempotency_key": delivery.idempotency_key,
         "message_id": delivery.message_id,
+        "message_key": delivery.key,
+        "deliver_at": delivery.deliver_at.isoformat(),
         "contact": {"id": delivery.external_id, "email": delivery.email, "phone": delivery.phone},
         "template": delivery.template,
         "category": delivery.category,

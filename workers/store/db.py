@@ -10,6 +10,8 @@ import psycopg
 import sqlalchemy.exc
 from alembic import command
 from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -78,6 +80,23 @@ def alembic_config(url: str) -> Config:
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
+
+
+def check_schema(url: str) -> None:
+    """Refuse to work on a database the migrations have not brought to this code's head:
+    a missing table would otherwise fail every delivery until RabbitMQ parks them all."""
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    engine = sync_engine(url)
+    try:
+        with sync_errors(), engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+    if current != head:
+        raise StoreError(
+            f"database schema is at {current or 'nothing'}, this code needs {head}: "
+            "run `nudge db upgrade`"
+        )
 
 
 def upgrade(url: str, revision: str = "head") -> None:

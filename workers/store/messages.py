@@ -39,6 +39,7 @@ class Claimed:
     contact_id: int
     attempts: int
     message_status: int
+    idempotency_key: str
     template: str
     channel: str
     category: str | None
@@ -70,6 +71,9 @@ class Outcome:
 
     message_id: int
     contact_id: int
+    #: The claim this outcome finalises (``attempts`` when claimed): a worker whose lease ran
+    #: out cannot overwrite the outcome of the worker that took over.
+    attempts: int
     status: ItemStatus
     reason: str | None = None
     error: str | None = None
@@ -165,7 +169,8 @@ WITH wanted AS (
         OR (mi.status = 'sending' AND mi.claimed_at < now() - make_interval(secs => :lease))
     RETURNING mi.message_id, mi.contact_id, mi.attempts
 )
-SELECT c.message_id, c.contact_id, c.attempts, m.status AS message_status, m.template,
+SELECT c.message_id, c.contact_id, c.attempts, m.status AS message_status,
+       m.idempotency_key, m.template,
        m.channel, m.category, m.priority, m.data, m.deliver_at, m.expires_at,
        k.external_id, k.email, k.phone, k.timezone, k.attributes, k.subscribed
   FROM claimed c
@@ -225,17 +230,17 @@ UPDATE message_items AS mi
        next_attempt_at = v.next_attempt_at,
        sent_at = CASE WHEN v.status = 'sent' THEN now() ELSE mi.sent_at END,
        updated_at = now()
-  FROM unnest(CAST(:mids AS bigint[]), CAST(:cids AS bigint[]), CAST(:statuses AS text[]),
-              CAST(:reasons AS text[]), CAST(:errors AS text[]),
+  FROM unnest(CAST(:mids AS bigint[]), CAST(:cids AS bigint[]), CAST(:attempts AS int[]),
+              CAST(:statuses AS text[]), CAST(:reasons AS text[]), CAST(:errors AS text[]),
               CAST(:nexts AS timestamptz[]))
-       AS v(message_id, contact_id, status, reason, error, next_attempt_at)
+       AS v(message_id, contact_id, attempts, status, reason, error, next_attempt_at)
  WHERE mi.message_id = v.message_id AND mi.contact_id = v.contact_id
-   AND mi.status = 'sending'
+   AND mi.status = 'sending' AND mi.attempts = v.attempts
 """)
 
 _COMPLETE_SINGLES = text("""
 UPDATE messages SET status = :completed
- WHERE id = ANY(CAST(:mids AS bigint[])) AND kind = 'single' AND status <> :completed
+ WHERE id = ANY(CAST(:mids AS bigint[])) AND kind = 'single' AND status IN (0, 1)
 """)
 
 
@@ -249,6 +254,7 @@ async def finalise(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> None:
         {
             "mids": [o.message_id for o in outcomes],
             "cids": [o.contact_id for o in outcomes],
+            "attempts": [o.attempts for o in outcomes],
             "statuses": [o.status.value for o in outcomes],
             "reasons": [o.reason for o in outcomes],
             "errors": [o.error for o in outcomes],
