@@ -3,7 +3,7 @@
 
 UV_VERSION := 0.13.8
 PYTHON ?= python3
-UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+UV := $(PYTHON) -m uv
 VENV := .venv
 NUDGE := $(VENV)/bin/nudge
 SERVERS := bash infra/local/servers.sh
@@ -16,10 +16,8 @@ help:
 	@echo "make bench  set everything up and run the benchmarks"
 	@echo "make up / make down   start / stop the local RabbitMQ and PostgreSQL"
 
-$(UV):
-	$(PYTHON) -m pip install --quiet --user "uv==$(UV_VERSION)" || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
-
-$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+$(VENV)/.synced: pyproject.toml uv.lock
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
 	$(UV) sync --frozen --quiet
 	@touch $@
 

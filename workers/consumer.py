@@ -185,6 +185,9 @@ class Consumer(Generic[T]):
                 # Postgres or RabbitMQ is restarting or unreachable: keep the messages
                 # (unacked) and try again, rather than burning their delivery count.
                 metrics.store_unavailable.labels(self.handler.queue).inc()
+                if self._stopping:  # give the messages back; another worker will take them
+                    await asyncio.gather(*(self._nack(b.message) for b in batch))
+                    return
                 log.warning(
                     "infrastructure unavailable, retrying batch",
                     error=str(exc),

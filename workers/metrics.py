@@ -27,5 +27,7 @@ lateness = Histogram(
 send_latency = Histogram("nudge_send_latency_seconds", "Time a channel took to send", ["channel"])
 held = Gauge("nudge_held_messages", "Messages held in memory until they fall due", ["queue"])
 store_unavailable = Counter(
-    "nudge_store_unavailable_total", "Batches retried because Postgres was unavailable", ["queue"]
+    "nudge_store_unavailable_total",
+    "Batches retried because Postgres or RabbitMQ was unavailable",
+    ["queue"],
 )
