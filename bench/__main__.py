@@ -1,5 +1,6 @@
-"""``python -m bench [SCENARIO] [OPTIONS]``: one subcommand per scenario, ``delays`` when none
-is named (so ``python -m bench --n 2000`` works). ``make bench`` runs it after ``make setup``."""
+"""``python -m bench [SCENARIO] [OPTIONS]``: one subcommand per scenario, each in its own module;
+``delays`` runs when none is named, so ``python -m bench --n 2000`` works. ``make bench`` runs
+it after ``make setup``. Exit code 1 when a run failed (not when a target was missed)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import click
 
 from bench import delays
 from shared.config import Settings
+from shared.errors import NudgeError
 
 DEFAULT_SCENARIO = "delays"
 
@@ -22,56 +24,34 @@ class _Scenarios(click.Group):
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=_Scenarios)
+@click.group(cls=_Scenarios, context_settings={"show_default": True})
 def main() -> None:
-    """Nudge benchmarks, against the local servers (see docs/benchmarks.md)."""
+    """Nudge benchmarks against the local servers (see docs/benchmarks.md)."""
 
 
 @main.command("delays")
+@click.option("--n", default=20_000, type=click.IntRange(1), help="Messages to schedule.")
 @click.option(
-    "--n", default=20_000, show_default=True, type=click.IntRange(1), help="Messages to schedule."
+    "--spread", default=10.0, type=click.FloatRange(0.1), help="Seconds they fall due over."
 )
 @click.option(
-    "--spread",
-    default=10.0,
-    show_default=True,
-    type=click.FloatRange(min=0.1),
-    help="Seconds over which they fall due, evenly.",
+    "--lead", default=2.0, type=click.FloatRange(0), help="Publish start to first due, s."
 )
-@click.option(
-    "--lead",
-    default=2.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Seconds from the start of the publish to the first due time.",
-)
-@click.option(
-    "--workers",
-    default=1,
-    show_default=True,
-    type=click.IntRange(1, 8),
-    help="Worker processes (scheduler + dispatch each).",
-)
-@click.option(
-    "--concurrency",
-    default=2,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="Batches in flight per role and process.",
-)
-@click.option(
-    "--async-n",
-    default=5_000,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Messages for the AsyncProducer phase (also the warm-up).",
-)
+@click.option("--workers", default=1, type=click.IntRange(1, 8), help="Worker processes.")
+@click.option("--concurrency", default=2, type=click.IntRange(1, 64), help="Batches per role.")
+@click.option("--async-n", default=5_000, type=click.IntRange(1), help="AsyncProducer messages.")
+@click.option("--split", is_flag=True, help="Scheduler and dispatch in separate processes.")
 def delays_command(
-    n: int, spread: float, lead: float, workers: int, concurrency: int, async_n: int
+    n: int, spread: float, lead: float, workers: int, concurrency: int, async_n: int, split: bool
 ) -> None:
-    """Publish N delayed messages, deliver them when due; rates, lateness, RSS."""
-    params = delays.Params(n, spread, lead, workers, concurrency, async_n)
-    sys.exit(0 if delays.run(Settings.load(), params) else 1)
+    """N messages due evenly over SPREAD seconds: publish and delivered rates, lateness, RSS."""
+    try:
+        ok = delays.run(
+            Settings.load(), delays.Params(n, spread, lead, workers, concurrency, async_n, split)
+        )
+    except (NudgeError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -88,8 +88,19 @@ def write(
         "params": params,
         "worker_settings": env,
         "machine": host,
-        "figures": [{**asdict(f), "ratio": f.ratio, "met": f.met} for f in figures],
+        "figures": [_as_json(f) for f in figures],
         **extra,
     }
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def _as_json(f: Figure) -> dict[str, Any]:
+    ratio = round(f.ratio, 3) if f.ratio is not None else None
+    return {
+        **asdict(f),
+        "name": f.name.strip(),
+        "value": round(f.value, 1),
+        "ratio": ratio,
+        "met": f.met,
+    }

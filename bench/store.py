@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, Float, cast, func, select
 from sqlalchemy.sql.elements import ColumnElement
 
+from workers.store.db import sync_errors
 from workers.store.schema import ItemStatus, message_items, messages
 
 _PENDING = [ItemStatus.SENDING.value, ItemStatus.DEFERRED.value]
@@ -36,7 +37,7 @@ def _of_run(prefix: str) -> ColumnElement[bool]:
 
 
 def wait_final(engine: Engine, prefix: str, count: int, deadline: float) -> int:
-    """Poll until ``count`` recipients of the run have a final status or ``deadline``
+    """Poll every second until ``count`` recipients of the run have a final status or ``deadline``
     (monotonic) passes; returns how many are final."""
     query = (
         select(func.count())
@@ -44,11 +45,11 @@ def wait_final(engine: Engine, prefix: str, count: int, deadline: float) -> int:
         .where(_of_run(prefix), message_items.c.status.not_in(_PENDING))
     )
     while True:
-        with engine.connect() as conn:
+        with sync_errors(), engine.connect() as conn:
             final = conn.execute(query).scalar_one()
         if final >= count or time.monotonic() > deadline:
             return final
-        time.sleep(0.5)
+        time.sleep(1.0)  # each poll costs Postgres ~40 ms at N = 20,000
 
 
 def outcomes(engine: Engine, prefix: str) -> Outcomes:
@@ -62,7 +63,7 @@ def outcomes(engine: Engine, prefix: str) -> Outcomes:
         return cast(func.extract("epoch", column), Float)
 
     joined = message_items.join(messages)
-    with engine.connect() as conn:
+    with sync_errors(), engine.connect() as conn:
         row = conn.execute(
             select(
                 func.count().filter(sent),
@@ -94,5 +95,5 @@ def outcomes(engine: Engine, prefix: str) -> Outcomes:
 
 def server_version(engine: Engine) -> str:
     """Postgres' ``server_version``."""
-    with engine.connect() as conn:
+    with sync_errors(), engine.connect() as conn:
         return str(conn.exec_driver_sql("SHOW server_version").scalar_one())

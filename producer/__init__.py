@@ -7,7 +7,7 @@
 """
 
 from producer.async_producer import AsyncProducer
-from producer.requests import Scheduled, scheduled
+from producer.requests import Request, Scheduled, Tracked, scheduled, tracked
 from producer.sync_producer import Producer
 from shared.errors import BrokerUnavailable, InvalidMessage, NudgeError, PublishNotConfirmed
 
@@ -18,6 +18,9 @@ __all__ = [
     "NudgeError",
     "Producer",
     "PublishNotConfirmed",
+    "Request",
     "Scheduled",
+    "Tracked",
     "scheduled",
+    "tracked",
 ]

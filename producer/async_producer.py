@@ -9,14 +9,14 @@ from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
 
-from producer.requests import Scheduled, scheduled
+from producer.requests import Contact, Request, Scheduled, scheduled, tracked
 from shared import amqp
-from shared.contract import ContactRef, Priority
+from shared.contract import Priority
 
 
 class AsyncProducer:
     """The asyncio twin of :class:`producer.Producer`: confirms and ``mandatory`` on every
-    publish, pipelined confirms in :meth:`schedule_many`, reconnects by itself."""
+    publish, confirms awaited together in :meth:`publish`, reconnects by itself."""
 
     def __init__(
         self, url: str = "amqp://guest:guest@127.0.0.1:35672/", *, name: str = "nudge-producer"
@@ -51,38 +51,7 @@ class AsyncProducer:
             await self._connection.close()
         self._publisher = self._connection = None
 
-    async def schedule(
-        self,
-        contact: str | Mapping[str, Any] | ContactRef,
-        template: str,
-        channel: str,
-        *,
-        delay: timedelta | float | None = None,
-        deliver_at: datetime | None = None,
-        exclude_events: Sequence[str] = (),
-        expires_at: datetime | None = None,
-        idempotency_key: str | None = None,
-        data: Mapping[str, Any] | None = None,
-        category: str | None = None,
-        priority: str = Priority.AUTOMATION,
-    ) -> str:
-        """Schedule one message; returns its idempotency key once confirmed."""
-        request = scheduled(
-            contact,
-            template,
-            channel,
-            delay=delay,
-            deliver_at=deliver_at,
-            exclude_events=exclude_events,
-            expires_at=expires_at,
-            idempotency_key=idempotency_key,
-            data=data,
-            category=category,
-            priority=priority,
-        )
-        return (await self.schedule_many([request]))[0]
-
-    async def schedule_many(self, requests: Iterable[Scheduled]) -> list[str]:
+    async def publish(self, requests: Iterable[Request]) -> list[str]:
         """Publish all with confirms awaited together; raises
         :class:`~shared.errors.PublishNotConfirmed` if any was not confirmed."""
         publisher = await self._open()
@@ -91,3 +60,47 @@ class AsyncProducer:
             amqp.Outgoing(r.exchange, r.routing_key, r.body, r.idempotency_key) for r in batch
         )
         return [r.idempotency_key for r in batch]
+
+    async def schedule(
+        self,
+        contact: Contact,
+        template: str,
+        channel: str,
+        *,
+        delay: timedelta | float | None = None,
+        deliver_at: datetime | None = None,
+        exclude_events: Sequence[str] = (),
+        exclude_scope: str = "since_scheduled",
+        exclude_within: timedelta | None = None,
+        expires_at: datetime | None = None,
+        idempotency_key: str | None = None,
+        data: Mapping[str, Any] | None = None,
+        category: str | None = None,
+        priority: str = Priority.AUTOMATION,
+    ) -> str:
+        """Schedule one message (arguments as :func:`producer.scheduled`); returns its
+        idempotency key once confirmed."""
+        request = scheduled(
+            contact, template, channel, delay=delay, deliver_at=deliver_at,
+            exclude_events=exclude_events, exclude_scope=exclude_scope,
+            exclude_within=exclude_within, expires_at=expires_at,
+            idempotency_key=idempotency_key, data=data, category=category,
+            priority=priority)  # fmt: skip
+        return (await self.publish([request]))[0]
+
+    async def schedule_many(self, requests: Iterable[Scheduled]) -> list[str]:
+        """Publish many :func:`producer.scheduled` requests, confirms awaited together."""
+        return await self.publish(requests)
+
+    async def track(
+        self,
+        contact: Contact,
+        event: str,
+        *,
+        data: Mapping[str, Any] | None = None,
+        occurred_at: datetime | None = None,
+        event_id: str | None = None,
+    ) -> str:
+        """Record that ``contact`` did ``event``; returns the event id once confirmed."""
+        request = tracked(contact, event, data=data, occurred_at=occurred_at, event_id=event_id)
+        return (await self.publish([request]))[0]

@@ -4,14 +4,32 @@ a bad argument fails in the service, before anything is published, naming the fi
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from shared import contract
-from shared.contract import ContactRef, Priority, ScheduleMessage
-from shared.topology import INTAKE_EXCHANGE, SCHEDULE_KEY
+from shared.contract import ContactRef, Priority, ScheduleMessage, TrackEvent
+from shared.topology import EVENT_KEY, EVENTS_EXCHANGE, INTAKE_EXCHANGE, SCHEDULE_KEY
+
+Contact = str | Mapping[str, Any] | ContactRef
+
+
+class Request(Protocol):
+    """Something a producer publishes: where, what, and under which idempotency key."""
+
+    @property
+    def exchange(self) -> str: ...
+
+    @property
+    def routing_key(self) -> str: ...
+
+    @property
+    def idempotency_key(self) -> str: ...
+
+    @property
+    def body(self) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -20,23 +38,42 @@ class Scheduled:
 
     message: ScheduleMessage
     idempotency_key: str
-
-    exchange = INTAKE_EXCHANGE
-    routing_key = SCHEDULE_KEY
+    exchange: str = INTAKE_EXCHANGE
+    routing_key: str = SCHEDULE_KEY
 
     @property
     def body(self) -> bytes:
         return contract.encode(self.message)
 
 
+@dataclass(frozen=True)
+class Tracked:
+    """A validated event and its event id (the idempotency key)."""
+
+    message: TrackEvent
+    idempotency_key: str
+    exchange: str = EVENTS_EXCHANGE
+    routing_key: str = EVENT_KEY
+
+    @property
+    def body(self) -> bytes:
+        return contract.encode(self.message)
+
+
+def _key(given: str | None) -> str:
+    return contract.idempotency_key(given if given is not None else str(uuid.uuid4()))
+
+
 def scheduled(
-    contact: str | Mapping[str, Any] | ContactRef,
+    contact: Contact,
     template: str,
     channel: str,
     *,
     delay: timedelta | float | None = None,
     deliver_at: datetime | None = None,
     exclude_events: Sequence[str] = (),
+    exclude_scope: str = "since_scheduled",
+    exclude_within: timedelta | None = None,
     expires_at: datetime | None = None,
     idempotency_key: str | None = None,
     data: Mapping[str, Any] | None = None,
@@ -44,22 +81,81 @@ def scheduled(
     priority: str = Priority.AUTOMATION,
 ) -> Scheduled:
     """Validate a scheduled message. ``contact`` is the service's user id, or a mapping with
-    ``id`` and optional ``email``, ``phone``, ``timezone``, ``attributes``. Give ``delay``
-    (seconds or a timedelta) or ``deliver_at`` (timezone-aware), or neither for now. Without
-    ``idempotency_key`` a random one is made: pass your own to make retries safe."""
+    ``id`` and optional ``email``, ``phone``, ``timezone``, ``attributes``, ``subscribed``.
+    Give ``delay`` (seconds or a timedelta) or ``deliver_at`` (timezone-aware), or neither for
+    now. ``exclude_events`` cancel the send if the contact does one of them first (see
+    ``exclude_scope``). Without ``idempotency_key`` a random one is made: pass your own to make
+    retries safe."""
     message = contract.schedule_request(
-        contact,
-        template,
-        channel,
-        delay=delay,
-        deliver_at=deliver_at,
-        exclude_events=exclude_events,
-        expires_at=expires_at,
-        category=category,
-        priority=priority,
-        data=data,
-    )
-    key = contract.idempotency_key(
-        idempotency_key if idempotency_key is not None else str(uuid.uuid4())
-    )
-    return Scheduled(message, key)
+        contact, template, channel, delay=delay, deliver_at=deliver_at,
+        exclude_events=exclude_events, exclude_scope=exclude_scope,
+        exclude_within=exclude_within, expires_at=expires_at, category=category,
+        priority=priority, data=data)  # fmt: skip
+    return Scheduled(message, _key(idempotency_key))
+
+
+def tracked(
+    contact: Contact,
+    event: str,
+    *,
+    data: Mapping[str, Any] | None = None,
+    occurred_at: datetime | None = None,
+    event_id: str | None = None,
+) -> Tracked:
+    """Validate an event: ``contact`` did ``event`` (at ``occurred_at``, default now). Pass
+    your own ``event_id`` so that a retried publish records it once."""
+    message = contract.track_request(contact, event, data=data, occurred_at=occurred_at)
+    return Tracked(message, _key(event_id))
+
+
+class SyncApi:
+    """``schedule`` and ``track`` for producers whose :meth:`publish` is synchronous."""
+
+    def publish(self, requests: Iterable[Request]) -> list[str]:
+        """Publish requests; returns their idempotency keys once all were confirmed."""
+        raise NotImplementedError
+
+    def schedule(
+        self,
+        contact: Contact,
+        template: str,
+        channel: str,
+        *,
+        delay: timedelta | float | None = None,
+        deliver_at: datetime | None = None,
+        exclude_events: Sequence[str] = (),
+        exclude_scope: str = "since_scheduled",
+        exclude_within: timedelta | None = None,
+        expires_at: datetime | None = None,
+        idempotency_key: str | None = None,
+        data: Mapping[str, Any] | None = None,
+        category: str | None = None,
+        priority: str = Priority.AUTOMATION,
+    ) -> str:
+        """Schedule one message (arguments as :func:`scheduled`); returns its idempotency key
+        once the broker confirmed it."""
+        request = scheduled(
+            contact, template, channel, delay=delay, deliver_at=deliver_at,
+            exclude_events=exclude_events, exclude_scope=exclude_scope,
+            exclude_within=exclude_within, expires_at=expires_at,
+            idempotency_key=idempotency_key, data=data, category=category,
+            priority=priority)  # fmt: skip
+        return self.publish([request])[0]
+
+    def schedule_many(self, requests: Iterable[Scheduled]) -> list[str]:
+        """Publish many :func:`scheduled` requests, confirms pipelined."""
+        return self.publish(requests)
+
+    def track(
+        self,
+        contact: Contact,
+        event: str,
+        *,
+        data: Mapping[str, Any] | None = None,
+        occurred_at: datetime | None = None,
+        event_id: str | None = None,
+    ) -> str:
+        """Record that ``contact`` did ``event`` (arguments as :func:`tracked`); returns the
+        event id once confirmed."""
+        request = tracked(contact, event, data=data, occurred_at=occurred_at, event_id=event_id)
+        return self.publish([request])[0]

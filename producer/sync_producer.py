@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
@@ -14,15 +13,15 @@ import pika.exceptions
 import pika.frame
 import pika.spec
 
-from producer.requests import Scheduled, scheduled
-from shared.contract import CONTENT_TYPE, ContactRef, Priority
+from producer.requests import Request, SyncApi
+from shared.contract import CONTENT_TYPE
 from shared.errors import BrokerUnavailable, PublishNotConfirmed
 
 #: Publishes in flight before we wait for confirms: bounds memory, keeps the pipe full.
 WINDOW = 1000
 
 
-class Producer:
+class Producer(SyncApi):
     """Publishes to Nudge with publisher confirms and ``mandatory`` on every message.
 
     ``schedule`` returns once the broker confirmed the message into a durable quorum queue;
@@ -67,41 +66,9 @@ class Producer:
                 self._connection.close()
         self._connection = None
 
-    def schedule(
-        self,
-        contact: str | Mapping[str, Any] | ContactRef,
-        template: str,
-        channel: str,
-        *,
-        delay: timedelta | float | None = None,
-        deliver_at: datetime | None = None,
-        exclude_events: Sequence[str] = (),
-        expires_at: datetime | None = None,
-        idempotency_key: str | None = None,
-        data: Mapping[str, Any] | None = None,
-        category: str | None = None,
-        priority: str = Priority.AUTOMATION,
-    ) -> str:
-        """Schedule one message (see :func:`producer.scheduled` for the arguments); returns
-        its idempotency key once the broker confirmed it."""
-        request = scheduled(
-            contact,
-            template,
-            channel,
-            delay=delay,
-            deliver_at=deliver_at,
-            exclude_events=exclude_events,
-            expires_at=expires_at,
-            idempotency_key=idempotency_key,
-            data=data,
-            category=category,
-            priority=priority,
-        )
-        return self.schedule_many([request])[0]
-
-    def schedule_many(self, requests: Iterable[Scheduled]) -> list[str]:
-        """Publish many scheduled messages with pipelined confirms; returns their keys once
-        all were confirmed, or raises :class:`PublishNotConfirmed` naming those that were not."""
+    def publish(self, requests: Iterable[Request]) -> list[str]:
+        """Publish with pipelined confirms; returns the keys once all were confirmed, or
+        raises :class:`PublishNotConfirmed` naming those that were not."""
         keys: list[str] = []
         try:
             for request in requests:
@@ -148,7 +115,7 @@ class Producer:
         self._pending.clear()
         self.close()
 
-    def _publish(self, request: Scheduled) -> None:
+    def _publish(self, request: Request) -> None:
         channel = self._open()
         properties = pika.BasicProperties(
             content_type=CONTENT_TYPE,

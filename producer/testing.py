@@ -3,51 +3,19 @@ records what would have been published."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
-from typing import Any
+from collections.abc import Iterable
 
-from producer.requests import Scheduled, scheduled
-from shared.contract import ContactRef, Priority
+from producer.requests import Request, SyncApi
 
 
-class InMemoryProducer:
-    """Drop-in for :class:`producer.Producer` in tests; ``published`` holds the requests."""
+class InMemoryProducer(SyncApi):
+    """Drop-in for :class:`producer.Producer` in tests; ``published`` holds the requests
+    (:class:`~producer.Scheduled` and :class:`~producer.Tracked`) in order."""
 
     def __init__(self) -> None:
-        self.published: list[Scheduled] = []
+        self.published: list[Request] = []
 
-    def schedule(
-        self,
-        contact: str | Mapping[str, Any] | ContactRef,
-        template: str,
-        channel: str,
-        *,
-        delay: timedelta | float | None = None,
-        deliver_at: datetime | None = None,
-        exclude_events: Sequence[str] = (),
-        expires_at: datetime | None = None,
-        idempotency_key: str | None = None,
-        data: Mapping[str, Any] | None = None,
-        category: str | None = None,
-        priority: str = Priority.AUTOMATION,
-    ) -> str:
-        request = scheduled(
-            contact,
-            template,
-            channel,
-            delay=delay,
-            deliver_at=deliver_at,
-            exclude_events=exclude_events,
-            expires_at=expires_at,
-            idempotency_key=idempotency_key,
-            data=data,
-            category=category,
-            priority=priority,
-        )
-        return self.schedule_many([request])[0]
-
-    def schedule_many(self, requests: Iterable[Scheduled]) -> list[str]:
+    def publish(self, requests: Iterable[Request]) -> list[str]:
         batch = list(requests)
         self.published.extend(batch)
         return [r.idempotency_key for r in batch]

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
 
     claim_lease_seconds: float = Field(default=300.0, gt=0)
+    #: Events up to this long before a message was scheduled still exclude it (clock skew
+    #: between services, an event published just before the message).
+    exclusion_buffer_seconds: float = Field(default=5.0, ge=0)
     max_attempts: int = Field(default=5, ge=1, le=100)
     retry_base_seconds: float = Field(default=2.0, gt=0)
     retry_max_seconds: float = Field(default=3600.0, gt=0)

@@ -41,6 +41,7 @@ Name = Annotated[
 ]
 ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 IdempotencyKey = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+ExcludeScope = Literal["since_scheduled", "ever", "within"]
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
@@ -73,6 +74,8 @@ class ContactRef(_Model):
     phone: str | None = Field(default=None, max_length=40)
     timezone: str | None = Field(default=None, max_length=64)
     attributes: dict[str, JsonValue] = Field(default_factory=dict)
+    #: Whether the contact accepts non-transactional messages; None leaves it as stored.
+    subscribed: bool | None = None
 
     @field_validator("email")
     @classmethod
@@ -104,6 +107,11 @@ class ScheduleMessage(_Model):
     deliver_at: AwareDatetime
     expires_at: AwareDatetime | None = None
     exclude_events: tuple[Name, ...] = Field(default=(), max_length=50)
+    #: Which past events exclude: those since the message was scheduled (less the workers'
+    #: configured buffer), any ever (Plunk's semantics), or those within the last
+    #: ``exclude_within_seconds`` before delivery.
+    exclude_scope: ExcludeScope = "since_scheduled"
+    exclude_within_seconds: float | None = Field(default=None, gt=0, le=MAX_DELAY.total_seconds())
     category: Name | None = None
     priority: Priority = Priority.AUTOMATION
     data: dict[str, JsonValue] = Field(default_factory=dict)
@@ -115,11 +123,34 @@ class ScheduleMessage(_Model):
 
     @model_validator(mode="after")
     def _times(self) -> ScheduleMessage:
+        if (self.exclude_scope == "within") != (self.exclude_within_seconds is not None):
+            raise ValueError(
+                "exclude_within_seconds: required with exclude_scope 'within', and only then"
+            )
         if self.expires_at is not None and self.expires_at <= self.deliver_at:
             raise ValueError("expires_at: must be later than deliver_at")
         if self.deliver_at - datetime.now(UTC) > MAX_DELAY:
             raise ValueError(f"deliver_at: must be at most {MAX_DELAY.days} days from now")
         return self
+
+
+class TrackEvent(_Model):
+    """``nudge.events``, routing key ``event``: ``contact`` did ``name`` at ``occurred_at``.
+    The AMQP ``message_id`` is the event id: an event recorded twice counts once."""
+
+    v: Literal[1] = 1
+    contact: ContactRef
+    name: Name
+    occurred_at: AwareDatetime
+    data: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        value = value.astimezone(UTC)
+        if value - datetime.now(UTC) > timedelta(minutes=5):
+            raise ValueError("must not be in the future (more than 5 minutes of clock skew)")
+        return value
 
 
 class DueMessage(_Model):
@@ -214,6 +245,8 @@ def schedule_request(
     delay: timedelta | float | None = None,
     deliver_at: datetime | None = None,
     exclude_events: Sequence[str] = (),
+    exclude_scope: str = "since_scheduled",
+    exclude_within: timedelta | None = None,
     expires_at: datetime | None = None,
     category: str | None = None,
     priority: str = Priority.AUTOMATION,
@@ -250,7 +283,28 @@ def schedule_request(
         deliver_at=deliver_at or now,
         expires_at=expires_at,
         exclude_events=tuple(exclude_events),
+        exclude_scope=exclude_scope,
+        exclude_within_seconds=exclude_within.total_seconds() if exclude_within else None,
         category=category,
         priority=priority,
+        data=dict(data or {}),
+    )
+
+
+def track_request(
+    contact: str | Mapping[str, Any] | ContactRef,
+    event: str,
+    *,
+    data: Mapping[str, Any] | None = None,
+    occurred_at: datetime | None = None,
+) -> TrackEvent:
+    """Build a validated :class:`TrackEvent`; ``occurred_at`` defaults to now."""
+    if occurred_at is not None and occurred_at.tzinfo is None:
+        raise InvalidMessage("occurred_at: must be timezone-aware (UTC)")
+    return build(
+        TrackEvent,
+        contact=contact_ref(contact),
+        name=event,
+        occurred_at=occurred_at or datetime.now(UTC),
         data=dict(data or {}),
     )

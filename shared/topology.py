@@ -21,6 +21,9 @@ DELIVERY_LIMIT = 10
 INTAKE_EXCHANGE = "nudge.intake"
 INTAKE_QUEUE = "nudge.intake"
 SCHEDULE_KEY = "schedule"
+EVENTS_EXCHANGE = "nudge.events"
+EVENTS_QUEUE = "nudge.events"
+EVENT_KEY = "event"
 DUE_QUEUE = "nudge.due"
 DUE_DESTINATION = "due"
 DEAD_EXCHANGE = "nudge.dead"
@@ -120,16 +123,19 @@ def build(backend: delay.BackendName) -> Topology:
     """The whole topology for a delay backend."""
     exchanges = [
         Exchange(INTAKE_EXCHANGE, "direct"),
+        Exchange(EVENTS_EXCHANGE, "direct"),
         Exchange(DEAD_EXCHANGE, "fanout"),
         Exchange(CONTROL_EXCHANGE, "fanout"),
     ]
     queues = [
         work_queue(INTAKE_QUEUE),
+        work_queue(EVENTS_QUEUE),
         work_queue(DUE_QUEUE),
         Queue(DEAD_QUEUE, _quorum()),
     ]
     bindings = [
         Binding(INTAKE_EXCHANGE, INTAKE_QUEUE, SCHEDULE_KEY),
+        Binding(EVENTS_EXCHANGE, EVENTS_QUEUE, EVENT_KEY),
         Binding(DEAD_EXCHANGE, DEAD_QUEUE, ""),
     ]
     if backend == "plugin":

@@ -18,7 +18,7 @@ import httpx
 import pika
 
 from shared.config import Settings
-from shared.topology import DUE_QUEUE, INTAKE_QUEUE
+from shared.topology import DUE_QUEUE, EVENTS_QUEUE, INTAKE_QUEUE
 
 T = TypeVar("T")
 
@@ -151,7 +151,11 @@ class Worker:
         if wait:
             queues = [
                 q
-                for role, q in (("scheduler", INTAKE_QUEUE), ("dispatch", DUE_QUEUE))
+                for role, q in (
+                    ("scheduler", INTAKE_QUEUE),
+                    ("dispatch", DUE_QUEUE),
+                    ("events", EVENTS_QUEUE),
+                )
                 if role in self.roles
             ]
             wait_for(

@@ -176,7 +176,9 @@ def topology_export(backend: str) -> None:
 
 
 @main.command()
-@click.argument("roles", nargs=-1, required=True, type=click.Choice(["scheduler", "dispatch"]))
+@click.argument(
+    "roles", nargs=-1, required=True, type=click.Choice(["scheduler", "dispatch", "events"])
+)
 @click.option(
     "--concurrency",
     "-c",

@@ -17,21 +17,25 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared import contract
 from shared.config import Settings
 from shared.contract import DueMessage
 from shared.errors import StoreUnavailable
 from shared.topology import DUE_DESTINATION, DUE_QUEUE
-from workers import metrics
+from workers import checks, metrics
 from workers.channels import Channel, Delivery, SendResult, Verdict
+from workers.checks import Decision, Defer, Record, Send
 from workers.outcomes import DONE, Outcome, Reject, Retry
 from workers.scheduler import due_message_id
+from workers.store import checks as checks_repo
 from workers.store import messages
+from workers.store import policies as policies_repo
+from workers.store.checks import Sent
 from workers.store.db import transaction
 from workers.store.messages import Claimed, ItemState, Key
-from workers.store.schema import ItemStatus, MessageStatus
+from workers.store.schema import ItemStatus
 
 log = structlog.get_logger("nudge.dispatch")
 
@@ -77,31 +81,43 @@ class DispatchHandler:
         first: dict[Key, int] = {}
         for i, due in enumerate(batch):
             first.setdefault((due.message_id, due.contact_id), i)
-        async with transaction(self._engine) as conn:
-            claimed, states = await messages.claim(
-                conn,
-                [
-                    (batch[i].message_id, batch[i].contact_id, batch[i].attempt)
-                    for i in first.values()
-                ],
-                self._settings.claim_lease_seconds,
-            )
-        now = datetime.now(UTC)
+        wanted = [(batch[i].message_id, batch[i].contact_id, batch[i].attempt)
+                  for i in first.values()]  # fmt: skip
         # A second copy in the same batch is dropped: the first copy carries the work.
         result: list[Outcome] = [DONE] * len(batch)
-        claimed_keys = {(c.message_id, c.contact_id) for c in claimed}
-        for key, i in first.items():
-            if key not in claimed_keys:
-                result[i] = self._not_claimed(batch[i], states.get(key), now)
-
         records: list[messages.Outcome] = []
         sends: list[tuple[Claimed, Channel]] = []
-        for c in claimed:
-            decided = self._decide(c, now)
-            if isinstance(decided, messages.Outcome):
-                records.append(decided)
-            else:
-                sends.append((c, decided))
+        async with transaction(self._engine) as conn:
+            # Checks and claims of one contact are serialised across all workers, so caps
+            # hold under concurrency.
+            await checks_repo.lock_contacts(conn, [w[1] for w in wanted])
+            claimed, states = await messages.claim(conn, wanted, self._settings.claim_lease_seconds)
+            now = datetime.now(UTC)
+            claimed_keys = {(c.message_id, c.contact_id) for c in claimed}
+            for key, i in first.items():
+                if key not in claimed_keys:
+                    result[i] = self._not_claimed(batch[i], states.get(key), now)
+            for c, decision in await self._check(conn, claimed, now):
+                if isinstance(decision, Send):
+                    channel = self._channels.get(c.channel)
+                    if channel is not None:
+                        sends.append((c, channel))
+                        continue
+                    decision = Record(
+                        ItemStatus.FAILED,
+                        f"channel: {c.channel!r} is not configured on this worker "
+                        f"(configured: {', '.join(sorted(self._channels))})",
+                    )
+                if isinstance(decision, Defer):
+                    records.append(self._record(c, ItemStatus.DEFERRED, decision.reason,
+                                                next_at=decision.until))  # fmt: skip
+                    result[first[(c.message_id, c.contact_id)]] = self._retry_at(
+                        c, decision.until, now
+                    )
+                else:
+                    records.append(self._record(c, decision.status, decision.reason))
+            # Decisions not to send are final (or deferred) at once, with the claims.
+            await messages.finalise(conn, records)
         sent = await asyncio.gather(*(self._send(c, ch) for c, ch in sends))
         for (c, channel), send_result in zip(sends, sent, strict=True):
             record, retry = self._after_send(c, send_result)
@@ -171,25 +187,48 @@ class DispatchHandler:
         reason: str | None = None,
         error: str | None = None,
         next_at: datetime | None = None,
+        *,
+        failed: bool = False,
     ) -> messages.Outcome:
         return messages.Outcome(
-            c.message_id, c.contact_id, c.attempts, status, reason, error, next_at
+            c.message_id, c.contact_id, c.attempts, status, reason, error, next_at, failed
         )
 
-    def _decide(self, c: Claimed, now: datetime) -> messages.Outcome | Channel:
-        if c.message_status == MessageStatus.CANCELLED:
-            return self._record(c, ItemStatus.CANCELLED, "cancelled: message cancelled")
-        if c.expires_at is not None and c.expires_at <= now:
-            return self._record(c, ItemStatus.EXPIRED, f"expired: at {c.expires_at.isoformat()}")
-        channel = self._channels.get(c.channel)
-        if channel is None:
-            return self._record(
-                c,
-                ItemStatus.FAILED,
-                f"channel: {c.channel!r} is not configured on this worker "
-                f"(configured: {', '.join(sorted(self._channels))})",
-            )
-        return channel
+    async def _check(
+        self, conn: AsyncConnection, claimed: Sequence[Claimed], now: datetime
+    ) -> list[tuple[Claimed, Decision]]:
+        """Decide every claimed recipient with the facts of the whole batch, fetched in a
+        constant number of statements."""
+        if not claimed:
+            return []
+        policies = await policies_repo.load_all(conn)
+        keys = [(c.message_id, c.contact_id) for c in claimed]
+        cids = [c.contact_id for c in claimed]
+        used = [policies[c.priority] for c in claimed]
+        excluded = await checks_repo.exclusions(conn, keys, self._settings.exclusion_buffer_seconds)
+        names = sorted({n for p in used for n in p.interaction_events})
+        interactions = await checks_repo.interactions(
+            conn, cids, names, max(p.interaction_window_seconds for p in used)
+        )
+        window = max(max(p.frequency_window_seconds, p.category_window_seconds or 0) for p in used)
+        sent = await checks_repo.history(conn, cids, window, keys)
+        out: list[tuple[Claimed, Decision]] = []
+        for c, policy in zip(claimed, used, strict=True):
+            key = (c.message_id, c.contact_id)
+            d = checks.decide(c, policy, now, excluded_by=excluded.get(key),
+                              interactions=interactions[c.contact_id],
+                              sent=sent[c.contact_id])  # fmt: skip
+            if isinstance(d, Send):  # later recipients in this batch see this send
+                sent[c.contact_id].append(Sent(now, c.channel, c.category))
+            out.append((c, d))
+        return out
+
+    def _retry_at(self, c: Claimed, at: datetime, now: datetime) -> Retry:
+        """Come back at ``at`` as the next attempt of this recipient."""
+        nxt = DueMessage(message_id=c.message_id, contact_id=c.contact_id, deliver_at=at,
+                         attempt=c.attempts + 1)  # fmt: skip
+        return Retry(_ms((at - now).total_seconds()), contract.encode(nxt),
+                     due_message_id(c.message_id, c.contact_id, nxt.attempt))  # fmt: skip
 
     async def _send(self, c: Claimed, channel: Channel) -> SendResult:
         started = time.monotonic()
@@ -222,29 +261,24 @@ class DispatchHandler:
             return self._record(c, ItemStatus.SENT), None
         if result.verdict is Verdict.PERMANENT:
             return self._record(
-                c, ItemStatus.FAILED, "permanent: receiver refused", result.error
+                c, ItemStatus.FAILED, "permanent: receiver refused", result.error, failed=True
             ), None
-        if c.attempts >= self._settings.max_attempts:
+        failures = c.failures + 1
+        if failures >= self._settings.max_attempts:
             return self._record(
-                c, ItemStatus.FAILED, f"attempts: gave up after {c.attempts}", result.error
-            ), None
+                c, ItemStatus.FAILED, f"attempts: gave up after {failures} failed sends",
+                result.error, failed=True,
+            ), None  # fmt: skip
         wait = backoff(
-            c.attempts,
+            failures,
             self._settings.retry_base_seconds,
             self._settings.retry_max_seconds,
             result.retry_after,
         )
-        at = datetime.now(UTC) + timedelta(seconds=wait)
-        nxt = DueMessage(
-            message_id=c.message_id, contact_id=c.contact_id, deliver_at=at, attempt=c.attempts + 1
-        )
+        now = datetime.now(UTC)
+        at = now + timedelta(seconds=wait)
         return (
-            self._record(
-                c, ItemStatus.DEFERRED, f"retry: attempt {c.attempts + 1}", result.error, at
-            ),
-            Retry(
-                _ms(wait),
-                contract.encode(nxt),
-                due_message_id(c.message_id, c.contact_id, nxt.attempt),
-            ),
-        )
+            self._record(c, ItemStatus.DEFERRED, f"retry: after {failures} failed sends",
+                         result.error, at, failed=True),
+            self._retry_at(c, at, now),
+        )  # fmt: skip

@@ -31,3 +31,4 @@ store_unavailable = Counter(
     "Batches retried because Postgres or RabbitMQ was unavailable",
     ["queue"],
 )
+events_recorded = Counter("nudge_events_recorded_total", "Contact events recorded (new ids)")

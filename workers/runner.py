@@ -21,13 +21,14 @@ from workers.channels.log import LogChannel
 from workers.channels.webhook import WebhookChannel
 from workers.consumer import Consumer
 from workers.dispatch import DispatchHandler
+from workers.events import EventsHandler
 from workers.scheduler import SchedulerHandler
 from workers.store.db import async_engine, check_schema
 
 log = structlog.get_logger("nudge.worker")
 
-Role = Literal["scheduler", "dispatch"]
-ROLES: tuple[Role, ...] = ("scheduler", "dispatch")
+Role = Literal["scheduler", "dispatch", "events"]
+ROLES: tuple[Role, ...] = ("scheduler", "dispatch", "events")
 
 
 def build_channels(settings: Settings) -> dict[str, Channel]:
@@ -78,6 +79,8 @@ async def run(
             handler: Any
             if role == "scheduler":
                 handler = SchedulerHandler(engine, publisher, backend)
+            elif role == "events":
+                handler = EventsHandler(engine)
             else:
                 handler = DispatchHandler(settings, engine, channels)
             consumer: Consumer[Any] = Consumer(

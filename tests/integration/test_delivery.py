@@ -42,7 +42,7 @@ def test_delays_arrive_in_order_and_less_than_a_second_late(
     with Producer(settings.amqp_url) as producer:
         producer.schedule_many(
             scheduled(
-                "c-1",
+                f"c-{key}",
                 "reminder",
                 "webhook",
                 idempotency_key=key,

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from producer import InvalidMessage, scheduled
+from producer import InvalidMessage, Scheduled, Tracked, scheduled, tracked
 from producer.testing import InMemoryProducer
 from shared import contract
 from shared.contract import ScheduleMessage
@@ -99,6 +99,28 @@ def test_the_in_memory_producer_validates_like_the_real_one() -> None:
     fake = InMemoryProducer()
     key = fake.schedule("42", "trial_end", "log", delay=5, idempotency_key="k-1")
     assert key == "k-1"
-    assert fake.published[0].message.template == "trial_end"
+    first = fake.published[0]
+    assert isinstance(first, Scheduled)
+    assert first.message.template == "trial_end"
     with pytest.raises(InvalidMessage, match="channel"):
         fake.schedule("42", "trial_end", "pigeon")
+    event_id = fake.track({"id": "42", "subscribed": False}, "upgrade_subscription")
+    tracked = fake.published[1]
+    assert isinstance(tracked, Tracked)
+    assert tracked.idempotency_key == event_id
+    assert tracked.message.contact.subscribed is False
+    with pytest.raises(InvalidMessage, match=r"^name:"):
+        fake.track("42", "has spaces")
+
+
+def test_an_event_from_the_future_is_refused() -> None:
+    with pytest.raises(InvalidMessage, match=r"^occurred_at: must not be in the future"):
+        tracked("42", "login", occurred_at=datetime.now(UTC) + timedelta(hours=1))
+
+
+def test_the_within_scope_needs_its_window_and_only_it_does() -> None:
+    assert _reason(exclude_events=["x"], exclude_scope="within").startswith(
+        "exclude_within_seconds: required"
+    )
+    assert _reason(exclude_within=timedelta(hours=1)).startswith("exclude_within_seconds:")
+    assert _reason(exclude_scope="sometimes").startswith("exclude_scope: Input should be")

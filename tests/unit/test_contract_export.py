@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,16 @@ import pytest
 import yaml
 
 from shared import asyncapi, contract
-from shared.contract import DueMessage, ScheduleMessage
+from shared.contract import DueMessage, ScheduleMessage, TrackEvent
 from shared.errors import InvalidMessage
-from shared.topology import DEAD_QUEUE, INTAKE_EXCHANGE, SCHEDULE_KEY
+from shared.topology import (
+    DEAD_QUEUE,
+    EVENT_KEY,
+    EVENTS_EXCHANGE,
+    EVENTS_QUEUE,
+    INTAKE_EXCHANGE,
+    SCHEDULE_KEY,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -126,22 +134,41 @@ def _keywords(node: Any) -> Iterator[str]:
             yield from _keywords(item)
 
 
-@pytest.fixture(scope="module")
-def published() -> dict[str, Any]:
-    """The committed ScheduleMessage schema, as a service in another language would read it."""
+def _committed_schema(name: str) -> dict[str, Any]:
+    """A committed schema, as a service in another language would read it."""
     loaded: dict[str, Any] = json.loads(
-        (COMMITTED / "schemas" / "ScheduleMessage.json").read_text(encoding="utf-8")
+        (COMMITTED / "schemas" / f"{name}.json").read_text(encoding="utf-8")
     )
     return loaded
 
 
-def test_the_schema_uses_only_keywords_this_validator_checks(published: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def published() -> dict[str, Any]:
+    """The committed ScheduleMessage schema."""
+    return _committed_schema("ScheduleMessage")
+
+
+@pytest.fixture(scope="module")
+def published_event() -> dict[str, Any]:
+    """The committed TrackEvent schema."""
+    return _committed_schema("TrackEvent")
+
+
+@pytest.mark.parametrize("model", asyncapi.PUBLIC_MODELS, ids=lambda m: m.__name__)
+def test_the_schema_uses_only_keywords_this_validator_checks(model: type[Any]) -> None:
     unknown = {
         k
-        for k in _keywords(published)
+        for k in _keywords(_committed_schema(model.__name__))
         if k not in _CHECKED | _ANNOTATIONS and not k.startswith("x-")
     }
     assert unknown == set()
+
+
+def test_every_public_model_has_a_channel_and_rules() -> None:
+    assert tuple(spec.model for spec in asyncapi.PUBLIC) == asyncapi.PUBLIC_MODELS
+    assert TrackEvent in asyncapi.PUBLIC_MODELS
+    for model in asyncapi.PUBLIC_MODELS:
+        assert _committed_schema(model.__name__)["x-nudge-rules"] == list(asyncapi.RULES[model])
 
 
 def test_the_published_schema_accepts_the_example_body(published: dict[str, Any]) -> None:
@@ -179,6 +206,12 @@ def test_the_published_schema_names_the_required_fields(published: dict[str, Any
         ({"v": 2}, "body.v: not 1"),
         ({"exclude_events": ["e"] * 51}, "body.exclude_events: too many items"),
         ({"contact": {"id": ""}}, "body.contact.id: too short"),
+        ({"exclude_scope": "lately"}, "body.exclude_scope: not one of"),
+        (
+            {"exclude_scope": "within", "exclude_within_seconds": 0},
+            "body.exclude_within_seconds: matches no anyOf option",
+        ),
+        ({"contact": {"id": "42", "subscribed": "maybe"}}, "body.contact.subscribed: matches no"),
     ],
 )
 def test_the_published_schema_rejects_what_the_workers_reject(
@@ -189,6 +222,87 @@ def test_the_published_schema_rejects_what_the_workers_reject(
     assert any(e.startswith(error) for e in found), found
     with pytest.raises(InvalidMessage):
         contract.decode(ScheduleMessage, json.dumps(body).encode(), content_type=None)
+
+
+def test_exclude_within_seconds_goes_with_the_within_scope(published: dict[str, Any]) -> None:
+    within = {**asyncapi.EXAMPLE_SCHEDULE, "exclude_scope": "within"}
+    good = {**within, "exclude_within_seconds": 3600}
+    assert _errors(good, published, published) == []
+    decoded = contract.decode(ScheduleMessage, json.dumps(good).encode(), content_type=None)
+    assert (decoded.exclude_scope, decoded.exclude_within_seconds) == ("within", 3600)
+    # JSON Schema cannot say "required iff"; the rule is in x-nudge-rules and the workers check it
+    for body in (within, {**asyncapi.EXAMPLE_SCHEDULE, "exclude_within_seconds": 3600}):
+        assert _errors(body, published, published) == []
+        with pytest.raises(InvalidMessage, match="exclude_within_seconds"):
+            contract.decode(ScheduleMessage, json.dumps(body).encode(), content_type=None)
+    assert any("exclude_within_seconds" in rule for rule in published["x-nudge-rules"])
+
+
+def test_the_published_event_schema_accepts_the_example_body(
+    published_event: dict[str, Any],
+) -> None:
+    assert _errors(asyncapi.EXAMPLE_EVENT, published_event, published_event) == []
+    decoded = contract.decode(
+        TrackEvent,
+        json.dumps(asyncapi.EXAMPLE_EVENT).encode(),
+        content_type=contract.CONTENT_TYPE,
+    )
+    assert decoded.name == asyncapi.EXAMPLE_EVENT["name"]
+    assert decoded.contact.subscribed is True
+
+
+def test_the_published_event_schema_names_the_required_fields(
+    published_event: dict[str, Any],
+) -> None:
+    assert published_event["required"] == ["contact", "name", "occurred_at"]
+    minimal = {
+        "contact": {"id": "42"},
+        "name": "signed_in",
+        "occurred_at": "2025-01-01T00:00:00Z",
+    }
+    assert _errors(minimal, published_event, published_event) == []
+    contract.decode(TrackEvent, json.dumps(minimal).encode(), content_type=None)
+    for field in published_event["required"]:
+        body = {k: v for k, v in minimal.items() if k != field}
+        assert _errors(body, published_event, published_event) == [f"body.{field}: required"]
+        with pytest.raises(InvalidMessage, match=field):
+            contract.decode(TrackEvent, json.dumps(body).encode(), content_type=None)
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"colour": "red"}, "body.colour: not allowed"),
+        ({"name": "signed in"}, "body.name: does not match"),
+        ({"v": 2}, "body.v: not 1"),
+        ({"contact": {"id": ""}}, "body.contact.id: too short"),
+        ({"contact": {"id": "42", "subscribed": "maybe"}}, "body.contact.subscribed: matches no"),
+        ({"data": []}, "body.data: not object"),
+    ],
+)
+def test_the_published_event_schema_rejects_what_the_workers_reject(
+    published_event: dict[str, Any], change: dict[str, Any], error: str
+) -> None:
+    body = {**asyncapi.EXAMPLE_EVENT, **change}
+    found = _errors(body, published_event, published_event)
+    assert any(e.startswith(error) for e in found), found
+    with pytest.raises(InvalidMessage):
+        contract.decode(TrackEvent, json.dumps(body).encode(), content_type=None)
+
+
+def test_occurred_at_may_be_only_a_clock_skew_ahead(published_event: dict[str, Any]) -> None:
+    skew = timedelta(seconds=asyncapi.MAX_EVENT_SKEW_SECONDS)
+    now = datetime.now(UTC)
+    for ahead, accepted in ((skew - timedelta(seconds=30), True), (skew * 2, False)):
+        at = (now + ahead).isoformat()
+        body = {**asyncapi.EXAMPLE_EVENT, "occurred_at": at}
+        assert _errors(body, published_event, published_event) == []  # not a schema rule
+        encoded = json.dumps(body).encode()
+        if accepted:
+            contract.decode(TrackEvent, encoded, content_type=None)
+        else:
+            with pytest.raises(InvalidMessage, match="occurred_at"):
+                contract.decode(TrackEvent, encoded, content_type=None)
 
 
 def test_the_internal_model_is_marked_internal() -> None:
@@ -209,6 +323,40 @@ def test_the_asyncapi_document_routes_to_the_topology() -> None:
     message = doc["components"]["messages"]["ScheduleMessage"]
     assert message["x-amqp-properties"]["properties"]["message_id"]["maxLength"] == 200
     assert message["examples"][0]["payload"] == asyncapi.EXAMPLE_SCHEDULE
+    assert (
+        doc["operations"]["scheduleMessage"]["channel"]["$ref"] == f"#/channels/{INTAKE_EXCHANGE}"
+    )
+
+
+def test_the_asyncapi_document_routes_events_to_the_topology() -> None:
+    doc: dict[str, Any] = yaml.safe_load((COMMITTED / "asyncapi.yaml").read_text(encoding="utf-8"))
+    events = doc["channels"][EVENTS_EXCHANGE]
+    assert events["address"] == EVENT_KEY
+    assert events["bindings"]["amqp"]["exchange"]["name"] == EVENTS_EXCHANGE
+    assert events["bindings"]["amqp"]["exchange"]["type"] == "direct"
+    assert EVENTS_QUEUE in events["description"]
+    operation = doc["operations"]["trackEvent"]
+    assert operation["action"] == "send"
+    assert operation["channel"]["$ref"] == f"#/channels/{EVENTS_EXCHANGE}"
+    assert operation["bindings"]["amqp"]["mandatory"] is True
+    message = doc["components"]["messages"]["TrackEvent"]
+    properties = message["x-amqp-properties"]
+    schedule = doc["components"]["messages"]["ScheduleMessage"]["x-amqp-properties"]
+    assert (
+        properties["required"]
+        == schedule["required"]
+        == [
+            "message_id",
+            "delivery_mode",
+            "content_type",
+        ]
+    )
+    assert properties["properties"].keys() == schedule["properties"].keys()
+    assert properties["properties"]["message_id"]["maxLength"] == 200
+    assert "event id" in properties["properties"]["message_id"]["description"]
+    assert message["examples"][0]["payload"] == asyncapi.EXAMPLE_EVENT
+    dead = doc["components"]["messages"]["DeadLetter"]["headers"]["properties"]
+    assert EVENTS_QUEUE in dead["x-nudge-source-queue"]["enum"]
 
 
 def test_every_reference_in_the_asyncapi_document_resolves() -> None:
@@ -243,3 +391,10 @@ def test_the_committed_contract_equals_a_fresh_export(tmp_path: Path) -> None:
         ).read_text(encoding="utf-8"), (
             f"docs/contract/{relative} is stale: run `nudge contract export`"
         )
+
+
+def test_the_examples_in_the_contract_guide_are_the_exported_ones() -> None:
+    guide = (COMMITTED.parent / "contract.md").read_text(encoding="utf-8")
+    blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", guide, re.S)]
+    assert asyncapi.EXAMPLE_SCHEDULE in blocks
+    assert asyncapi.EXAMPLE_EVENT in blocks

@@ -6,7 +6,7 @@ round trip per recipient.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,7 +15,8 @@ from sqlalchemy import Connection, bindparam, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from shared.contract import ContactRef, ScheduleMessage
+from shared.contract import ScheduleMessage
+from workers.store import contacts as contacts_repo
 from workers.store.schema import ItemStatus, MessageStatus, contacts, message_items, messages
 
 Key = tuple[int, int]  # (message_id, contact_id)
@@ -38,6 +39,7 @@ class Claimed:
     message_id: int
     contact_id: int
     attempts: int
+    failures: int
     message_status: int
     idempotency_key: str
     template: str
@@ -78,39 +80,8 @@ class Outcome:
     reason: str | None = None
     error: str | None = None
     next_attempt_at: datetime | None = None
-
-
-async def upsert_contacts(conn: AsyncConnection, refs: Iterable[ContactRef]) -> dict[str, int]:
-    """Create or update contacts by external id; fields a reference leaves out are kept."""
-    merged: dict[str, ContactRef] = {}
-    for ref in refs:  # one row per id: ON CONFLICT DO UPDATE cannot touch a row twice
-        merged[ref.id] = ref
-    rows = [
-        {
-            "external_id": r.id,
-            "email": r.email,
-            "phone": r.phone,
-            "timezone": r.timezone,
-            "attributes": r.attributes,
-        }
-        for r in sorted(merged.values(), key=lambda r: r.id)
-    ]
-    stmt = (
-        insert(contacts)
-        .on_conflict_do_update(
-            index_elements=[contacts.c.external_id],
-            set_={
-                "email": text("coalesce(excluded.email, contacts.email)"),
-                "phone": text("coalesce(excluded.phone, contacts.phone)"),
-                "timezone": text("coalesce(excluded.timezone, contacts.timezone)"),
-                "attributes": text("contacts.attributes || excluded.attributes"),
-                "updated_at": text("now()"),
-            },
-        )
-        .returning(contacts.c.id, contacts.c.external_id)
-    )
-    result = await conn.execute(stmt, rows)
-    return {row.external_id: row.id for row in result}
+    #: The send failed (counts towards the attempts limit).
+    failed: bool = False
 
 
 async def insert_single_messages(
@@ -120,7 +91,7 @@ async def insert_single_messages(
 ) -> list[StoredMessage]:
     """Store scheduled messages keyed by idempotency key; a key seen before keeps its first
     row. Returns every message of the batch, new or old, so the caller can (re)publish it."""
-    ids = await upsert_contacts(conn, (req.contact for _, req in requests))
+    ids = await contacts_repo.upsert(conn, (req.contact for _, req in requests))
     rows = [
         {
             "kind": "single",
@@ -131,6 +102,8 @@ async def insert_single_messages(
             "category": req.category,
             "priority": req.priority.value,
             "exclude_events": list(req.exclude_events),
+            "exclude_scope": req.exclude_scope,
+            "exclude_within_seconds": req.exclude_within_seconds,
             "data": req.data,
             "scheduled_at": now,
             "deliver_at": req.deliver_at,
@@ -167,9 +140,9 @@ WITH wanted AS (
                            ELSE mi.attempts + 1 END
      WHERE (mi.status = 'deferred' AND excluded.attempts > mi.attempts)
         OR (mi.status = 'sending' AND mi.claimed_at < now() - make_interval(secs => :lease))
-    RETURNING mi.message_id, mi.contact_id, mi.attempts
+    RETURNING mi.message_id, mi.contact_id, mi.attempts, mi.failures
 )
-SELECT c.message_id, c.contact_id, c.attempts, m.status AS message_status,
+SELECT c.message_id, c.contact_id, c.attempts, c.failures, m.status AS message_status,
        m.idempotency_key, m.template,
        m.channel, m.category, m.priority, m.data, m.deliver_at, m.expires_at,
        k.external_id, k.email, k.phone, k.timezone, k.attributes, k.subscribed
@@ -227,13 +200,13 @@ async def claim(
 _FINALISE = text("""
 UPDATE message_items AS mi
    SET status = v.status, reason = v.reason, last_error = coalesce(v.error, mi.last_error),
-       next_attempt_at = v.next_attempt_at,
+       next_attempt_at = v.next_attempt_at, failures = mi.failures + v.failed,
        sent_at = CASE WHEN v.status = 'sent' THEN now() ELSE mi.sent_at END,
        updated_at = now()
   FROM unnest(CAST(:mids AS bigint[]), CAST(:cids AS bigint[]), CAST(:attempts AS int[]),
               CAST(:statuses AS text[]), CAST(:reasons AS text[]), CAST(:errors AS text[]),
-              CAST(:nexts AS timestamptz[]))
-       AS v(message_id, contact_id, attempts, status, reason, error, next_attempt_at)
+              CAST(:nexts AS timestamptz[]), CAST(:failed AS int[]))
+       AS v(message_id, contact_id, attempts, status, reason, error, next_attempt_at, failed)
  WHERE mi.message_id = v.message_id AND mi.contact_id = v.contact_id
    AND mi.status = 'sending' AND mi.attempts = v.attempts
 """)
@@ -259,6 +232,7 @@ async def finalise(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> None:
             "reasons": [o.reason for o in outcomes],
             "errors": [o.error for o in outcomes],
             "nexts": [o.next_attempt_at for o in outcomes],
+            "failed": [int(o.failed) for o in outcomes],
         },
     )
     done = sorted({o.message_id for o in outcomes if o.status.final})

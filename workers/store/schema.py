@@ -15,6 +15,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Identity,
     Index,
@@ -112,6 +113,8 @@ messages = Table(
     Column("category", Text),
     Column("priority", Text, nullable=False),
     Column("exclude_events", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    Column("exclude_scope", Text, nullable=False, server_default=text("'since_scheduled'")),
+    Column("exclude_within_seconds", Float),
     Column("data", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("scheduled_at", DateTime(timezone=True), nullable=False),
     Column("deliver_at", DateTime(timezone=True), nullable=False),
@@ -122,6 +125,7 @@ messages = Table(
     CheckConstraint("kind IN ('single', 'campaign', 'rule')", name="kind"),
     CheckConstraint("priority IN ('transactional', 'automation', 'campaign')", name="priority"),
     CheckConstraint("status BETWEEN 0 AND 4", name="status"),
+    CheckConstraint("exclude_scope IN ('since_scheduled', 'ever', 'within')", name="exclude_scope"),
 )
 
 _item_statuses = ", ".join(f"'{s.value}'" for s in ItemStatus)
@@ -134,6 +138,8 @@ message_items = Table(
     Column("status", Text, nullable=False),
     Column("reason", Text),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
+    #: Failed sends so far; ``attempts`` also counts claims that ended deferred by a window.
+    Column("failures", Integer, nullable=False, server_default=text("0")),
     Column("last_error", Text),
     Column("claimed_at", DateTime(timezone=True)),
     Column("next_attempt_at", DateTime(timezone=True)),
@@ -142,6 +148,16 @@ message_items = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("message_id", "contact_id"),
     CheckConstraint(f"status IN ({_item_statuses})", name="status"),
-    # window checks: what was sent to this contact lately
+    # window checks: what was sent to this contact lately, and what is being sent now
     Index(None, "contact_id", "sent_at"),
+    Index("ix_message_items_sending", "contact_id", postgresql_where=text("status = 'sending'")),
+)
+
+policies = Table(
+    "policies",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("settings", JSONB, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("name IN ('transactional', 'automation', 'campaign')", name="name"),
 )

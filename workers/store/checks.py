@@ -1,0 +1,130 @@
+"""The facts a dispatch worker checks before sending, fetched for a whole batch in a constant
+number of statements, under a per-contact lock so that concurrent workers see each other's
+claims (design section 4: eight workers racing on one contact still send at most N)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from workers.store.messages import Key
+
+_LOCK = text("""
+SELECT count(pg_advisory_xact_lock(1, (c % 2147483647)::int))
+  FROM (SELECT DISTINCT c FROM unnest(CAST(:cids AS bigint[])) AS c ORDER BY c) AS s
+""")
+
+
+async def lock_contacts(conn: AsyncConnection, contact_ids: Sequence[int]) -> None:
+    """Serialise this transaction with every other one touching these contacts, taking the
+    locks in ascending order so that two batches never deadlock. Released at commit."""
+    await conn.execute(_LOCK, {"cids": list(contact_ids)})
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str
+    occurred_at: datetime
+
+
+_EXCLUSIONS = text("""
+SELECT DISTINCT ON (w.message_id, w.contact_id) w.message_id, w.contact_id, e.name,
+       e.occurred_at
+  FROM unnest(CAST(:mids AS bigint[]), CAST(:cids AS bigint[])) AS w(message_id, contact_id)
+  JOIN messages m ON m.id = w.message_id AND jsonb_array_length(m.exclude_events) > 0
+  JOIN contact_events e
+    ON e.contact_id = w.contact_id
+   AND e.name = ANY (ARRAY(SELECT jsonb_array_elements_text(m.exclude_events)))
+   AND e.occurred_at >= CASE m.exclude_scope
+         WHEN 'ever' THEN '-infinity'::timestamptz
+         WHEN 'within' THEN now() - make_interval(secs => m.exclude_within_seconds)
+         ELSE m.scheduled_at - make_interval(secs => :buffer)
+       END
+ ORDER BY w.message_id, w.contact_id, e.occurred_at
+""")
+
+
+async def exclusions(
+    conn: AsyncConnection, keys: Sequence[Key], buffer_seconds: float
+) -> dict[Key, Event]:
+    """For each recipient whose message lists exclusion events, the first such event in its
+    scope (since scheduling less ``buffer_seconds``, ever, or within a window)."""
+    if not keys:
+        return {}
+    result = await conn.execute(
+        _EXCLUSIONS,
+        {"mids": [k[0] for k in keys], "cids": [k[1] for k in keys], "buffer": buffer_seconds},
+    )
+    return {(r.message_id, r.contact_id): Event(r.name, r.occurred_at) for r in result}
+
+
+_INTERACTIONS = text("""
+SELECT contact_id, name, max(occurred_at) AS occurred_at
+  FROM contact_events
+ WHERE contact_id = ANY(CAST(:cids AS bigint[])) AND name = ANY(CAST(:names AS text[]))
+   AND occurred_at >= now() - make_interval(secs => :window)
+ GROUP BY contact_id, name
+""")
+
+
+async def interactions(
+    conn: AsyncConnection, contact_ids: Sequence[int], names: Sequence[str], window_seconds: float
+) -> dict[int, list[Event]]:
+    """The latest occurrence of each of ``names`` per contact within the window."""
+    out: dict[int, list[Event]] = defaultdict(list)
+    if not contact_ids or not names:
+        return out
+    result = await conn.execute(
+        _INTERACTIONS, {"cids": list(contact_ids), "names": list(names), "window": window_seconds}
+    )
+    for r in result:
+        out[r.contact_id].append(Event(r.name, r.occurred_at))
+    return out
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A message sent to a contact (or being sent right now by some worker)."""
+
+    at: datetime
+    channel: str
+    category: str | None
+
+
+_HISTORY = text("""
+SELECT mi.contact_id, coalesce(mi.sent_at, mi.claimed_at) AS at, m.channel, m.category
+  FROM message_items mi
+  JOIN messages m ON m.id = mi.message_id
+ WHERE mi.contact_id = ANY(CAST(:cids AS bigint[]))
+   AND ((mi.status = 'sent' AND mi.sent_at >= now() - make_interval(secs => :window))
+        OR mi.status = 'sending')
+   AND (mi.message_id, mi.contact_id) NOT IN (
+         SELECT * FROM unnest(CAST(:mids AS bigint[]), CAST(:kcids AS bigint[])))
+""")
+
+
+async def history(
+    conn: AsyncConnection, contact_ids: Sequence[int], window_seconds: float, exclude: Sequence[Key]
+) -> dict[int, list[Sent]]:
+    """What each contact was sent within the window, plus what other workers are sending to
+    it now (their ``sending`` claims), leaving out the recipients of this batch."""
+    out: dict[int, list[Sent]] = defaultdict(list)
+    if not contact_ids:
+        return out
+    result = await conn.execute(
+        _HISTORY,
+        {
+            "cids": sorted(set(contact_ids)),
+            "window": window_seconds,
+            "mids": [k[0] for k in exclude],
+            "kcids": [k[1] for k in exclude],
+        },
+    )
+    for r in result:
+        out[r.contact_id].append(Sent(r.at, r.channel, r.category))
+    return out
