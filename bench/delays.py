@@ -124,7 +124,7 @@ def run(settings: Settings, p: Params) -> bool:
         engine.dispose()
     figures = _figures(p, measured, outcome)
     figures += [
-        Figure(f"peak RSS, worker {i + 1} ({w.roles})", w.peak_rss / 2**20, "MB")
+        Figure(f"peak RSS, {w.role} {i + 1}", w.peak_rss / 2**20, "MB")
         for i, w in enumerate(fleet.workers)
     ]
     worker_settings = {

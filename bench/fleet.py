@@ -33,7 +33,7 @@ class Worker:
     """One ``nudge worker`` process and the largest RSS seen for it."""
 
     process: subprocess.Popen[bytes]
-    roles: str
+    role: str  # "scheduler", "dispatch" or "worker" (both)
     log: IO[bytes]
     peak_rss: int = 0
     exit_code: int | None = None
@@ -64,7 +64,7 @@ class Fleet:
             process = subprocess.Popen(
                 [sys.executable, "-m", "workers", *argv], env=env, stdout=log, stderr=log
             )
-            self.workers.append(Worker(process, "+".join(role), log))
+            self.workers.append(Worker(process, role[0] if self.split else "worker", log))
         self._sampler = threading.Thread(target=self._sample, name="rss", daemon=True)
         self._sampler.start()
         deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -85,6 +86,7 @@ def write(
     doc = {
         "scenario": scenario,
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": _commit(),
         "params": params,
         "worker_settings": env,
         "machine": host,
@@ -104,3 +106,18 @@ def _as_json(f: Figure) -> dict[str, Any]:
         "ratio": ratio,
         "met": f.met,
     }
+
+
+def _commit() -> str:
+    """The checked-out commit (the tree may hold uncommitted changes on top)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=RESULTS.parent,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip()

@@ -159,13 +159,14 @@ class Worker:
                 if role in self.roles
             ]
             wait_for(
-                lambda: self._consuming(queues),
+                lambda: self.consuming(queues),
                 timeout=30,
                 message=f"worker {self.roles} to consume",
             )
         return self
 
-    def _consuming(self, queues: list[str]) -> bool:
+    def consuming(self, queues: list[str]) -> bool:
+        """Whether this worker consumes all of ``queues`` (fails if it exited)."""
         assert self.process is not None
         if self.process.poll() is not None:
             raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()}")

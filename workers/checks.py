@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from shared.durations import format_duration
 from workers.policy import Policy
 from workers.store.checks import Event, Sent
 from workers.store.messages import Claimed
@@ -46,7 +47,7 @@ def _at(t: datetime) -> str:
 
 
 def _span(seconds: float) -> str:
-    return str(timedelta(seconds=round(seconds)))
+    return format_duration(timedelta(seconds=seconds))
 
 
 def decide(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -23,6 +23,8 @@ from shared.durations import parse_duration
 from shared.errors import ConfigError, InvalidMessage, NotFound, NudgeError
 
 if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
     from workers.runner import Role
 
 EXIT_FAILED, EXIT_INVALID, EXIT_NOT_FOUND = 1, 2, 4
@@ -52,6 +54,20 @@ def _settings(ctx: click.Context) -> Settings:
             obj["settings"] = Settings.load(obj.get("config_file"))
     settings: Settings = obj["settings"]
     return settings
+
+
+@contextmanager
+def _database(settings: Settings, *, write: bool = False) -> Iterator[Connection]:
+    """A connection to the store (in one transaction when ``write``); driver errors leave as
+    :class:`~shared.errors.StoreError`."""
+    from workers.store.db import sync_engine, sync_errors
+
+    engine = sync_engine(settings.database_url)
+    try:
+        with sync_errors(), engine.begin() if write else engine.connect() as conn:
+            yield conn
+    finally:
+        engine.dispose()
 
 
 def _print_json(data: Any) -> None:
@@ -287,14 +303,9 @@ def message_schedule(
 
 def _find(settings: Settings, ref: str) -> dict[str, Any]:
     from workers.store import messages
-    from workers.store.db import sync_engine, sync_errors
 
-    engine = sync_engine(settings.database_url)
-    try:
-        with sync_errors(), engine.connect() as conn:
-            found = messages.find(conn, ref)
-    finally:
-        engine.dispose()
+    with _database(settings) as conn:
+        found = messages.find(conn, ref)
     if found is None:
         raise NotFound(f"no message {ref!r} (give its id or idempotency key)")
     return found
@@ -340,22 +351,157 @@ def message_show(ctx: click.Context, ref: str, as_json: bool) -> None:
 def message_cancel(ctx: click.Context, ref: str) -> None:
     """Cancel message REF: recipients not yet sent are recorded cancelled when due."""
     from workers.store import messages
-    from workers.store.db import sync_engine, sync_errors
 
     settings = _settings(ctx)
     with _errors():
         found = _find(settings, ref)
-        engine = sync_engine(settings.database_url)
-        try:
-            with sync_errors(), engine.begin() as conn:
-                changed = messages.cancel(conn, found["id"])
-        finally:
-            engine.dispose()
+        with _database(settings, write=True) as conn:
+            changed = messages.cancel(conn, found["id"])
     click.echo(
         f"message {found['id']} cancelled"
         if changed
         else f"message {found['id']} had already completed or been cancelled"
     )
+
+
+# --- policy ------------------------------------------------------------------------------
+
+PRIORITIES = click.Choice(["transactional", "automation", "campaign"])
+
+
+def _optional_duration(value: str) -> float | None:
+    """Seconds of a duration option, or None for ``none``."""
+    if value == "none":
+        return None
+    try:
+        return parse_duration(value).total_seconds()
+    except ValueError as exc:
+        raise InvalidMessage(str(exc)) from exc
+
+
+def _optional_int(value: str) -> int | None:
+    if value == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise InvalidMessage(f"{value!r} is not a whole number or 'none'") from exc
+
+
+@main.group()
+def policy() -> None:
+    """Anti-spam policies, one per priority class; dispatch workers apply changes from their
+    next batch, no restart needed."""
+
+
+@policy.command("set")
+@click.argument("priority", type=PRIORITIES)
+@click.option("--frequency-cap", help="Messages per contact per window, all channels, or none.")
+@click.option("--channel-cap", help="Messages per contact per window on one channel, or none.")
+@click.option("--frequency-window", help="Rolling window of the caps, e.g. 24h.")
+@click.option("--category-window", help="No repeat of a category within this, e.g. 72h, or none.")
+@click.option("--interaction-events", help="Comma-separated events that mean 'talking to us'.")
+@click.option("--interaction-window", help="How recent an interaction skips a message, e.g. 2h.")
+@click.option("--quiet-hours", help="HH:MM-HH:MM in the contact's timezone, or none.")
+@click.option("--default-timezone", help="For contacts without one, e.g. Europe/Paris.")
+@click.option("--cap-action", type=click.Choice(["suppress", "defer"]))
+@click.option("--bypass-caps/--no-bypass-caps", default=None)
+@click.option("--bypass-subscription/--no-bypass-subscription", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def policy_set(ctx: click.Context, /, priority: str, as_json: bool, **options: Any) -> None:
+    """Change the policy of PRIORITY; options not given keep their current value."""
+    from shared.contract import Priority
+    from workers import policy as policy_mod
+    from workers.store import policies
+
+    settings = _settings(ctx)
+    converters: dict[str, Callable[[str], object]] = {
+        "frequency_cap": _optional_int,
+        "channel_cap": _optional_int,
+        "frequency_window": lambda v: _required(_optional_duration(v), "frequency_window"),
+        "category_window": _optional_duration,
+        "interaction_events": lambda v: tuple(e.strip() for e in v.split(",") if e.strip()),
+        "interaction_window": lambda v: _required(_optional_duration(v), "interaction_window"),
+        "quiet_hours": lambda v: None if v == "none" else v,
+    }
+    fields = {"frequency_window": "frequency_window_seconds",
+              "category_window": "category_window_seconds",
+              "interaction_window": "interaction_window_seconds"}  # fmt: skip
+    with _errors():
+        changes = {
+            fields.get(name, name): converters[name](value) if name in converters else value
+            for name, value in options.items()
+            if value is not None
+        }
+        with _database(settings, write=True) as conn:
+            current, _ = policies.get(conn, Priority(priority))
+            updated = policy_mod.parse({**current.model_dump(), **changes})
+            policies.put(conn, Priority(priority), updated)
+    _show_policy(priority, updated, stored=True, as_json=as_json)
+
+
+def _required(value: float | None, name: str) -> float:
+    if value is None:
+        raise InvalidMessage(f"{name}: cannot be none")
+    return value
+
+
+def _show_policy(name: str, p: Any, *, stored: bool, as_json: bool) -> None:
+    if as_json:
+        _print_json({"name": name, "stored": stored, **p.model_dump(mode="json")})
+        return
+    click.echo(f"{name}{'' if stored else ' (built-in default)'}")
+    for key, value in p.model_dump(mode="json").items():
+        click.echo(f"  {key}: {value}")
+
+
+@policy.command("show")
+@click.argument("priority", type=PRIORITIES)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def policy_show(ctx: click.Context, priority: str, as_json: bool) -> None:
+    """Show the policy dispatch workers apply to PRIORITY messages."""
+    from shared.contract import Priority
+    from workers.store import policies
+
+    settings = _settings(ctx)
+    with _errors(), _database(settings) as conn:
+        p, stored = policies.get(conn, Priority(priority))
+    _show_policy(priority, p, stored=stored, as_json=as_json)
+
+
+@policy.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def policy_list(ctx: click.Context, as_json: bool) -> None:
+    """Show the policy of every priority class."""
+    from shared.contract import Priority
+    from workers.store import policies
+
+    settings = _settings(ctx)
+    with _errors(), _database(settings) as conn:
+        found = {p.value: policies.get(conn, p) for p in Priority}
+    if as_json:
+        _print_json([{"name": n, "stored": s, **p.model_dump(mode="json")}
+                     for n, (p, s) in found.items()])  # fmt: skip
+        return
+    for n, (p, s) in found.items():
+        _show_policy(n, p, stored=s, as_json=False)
+
+
+@policy.command("reset")
+@click.argument("priority", type=PRIORITIES)
+@click.pass_context
+def policy_reset(ctx: click.Context, priority: str) -> None:
+    """Forget the stored policy of PRIORITY: the built-in default applies again."""
+    from shared.contract import Priority
+    from workers.store import policies
+
+    settings = _settings(ctx)
+    with _errors(), _database(settings, write=True) as conn:
+        policies.reset(conn, Priority(priority))
+    click.echo(f"{priority}: built-in default restored")
 
 
 # --- demo ----------------------------------------------------------------------------------

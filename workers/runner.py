@@ -57,6 +57,10 @@ async def run(
     burst_idle: float = 2.0,
 ) -> None:
     """Run ``roles`` until SIGTERM/SIGINT, or, with ``burst``, until there is no work left."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     check_schema(settings.database_url)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_host)
@@ -68,10 +72,6 @@ async def run(
     publisher = await amqp.Publisher.open(connection)
     channels = build_channels(settings)
     consumers: list[Consumer[Any]] = []
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
         for role in roles:
             channel = await connection.channel()
