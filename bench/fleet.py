@@ -53,8 +53,13 @@ class Fleet:
     _sampler: threading.Thread | None = None
 
     def start(self, amqp_url: str, timeout: float = 60.0) -> None:
-        """Spawn the workers and return once they all consume both queues; raises
-        RuntimeError when one exits or they do not within ``timeout`` seconds."""
+        """Spawn the workers and return once they consume both queues; raises RuntimeError
+        when other consumers are there first, a worker exits, or ``timeout`` passes."""
+        if any(others := _consumer_counts(amqp_url)):
+            raise RuntimeError(
+                f"nudge.intake / nudge.due already have consumers {others}: "
+                "stop other workers, they would take part in the run"
+            )
         env = {"NUDGE_LOG_LEVEL": "warning", **os.environ}
         self.log_dir.mkdir(parents=True, exist_ok=True)
         roles = [["scheduler"], ["dispatch"]] if self.split else [["scheduler", "dispatch"]]

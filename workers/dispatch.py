@@ -97,7 +97,11 @@ class DispatchHandler:
             for key, i in first.items():
                 if key not in claimed_keys:
                     result[i] = self._not_claimed(batch[i], states.get(key), now)
-            for c, decision in await self._check(conn, claimed, now):
+            started = time.perf_counter()
+            decisions = await self._check(conn, claimed, now)
+            metrics.check_seconds.inc(time.perf_counter() - started)
+            metrics.checked.inc(len(claimed))
+            for c, decision in decisions:
                 if isinstance(decision, Send):
                     channel = self._channels.get(c.channel)
                     if channel is not None:

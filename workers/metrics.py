@@ -32,3 +32,8 @@ store_unavailable = Counter(
     ["queue"],
 )
 events_recorded = Counter("nudge_events_recorded_total", "Contact events recorded (new ids)")
+check_seconds = Counter(
+    "nudge_check_seconds_total",
+    "Time dispatch spent fetching facts and deciding (checks 1-8), per batch, summed",
+)
+checked = Counter("nudge_checked_total", "Recipients that went through the checks")
