@@ -175,6 +175,6 @@ def _figures(p: Params, m: Measured, o: store.Outcomes) -> list[Figure]:
         Figure("lateness p50", o.lateness_p50, "ms"),
         Figure("lateness p99", o.lateness_p99, "ms", 100, "<="),
         Figure("lateness max", o.lateness_max, "ms"),
-        Figure("worker CPU per message", m.worker_cpu_s * 1000 / p.n, "ms"),
+        Figure("worker CPU per message", m.worker_cpu_s * 1e6 / p.n, "µs"),
         Figure("machine CPU busy", m.busy * 100, "%"),
     ]

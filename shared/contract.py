@@ -161,7 +161,7 @@ class DueMessage(_Model):
     message_id: int = Field(gt=0)
     contact_id: int = Field(gt=0)
     deliver_at: AwareDatetime
-    attempt: int = Field(default=1, ge=1, le=1000)
+    attempt: int = Field(default=1, ge=1, le=2**31 - 1)
 
 
 M = TypeVar("M", bound=BaseModel)

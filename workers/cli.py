@@ -254,6 +254,21 @@ def message() -> None:
     multiple=True,
     help="Do not send if the contact does this event first (repeatable).",
 )
+@click.option(
+    "--exclude-scope",
+    type=click.Choice(["since_scheduled", "ever", "within"]),
+    default="since_scheduled",
+    show_default=True,
+    help="Which past --exclude events count.",
+)
+@click.option("--exclude-within", type=DURATION, help="The window of --exclude-scope within.")
+@click.option("--category", help="Kind of content, for the category dedup window.")
+@click.option(
+    "--priority",
+    type=click.Choice(["transactional", "automation", "campaign"]),
+    default="automation",
+    show_default=True,
+)
 @click.option("--expires-in", type=DURATION, help="Record expired if due after this long.")
 @click.option("--key", "idempotency_key", help="Idempotency key (default: random).")
 @click.option("--data", default="{}", help="JSON object for the template.")
@@ -267,6 +282,10 @@ def message_schedule(
     delay: timedelta | None,
     deliver_at: datetime | None,
     exclude_events: tuple[str, ...],
+    exclude_scope: str,
+    exclude_within: timedelta | None,
+    category: str | None,
+    priority: str,
     expires_in: timedelta | None,
     idempotency_key: str | None,
     data: str,
@@ -291,6 +310,10 @@ def message_schedule(
             delay=delay,
             deliver_at=deliver_at,
             exclude_events=exclude_events,
+            exclude_scope=exclude_scope,
+            exclude_within=exclude_within,
+            category=category,
+            priority=priority,
             expires_at=base + expires_in if expires_in else None,
             idempotency_key=idempotency_key,
             data=payload,
@@ -341,6 +364,7 @@ def message_show(ctx: click.Context, ref: str, as_json: bool) -> None:
             f"  {item['external_id']}: {item['status']} {when}".rstrip()
             + (f" ({item['reason']})" if item["reason"] else "")
             + (f" attempts={item['attempts']}" if item["attempts"] > 1 else "")
+            + (f" failures={item['failures']}" if item["failures"] else "")
             + (f" last_error={item['last_error']}" if item["last_error"] else "")
         )
 
@@ -400,7 +424,9 @@ def policy() -> None:
 @click.option("--channel-cap", help="Messages per contact per window on one channel, or none.")
 @click.option("--frequency-window", help="Rolling window of the caps, e.g. 24h.")
 @click.option("--category-window", help="No repeat of a category within this, e.g. 72h, or none.")
-@click.option("--interaction-events", help="Comma-separated events that mean 'talking to us'.")
+@click.option(
+    "--interaction-events", help="Comma-separated events that mean 'talking to us', or none."
+)
 @click.option("--interaction-window", help="How recent an interaction skips a message, e.g. 2h.")
 @click.option("--quiet-hours", help="HH:MM-HH:MM in the contact's timezone, or none.")
 @click.option("--default-timezone", help="For contacts without one, e.g. Europe/Paris.")
@@ -421,7 +447,9 @@ def policy_set(ctx: click.Context, /, priority: str, as_json: bool, **options: A
         "channel_cap": _optional_int,
         "frequency_window": lambda v: _required(_optional_duration(v), "frequency_window"),
         "category_window": _optional_duration,
-        "interaction_events": lambda v: tuple(e.strip() for e in v.split(",") if e.strip()),
+        "interaction_events": lambda v: (
+            () if v == "none" else tuple(e.strip() for e in v.split(",") if e.strip())
+        ),
         "interaction_window": lambda v: _required(_optional_duration(v), "interaction_window"),
         "quiet_hours": lambda v: None if v == "none" else v,
     }
@@ -435,7 +463,7 @@ def policy_set(ctx: click.Context, /, priority: str, as_json: bool, **options: A
             if value is not None
         }
         with _database(settings, write=True) as conn:
-            current, _ = policies.get(conn, Priority(priority))
+            current, _ = policies.get(conn, Priority(priority), for_update=True)
             updated = policy_mod.parse({**current.model_dump(), **changes})
             policies.put(conn, Priority(priority), updated)
     _show_policy(priority, updated, stored=True, as_json=as_json)

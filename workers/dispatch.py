@@ -103,16 +103,8 @@ class DispatchHandler:
             metrics.checked.inc(len(claimed))
             for c, decision in decisions:
                 if isinstance(decision, Send):
-                    channel = self._channels.get(c.channel)
-                    if channel is not None:
-                        sends.append((c, channel))
-                        continue
-                    decision = Record(
-                        ItemStatus.FAILED,
-                        f"channel: {c.channel!r} is not configured on this worker "
-                        f"(configured: {', '.join(sorted(self._channels))})",
-                    )
-                if isinstance(decision, Defer):
+                    sends.append((c, self._channels[c.channel]))
+                elif isinstance(decision, Defer):
                     records.append(self._record(c, ItemStatus.DEFERRED, decision.reason,
                                                 next_at=decision.until))  # fmt: skip
                     result[first[(c.message_id, c.contact_id)]] = self._retry_at(
@@ -123,16 +115,18 @@ class DispatchHandler:
             # Decisions not to send are final (or deferred) at once, with the claims.
             await messages.finalise(conn, records)
         sent = await asyncio.gather(*(self._send(c, ch) for c, ch in sends))
+        sent_records: list[messages.Outcome] = []
         for (c, channel), send_result in zip(sends, sent, strict=True):
             record, retry = self._after_send(c, send_result)
-            records.append(record)
+            sent_records.append(record)
             if retry is not None:
                 result[first[(c.message_id, c.contact_id)]] = retry
             if record.status is ItemStatus.SENT:
                 metrics.lateness.labels(channel.name).observe(
                     max(0.0, (datetime.now(UTC) - c.deliver_at).total_seconds())
                 )
-        await self._finalise(records)
+        await self._finalise(sent_records)
+        records += sent_records
         channel_of = {(c.message_id, c.contact_id): c.channel for c in claimed}
         for r in records:
             metrics.outcomes.labels(
@@ -222,6 +216,12 @@ class DispatchHandler:
             d = checks.decide(c, policy, now, excluded_by=excluded.get(key),
                               interactions=interactions[c.contact_id],
                               sent=sent[c.contact_id])  # fmt: skip
+            if isinstance(d, Send) and c.channel not in self._channels:
+                d = Record(
+                    ItemStatus.FAILED,
+                    f"channel: {c.channel!r} is not configured on this worker "
+                    f"(configured: {', '.join(sorted(self._channels))})",
+                )
             if isinstance(d, Send):  # later recipients in this batch see this send
                 sent[c.contact_id].append(Sent(now, c.channel, c.category))
             out.append((c, d))

@@ -16,14 +16,15 @@ from workers.store.messages import Key
 
 _LOCK = text("""
 SELECT count(pg_advisory_xact_lock(1, (c % 2147483647)::int))
-  FROM (SELECT DISTINCT c FROM unnest(CAST(:cids AS bigint[])) AS c ORDER BY c) AS s
+  FROM unnest(CAST(:cids AS bigint[])) AS c
 """)
 
 
 async def lock_contacts(conn: AsyncConnection, contact_ids: Sequence[int]) -> None:
     """Serialise this transaction with every other one touching these contacts, taking the
     locks in ascending order so that two batches never deadlock. Released at commit."""
-    await conn.execute(_LOCK, {"cids": list(contact_ids)})
+    # unnest yields the array in order: the sort here is the lock order
+    await conn.execute(_LOCK, {"cids": sorted(set(contact_ids))})
 
 
 @dataclass(frozen=True)

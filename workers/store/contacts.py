@@ -21,6 +21,10 @@ SELECT external_id, email, phone, timezone, attributes, coalesce(subscribed, tru
 ON CONFLICT (external_id) DO NOTHING
 """)
 
+_IDS = text("""
+SELECT id, external_id FROM contacts WHERE external_id = ANY(CAST(:ids AS text[]))
+""")
+
 # Fields a reference leaves out (None) keep their stored value; attributes merge.
 _UPDATE = text("""
 UPDATE contacts AS c
@@ -32,17 +36,15 @@ UPDATE contacts AS c
               CAST(:subscribed AS boolean[]))
        AS t(external_id, email, phone, timezone, attributes, subscribed)
  WHERE c.external_id = t.external_id
-RETURNING c.id, c.external_id
 """)
 
 
-async def upsert(conn: AsyncConnection, refs: Iterable[ContactRef]) -> dict[str, int]:
-    """Create or update contacts by external id in two statements; returns their ids."""
+def _params(refs: Iterable[ContactRef]) -> dict[str, list[object]]:
     merged: dict[str, ContactRef] = {}
-    for ref in refs:  # one row per id: an UPDATE cannot change a row twice
+    for ref in refs:  # one row per id, the last wins: an UPDATE cannot change a row twice
         merged[ref.id] = ref
     ordered = sorted(merged.values(), key=lambda r: r.id)  # a stable lock order
-    params = {
+    return {
         "ids": [r.id for r in ordered],
         "emails": [r.email for r in ordered],
         "phones": [r.phone for r in ordered],
@@ -50,9 +52,24 @@ async def upsert(conn: AsyncConnection, refs: Iterable[ContactRef]) -> dict[str,
         "attributes": [Jsonb(r.attributes) for r in ordered],
         "subscribed": [r.subscribed for r in ordered],
     }
+
+
+async def ensure(conn: AsyncConnection, refs: Iterable[ContactRef]) -> dict[str, int]:
+    """Create the contacts that do not exist yet (with the fields given); returns the ids of
+    all. Existing contacts are left as they are: see :func:`update`."""
+    params = _params(refs)
     await conn.execute(_INSERT_NEW, params)
-    result = await conn.execute(_UPDATE, params)
+    result = await conn.execute(_IDS, {"ids": params["ids"]})
     return {row.external_id: row.id for row in result}
+
+
+async def update(conn: AsyncConnection, refs: Iterable[ContactRef]) -> None:
+    """Apply the fields of ``refs`` in order (later ones win). Callers pass only references
+    from requests seen for the first time, so a replayed old event cannot undo a newer
+    change such as an unsubscribe."""
+    params = _params(refs)
+    if params["ids"]:
+        await conn.execute(_UPDATE, params)
 
 
 _RECORD_EVENTS = text("""
@@ -67,8 +84,8 @@ RETURNING event_id
 
 async def record_events(conn: AsyncConnection, events: Sequence[tuple[str, TrackEvent]]) -> int:
     """Record ``(event_id, event)`` pairs, creating or updating their contacts; an event id
-    seen before is ignored. Returns how many were new."""
-    ids = await upsert(conn, (e.contact for _, e in events))
+    seen before is ignored, its contact fields too. Returns how many were new."""
+    ids = await ensure(conn, (e.contact for _, e in events))
     result = await conn.execute(_RECORD_EVENTS, {
         "contact_ids": [ids[e.contact.id] for _, e in events],
         "names": [e.name for _, e in events],
@@ -76,4 +93,7 @@ async def record_events(conn: AsyncConnection, events: Sequence[tuple[str, Track
         "event_ids": [key for key, _ in events],
         "data": [Jsonb(e.data) for _, e in events],
     })  # fmt: skip
-    return len(result.fetchall())
+    new = {row.event_id for row in result}
+    fresh = sorted((e for key, e in events if key in new), key=lambda e: e.occurred_at)
+    await update(conn, (e.contact for e in fresh))
+    return len(new)

@@ -91,7 +91,7 @@ async def insert_single_messages(
 ) -> list[StoredMessage]:
     """Store scheduled messages keyed by idempotency key; a key seen before keeps its first
     row. Returns every message of the batch, new or old, so the caller can (re)publish it."""
-    ids = await contacts_repo.upsert(conn, (req.contact for _, req in requests))
+    ids = await contacts_repo.ensure(conn, (req.contact for _, req in requests))
     rows = [
         {
             "kind": "single",
@@ -112,9 +112,15 @@ async def insert_single_messages(
         }
         for key, req in requests
     ]
-    await conn.execute(
-        insert(messages).on_conflict_do_nothing(index_elements=[messages.c.idempotency_key]), rows
+    inserted = await conn.execute(
+        insert(messages)
+        .on_conflict_do_nothing(index_elements=[messages.c.idempotency_key])
+        .returning(messages.c.idempotency_key),
+        rows,
     )
+    new = {row.idempotency_key for row in inserted}
+    # a re-published request does not apply its (possibly stale) contact fields again
+    await contacts_repo.update(conn, (req.contact for key, req in requests if key in new))
     result = await conn.execute(
         select(
             messages.c.id, messages.c.contact_id, messages.c.deliver_at, messages.c.idempotency_key

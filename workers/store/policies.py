@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import structlog
+from pydantic import ValidationError
 from sqlalchemy import Connection, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -10,17 +12,27 @@ from shared.contract import Priority
 from workers.policy import DEFAULTS, Policy
 from workers.store.schema import policies
 
+log = structlog.get_logger("nudge.policies")
+
 
 async def load_all(conn: AsyncConnection) -> dict[str, Policy]:
     """The policy of every priority class: stored, or the default."""
-    stored = {row.name: Policy.model_validate(row.settings)
-              for row in await conn.execute(select(policies))}  # fmt: skip
+    stored: dict[str, Policy] = {}
+    for row in await conn.execute(select(policies)):
+        try:
+            stored[row.name] = Policy.model_validate(row.settings)
+        except ValidationError as exc:
+            # Parking every due message would be worse than the default policy.
+            log.error("stored policy invalid, using the default", policy=row.name,
+                      error=str(exc).splitlines()[0])  # fmt: skip
     return {p.value: stored.get(p.value, DEFAULTS[p]) for p in Priority}
 
 
-def get(conn: Connection, name: Priority) -> tuple[Policy, bool]:
-    """The policy for ``name`` and whether it is stored (False: the built-in default)."""
-    row = conn.execute(select(policies.c.settings).where(policies.c.name == name.value)).first()
+def get(conn: Connection, name: Priority, *, for_update: bool = False) -> tuple[Policy, bool]:
+    """The policy for ``name`` and whether it is stored (False: the built-in default);
+    ``for_update`` locks the row until the transaction ends."""
+    query = select(policies.c.settings).where(policies.c.name == name.value)
+    row = conn.execute(query.with_for_update() if for_update else query).first()
     if row is None:
         return DEFAULTS[name], False
     return Policy.model_validate(row.settings), True
