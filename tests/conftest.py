@@ -147,8 +147,15 @@ def start_worker(settings: Settings) -> Iterator[Callable[..., Worker]]:
         return w
 
     yield start
-    for w in started:
+    running = [w for w in started if w.process is not None and w.process.poll() is None]
+    codes = []
+    for w in running:  # stop them all before judging any (killed ones were judged already)
         assert w.process is not None
-        if w.process.returncode is None:
-            code = w.stop()
-            assert code == 0, f"worker exited {code} on SIGTERM:\n{w.log()}"
+        w.process.terminate()
+    for w in running:
+        try:
+            codes.append((w, w.stop()))
+        except subprocess.TimeoutExpired:
+            codes.append((w, -9))
+    for w, code in codes:
+        assert code == 0, f"worker exited {code} on SIGTERM:\n{w.log()}"
