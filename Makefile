@@ -58,8 +58,14 @@ fmt: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# `make bench [SCENARIO]`: the words after `bench` name the scenario, they are not targets.
+ifeq (bench,$(firstword $(MAKECMDGOALS)))
+  BENCH_ARGS := $(wordlist 2,$(words $(MAKECMDGOALS)),$(MAKECMDGOALS))
+  $(eval $(BENCH_ARGS):;@:)
+endif
+
 bench: setup
-	$(VENV)/bin/python -m bench $(filter-out bench,$(MAKECMDGOALS))
+	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
 clean: down
 	rm -rf .local $(VENV)

@@ -110,7 +110,8 @@ def run(settings: Settings, p: Params) -> bool:
         fleet.start(settings.amqp_url)
         warmup = f"bench-{run_id}-a-"
         async_s = asyncio.run(publish_async(settings.amqp_url, warmup, p))
-        store.wait_final(engine, warmup, p.async_n, time.monotonic() + 120)
+        if store.wait_final(engine, warmup, p.async_n, time.monotonic() + 120) < p.async_n:
+            raise RuntimeError("warm-up messages not delivered within 120 s: are workers ok?")
         cpu0, since = fleet.cpu_seconds(), psutil.cpu_times()
         publish_s, validate_s = publish_sync(settings.amqp_url, prefix, p)
         final = store.wait_final(engine, prefix, p.n, time.monotonic() + p.lead + p.spread + 120)
@@ -164,13 +165,14 @@ def run(settings: Settings, p: Params) -> bool:
 def _figures(p: Params, m: Measured, o: store.Outcomes) -> list[Figure]:
     """The scenario's figures; rates are per second, lateness in ms."""
     sent_span = max(1e-3, o.last_sent - o.first_sent)
+    due_span = max(1e-3, o.last_sent - o.first_due)
     return [
         Figure("publish, Producer (sync)", p.n / m.publish_s, "/s", 5000),
         Figure("  same, excluding validation", p.n / (m.publish_s - m.validate_s), "/s"),
         Figure("publish, AsyncProducer", p.async_n / m.async_publish_s, "/s", 5000),
         Figure("stored by the scheduler", p.n / max(1e-3, o.stored_last - o.stored_first), "/s"),
         Figure("delivered, first to last send", o.sent / sent_span, "/s", 2000),
-        Figure("delivered, first due to last send", o.sent / (o.last_sent - o.first_due), "/s"),
+        Figure("delivered, first due to last send", o.sent / due_span, "/s"),
         Figure("delivered, busiest second", o.peak_per_second, "/s"),
         Figure("lateness p50", o.lateness_p50, "ms"),
         Figure("lateness p99", o.lateness_p99, "ms", 100, "<="),

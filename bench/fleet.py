@@ -62,6 +62,8 @@ class Fleet:
             )
         env = {"NUDGE_LOG_LEVEL": "warning", **os.environ}
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.log_dir.glob("worker-*.tmp"):
+            stale.unlink()
         roles = [["scheduler"], ["dispatch"]] if self.split else [["scheduler", "dispatch"]]
         for i, role in enumerate(roles * self.count):
             log = (self.log_dir / f"worker-{i + 1}.tmp").open("wb")

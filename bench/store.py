@@ -88,9 +88,8 @@ def outcomes(engine: Engine, prefix: str) -> Outcomes:
             .subquery()
         )
         peak = conn.execute(select(func.coalesce(func.max(per_second.c.n), 0))).scalar_one()
-    return Outcomes(
-        row[0], row[1], row[2], row[3], row[4], peak, row[5], row[6], row[7], row[8], row[9]
-    )
+    t = [0.0 if x is None else float(x) for x in row[2:]]  # None when nothing was sent
+    return Outcomes(row[0], row[1], t[0], t[1], t[2], peak, t[3], t[4], t[5], t[6], t[7])
 
 
 def server_version(engine: Engine) -> str:

@@ -86,7 +86,12 @@ def work_queue(name: str) -> Queue:
 
 
 def _ladder() -> tuple[list[Exchange], list[Queue], list[Binding]]:
-    exchanges = [Exchange(delay.TIERS_OUTPUT_EXCHANGE, "topic")]
+    # A due message whose destination has no binding would be retried by the level-0
+    # dead-lettering forever (about every 3 minutes) and block the queue behind it; the
+    # alternate exchange parks it in nudge.dead instead.
+    exchanges = [
+        Exchange(delay.TIERS_OUTPUT_EXCHANGE, "topic", {"alternate-exchange": DEAD_EXCHANGE})
+    ]
     queues: list[Queue] = []
     bindings: list[Binding] = []
     for level in range(delay.LEVELS):

@@ -157,3 +157,23 @@ def test_a_message_that_crashes_its_handler_is_parked_after_the_delivery_limit(
     headers = management.get_messages(vhost, DEAD_QUEUE)[0]["properties"]["headers"]
     assert headers["x-nudge-reason"] == "message_id: no message 999 for contact 999"
     assert _outcomes(engine) == Counter()
+
+
+def test_a_due_message_for_a_destination_nobody_consumes_is_parked_not_retried_forever(
+    settings: Settings, vhost: str, management: Management
+) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    channel = connection.channel()
+    channel.confirm_delivery()
+    # one second in level 0, then out to a destination without a binding
+    channel.basic_publish("nudge.delay.L00", "0." * 27 + "1.nowhere", b"{}",
+                          pika.BasicProperties(content_type="application/json",
+                                               delivery_mode=2, message_id="lost"),
+                          mandatory=True)  # fmt: skip
+    connection.close()
+    wait_for(
+        lambda: management.queue(vhost, DEAD_QUEUE).get("messages") == 1,
+        timeout=20,
+        message="the message parked in nudge.dead",
+    )
+    assert management.queue(vhost, "nudge.delay.L00").get("messages", 0) == 0
