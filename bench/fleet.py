@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import httpx
 import pika
 import pika.exceptions
 import psutil  # type: ignore[import-untyped]  # no stubs in the lock file
@@ -35,8 +37,15 @@ class Worker:
     process: subprocess.Popen[bytes]
     role: str  # "scheduler", "dispatch" or "worker" (both)
     log: IO[bytes]
+    metrics_port: int
     peak_rss: int = 0
     exit_code: int | None = None
+
+    def metric(self, name: str) -> float:
+        """The sum of a Prometheus metric's samples on this worker (0 when absent)."""
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.split("{")[0].split(" ")[0] == name)  # fmt: skip
 
 
 @dataclass
@@ -68,10 +77,14 @@ class Fleet:
         for i, role in enumerate(roles * self.count):
             log = (self.log_dir / f"worker-{i + 1}.tmp").open("wb")
             argv = ["worker", *role, "--concurrency", str(self.concurrency)]
+            port = _free_port()
             process = subprocess.Popen(
-                [sys.executable, "-m", "workers", *argv], env=env, stdout=log, stderr=log
+                [sys.executable, "-m", "workers", *argv],
+                env={**env, "NUDGE_METRICS_PORT": str(port)},
+                stdout=log,
+                stderr=log,
             )
-            self.workers.append(Worker(process, role[0] if self.split else "worker", log))
+            self.workers.append(Worker(process, role[0] if self.split else "worker", log, port))
         self._sampler = threading.Thread(target=self._sample, name="rss", daemon=True)
         self._sampler.start()
         deadline = time.monotonic() + timeout
@@ -88,6 +101,14 @@ class Fleet:
             for worker, handle in zip(self.workers, handles, strict=True):
                 with contextlib.suppress(psutil.Error):  # it exited
                     worker.peak_rss = max(worker.peak_rss, handle.memory_info().rss)
+
+    def metric(self, name: str) -> float:
+        """A Prometheus metric summed over the live workers."""
+        total = 0.0
+        for w in self.workers:
+            with contextlib.suppress(httpx.HTTPError):
+                total += w.metric(name)
+        return total
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the live workers used so far."""
@@ -115,6 +136,13 @@ class Fleet:
         if self._sampler is not None:
             self._sampler.join()
         return [w.process.returncode for w in self.workers]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _consumer_counts(amqp_url: str) -> list[int]:

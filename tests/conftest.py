@@ -153,9 +153,11 @@ def start_worker(settings: Settings) -> Iterator[Callable[..., Worker]]:
         assert w.process is not None
         w.process.terminate()
     for w in running:
+        assert w.process is not None
         try:
-            codes.append((w, w.stop()))
+            codes.append((w, w.process.wait(timeout=60)))
         except subprocess.TimeoutExpired:
+            w.process.kill()
             codes.append((w, -9))
     for w, code in codes:
         assert code == 0, f"worker exited {code} on SIGTERM:\n{w.log()}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -227,6 +228,8 @@ def worker(ctx: click.Context, roles: tuple[str, ...], concurrency: int, burst: 
                 burst=burst,
             )
         )
+    # Done: a late SIGTERM (the loop's handlers are gone) must not turn exit 0 into -15.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # --- message -------------------------------------------------------------------------------

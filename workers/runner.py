@@ -113,8 +113,8 @@ async def run(
         for consumer in consumers:
             await consumer.stop()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        # The handlers stay until the loop closes: a second SIGTERM during shutdown (from an
+        # impatient supervisor) must not kill the process halfway through it.
         for ch in channels.values():
             await ch.close()
         await publisher.close()
