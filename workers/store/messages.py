@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, bindparam, select, text, update
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.contract import ScheduleMessage
@@ -84,49 +84,68 @@ class Outcome:
     failed: bool = False
 
 
+_INSERT_SINGLES = text("""
+WITH given AS (
+    SELECT * FROM unnest(
+        CAST(:keys AS text[]), CAST(:contact_ids AS bigint[]), CAST(:templates AS text[]),
+        CAST(:channels AS text[]), CAST(:categories AS text[]), CAST(:priorities AS text[]),
+        CAST(:excludes AS jsonb[]), CAST(:scopes AS text[]), CAST(:withins AS float8[]),
+        CAST(:data AS jsonb[]), CAST(:deliver_ats AS timestamptz[]),
+        CAST(:expires_ats AS timestamptz[]))
+      AS t(idempotency_key, contact_id, template, channel, category, priority,
+           exclude_events, exclude_scope, exclude_within_seconds, data, deliver_at, expires_at)
+), inserted AS (
+    INSERT INTO messages (kind, idempotency_key, contact_id, template, channel, category,
+                          priority, exclude_events, exclude_scope, exclude_within_seconds,
+                          data, scheduled_at, deliver_at, expires_at, planned)
+    SELECT 'single', idempotency_key, contact_id, template, channel, category, priority,
+           exclude_events, exclude_scope, exclude_within_seconds, data, :now, deliver_at,
+           expires_at, 1
+      FROM given
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING id, contact_id, deliver_at, idempotency_key
+)
+SELECT id, contact_id, deliver_at, idempotency_key, true AS new FROM inserted
+UNION ALL
+SELECT m.id, m.contact_id, m.deliver_at, m.idempotency_key, false
+  FROM messages m JOIN given g ON g.idempotency_key = m.idempotency_key
+""")
+
+
 async def insert_single_messages(
     conn: AsyncConnection,
     requests: Sequence[tuple[str, ScheduleMessage]],
     now: datetime,
 ) -> list[StoredMessage]:
-    """Store scheduled messages keyed by idempotency key; a key seen before keeps its first
-    row. Returns every message of the batch, new or old, so the caller can (re)publish it."""
+    """Store scheduled messages keyed by idempotency key, in one statement; a key seen before
+    keeps its first row. Returns every message of the batch, new or old, so the caller can
+    (re)publish it."""
     ids = await contacts_repo.ensure(conn, (req.contact for _, req in requests))
-    rows = [
-        {
-            "kind": "single",
-            "idempotency_key": key,
-            "contact_id": ids[req.contact.id],
-            "template": req.template,
-            "channel": req.channel.value,
-            "category": req.category,
-            "priority": req.priority.value,
-            "exclude_events": list(req.exclude_events),
-            "exclude_scope": req.exclude_scope,
-            "exclude_within_seconds": req.exclude_within_seconds,
-            "data": req.data,
-            "scheduled_at": now,
-            "deliver_at": req.deliver_at,
-            "expires_at": req.expires_at,
-            "planned": 1,
-        }
-        for key, req in requests
-    ]
-    inserted = await conn.execute(
-        insert(messages)
-        .on_conflict_do_nothing(index_elements=[messages.c.idempotency_key])
-        .returning(messages.c.idempotency_key),
-        rows,
-    )
-    new = {row.idempotency_key for row in inserted}
+    result = await conn.execute(_INSERT_SINGLES, {
+        "keys": [key for key, _ in requests],
+        "contact_ids": [ids[req.contact.id] for _, req in requests],
+        "templates": [req.template for _, req in requests],
+        "channels": [req.channel.value for _, req in requests],
+        "categories": [req.category for _, req in requests],
+        "priorities": [req.priority.value for _, req in requests],
+        "excludes": [Jsonb(list(req.exclude_events)) for _, req in requests],
+        "scopes": [req.exclude_scope for _, req in requests],
+        "withins": [req.exclude_within_seconds for _, req in requests],
+        "data": [Jsonb(req.data) for _, req in requests],
+        "deliver_ats": [req.deliver_at for _, req in requests],
+        "expires_ats": [req.expires_at for _, req in requests],
+        "now": now,
+    })  # fmt: skip
+    stored: dict[str, StoredMessage] = {}
+    new: set[str] = set()
+    for r in result:
+        stored[r.idempotency_key] = StoredMessage(r.id, r.contact_id, r.deliver_at,
+                                                  r.idempotency_key)  # fmt: skip
+        if r.new:
+            new.add(r.idempotency_key)
     # a re-published request does not apply its (possibly stale) contact fields again
     await contacts_repo.update(conn, (req.contact for key, req in requests if key in new))
-    result = await conn.execute(
-        select(
-            messages.c.id, messages.c.contact_id, messages.c.deliver_at, messages.c.idempotency_key
-        ).where(messages.c.idempotency_key.in_([key for key, _ in requests]))
-    )
-    return [StoredMessage(r.id, r.contact_id, r.deliver_at, r.idempotency_key) for r in result]
+    return list(stored.values())
 
 
 _CLAIM = text("""
