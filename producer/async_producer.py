@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Iterable, Mapping
+from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 from aio_pika.abc import AbstractRobustConnection
 
 from producer.requests import Contact, Request, Scheduled, scheduled, tracked
 from shared import amqp
-from shared.contract import Priority
+from shared.contract import ScheduleOptions
 
 
 class AsyncProducer:
@@ -67,25 +67,12 @@ class AsyncProducer:
         template: str,
         channel: str,
         *,
-        delay: timedelta | float | None = None,
-        deliver_at: datetime | None = None,
-        exclude_events: Sequence[str] = (),
-        exclude_scope: str = "since_scheduled",
-        exclude_within: timedelta | None = None,
-        expires_at: datetime | None = None,
         idempotency_key: str | None = None,
-        data: Mapping[str, Any] | None = None,
-        category: str | None = None,
-        priority: str = Priority.AUTOMATION,
+        **options: Unpack[ScheduleOptions],
     ) -> str:
         """Schedule one message (arguments as :func:`producer.scheduled`); returns its
         idempotency key once confirmed."""
-        request = scheduled(
-            contact, template, channel, delay=delay, deliver_at=deliver_at,
-            exclude_events=exclude_events, exclude_scope=exclude_scope,
-            exclude_within=exclude_within, expires_at=expires_at,
-            idempotency_key=idempotency_key, data=data, category=category,
-            priority=priority)  # fmt: skip
+        request = scheduled(contact, template, channel, idempotency_key=idempotency_key, **options)
         return (await self.publish([request]))[0]
 
     async def schedule_many(self, requests: Iterable[Scheduled]) -> list[str]:

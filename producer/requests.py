@@ -4,13 +4,13 @@ a bad argument fails in the service, before anything is published, naming the fi
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any, Protocol
+from datetime import datetime
+from typing import Any, Protocol, Unpack
 
 from shared import contract
-from shared.contract import ContactRef, Priority, ScheduleMessage, TrackEvent
+from shared.contract import ContactRef, ScheduleMessage, ScheduleOptions, TrackEvent
 from shared.topology import EVENT_KEY, EVENTS_EXCHANGE, INTAKE_EXCHANGE, SCHEDULE_KEY
 
 Contact = str | Mapping[str, Any] | ContactRef
@@ -69,28 +69,16 @@ def scheduled(
     template: str,
     channel: str,
     *,
-    delay: timedelta | float | None = None,
-    deliver_at: datetime | None = None,
-    exclude_events: Sequence[str] = (),
-    exclude_scope: str = "since_scheduled",
-    exclude_within: timedelta | None = None,
-    expires_at: datetime | None = None,
     idempotency_key: str | None = None,
-    data: Mapping[str, Any] | None = None,
-    category: str | None = None,
-    priority: str = Priority.AUTOMATION,
+    **options: Unpack[ScheduleOptions],
 ) -> Scheduled:
     """Validate a scheduled message. ``contact`` is the service's user id, or a mapping with
     ``id`` and optional ``email``, ``phone``, ``timezone``, ``attributes``, ``subscribed``.
-    Give ``delay`` (seconds or a timedelta) or ``deliver_at`` (timezone-aware), or neither for
-    now. ``exclude_events`` cancel the send if the contact does one of them first (see
-    ``exclude_scope``). Without ``idempotency_key`` a random one is made: pass your own to make
-    retries safe."""
-    message = contract.schedule_request(
-        contact, template, channel, delay=delay, deliver_at=deliver_at,
-        exclude_events=exclude_events, exclude_scope=exclude_scope,
-        exclude_within=exclude_within, expires_at=expires_at, category=category,
-        priority=priority, data=data)  # fmt: skip
+    ``options`` are those of :class:`~shared.contract.ScheduleOptions`: ``delay`` or
+    ``deliver_at``, ``exclude_events`` with ``exclude_scope``/``exclude_within``,
+    ``expires_at``, ``category``, ``priority``, ``data``. Without ``idempotency_key`` a random
+    one is made: pass your own to make retries safe."""
+    message = contract.schedule_request(contact, template, channel, **options)
     return Scheduled(message, _key(idempotency_key))
 
 
@@ -121,25 +109,12 @@ class SyncApi:
         template: str,
         channel: str,
         *,
-        delay: timedelta | float | None = None,
-        deliver_at: datetime | None = None,
-        exclude_events: Sequence[str] = (),
-        exclude_scope: str = "since_scheduled",
-        exclude_within: timedelta | None = None,
-        expires_at: datetime | None = None,
         idempotency_key: str | None = None,
-        data: Mapping[str, Any] | None = None,
-        category: str | None = None,
-        priority: str = Priority.AUTOMATION,
+        **options: Unpack[ScheduleOptions],
     ) -> str:
         """Schedule one message (arguments as :func:`scheduled`); returns its idempotency key
         once the broker confirmed it."""
-        request = scheduled(
-            contact, template, channel, delay=delay, deliver_at=deliver_at,
-            exclude_events=exclude_events, exclude_scope=exclude_scope,
-            exclude_within=exclude_within, expires_at=expires_at,
-            idempotency_key=idempotency_key, data=data, category=category,
-            priority=priority)  # fmt: skip
+        request = scheduled(contact, template, channel, idempotency_key=idempotency_key, **options)
         return self.publish([request])[0]
 
     def schedule_many(self, requests: Iterable[Scheduled]) -> list[str]:

@@ -186,18 +186,6 @@ class Publisher:
             if isinstance(result, BaseException):
                 raise result
 
-    async def publish_delayed(
-        self,
-        backend: delay.BackendName,
-        destination: str,
-        delay_ms: int,
-        body: bytes,
-        message_id: str,
-        headers: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Publish ``body`` so that it reaches ``destination`` after ``delay_ms``."""
-        await self.publish(self.delayed(backend, destination, delay_ms, body, message_id, headers))
-
     @staticmethod
     def delayed(
         backend: delay.BackendName,

@@ -15,9 +15,10 @@ import re
 import zoneinfo
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypedDict, TypeVar, Unpack
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -42,6 +43,18 @@ Name = Annotated[
 ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 IdempotencyKey = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 ExcludeScope = Literal["since_scheduled", "ever", "within"]
+
+
+def _time_zone(value: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError("must be an IANA time zone such as Europe/Paris") from exc
+    return value
+
+
+#: An IANA time zone name, e.g. ``Europe/Paris``.
+TimeZone = Annotated[str, AfterValidator(_time_zone)]
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
@@ -72,7 +85,7 @@ class ContactRef(_Model):
     id: ExternalId
     email: str | None = Field(default=None, max_length=320)
     phone: str | None = Field(default=None, max_length=40)
-    timezone: str | None = Field(default=None, max_length=64)
+    timezone: TimeZone | None = Field(default=None, max_length=64)
     attributes: dict[str, JsonValue] = Field(default_factory=dict)
     #: Whether the contact accepts non-transactional messages; None leaves it as stored.
     subscribed: bool | None = None
@@ -82,17 +95,6 @@ class ContactRef(_Model):
     def _email(cls, value: str | None) -> str | None:
         if value is not None and not _EMAIL.match(value):
             raise ValueError("must look like name@example.com")
-        return value
-
-    @field_validator("timezone")
-    @classmethod
-    def _timezone(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        try:
-            zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError("must be an IANA time zone such as Europe/Paris") from exc
         return value
 
 
@@ -237,27 +239,44 @@ def contact_ref(contact: str | Mapping[str, Any] | ContactRef) -> ContactRef:
     return build(ContactRef, **dict(contact))
 
 
+class ScheduleOptions(TypedDict, total=False):
+    """The keyword options of a scheduled message, shared by every producer's ``schedule``."""
+
+    #: Seconds or a timedelta from now; or give ``deliver_at``; neither means now.
+    delay: timedelta | float | None
+    #: When to deliver (timezone-aware).
+    deliver_at: datetime | None
+    #: Do not send if the contact does one of these first (see ``exclude_scope``).
+    exclude_events: Sequence[str]
+    #: ``since_scheduled`` (default), ``ever`` or ``within`` (then give ``exclude_within``).
+    exclude_scope: str
+    exclude_within: timedelta | None
+    #: Recorded ``expired`` instead of sent when due after this.
+    expires_at: datetime | None
+    #: The kind of content, for the category dedup window.
+    category: str | None
+    #: ``transactional``, ``automation`` (default) or ``campaign``.
+    priority: str
+    #: Variables for the template.
+    data: Mapping[str, Any] | None
+
+
 def schedule_request(
     contact: str | Mapping[str, Any] | ContactRef,
     template: str,
     channel: str,
     *,
-    delay: timedelta | float | None = None,
-    deliver_at: datetime | None = None,
-    exclude_events: Sequence[str] = (),
-    exclude_scope: str = "since_scheduled",
-    exclude_within: timedelta | None = None,
-    expires_at: datetime | None = None,
-    category: str | None = None,
-    priority: str = Priority.AUTOMATION,
-    data: Mapping[str, Any] | None = None,
     now: datetime | None = None,
+    **options: Unpack[ScheduleOptions],
 ) -> ScheduleMessage:
     """Build a validated :class:`ScheduleMessage` from a producer's arguments.
 
     Exactly one of ``delay`` (a timedelta or seconds) and ``deliver_at`` may be given; neither
     means now.
     """
+    delay = options.get("delay")
+    deliver_at = options.get("deliver_at")
+    exclude_within = options.get("exclude_within")
     if delay is not None and deliver_at is not None:
         raise InvalidMessage("delay: give either delay or deliver_at, not both")
     now = now or datetime.now(UTC)
@@ -281,13 +300,13 @@ def schedule_request(
         template=template,
         channel=channel,
         deliver_at=deliver_at or now,
-        expires_at=expires_at,
-        exclude_events=tuple(exclude_events),
-        exclude_scope=exclude_scope,
+        expires_at=options.get("expires_at"),
+        exclude_events=tuple(options.get("exclude_events", ())),
+        exclude_scope=options.get("exclude_scope", "since_scheduled"),
         exclude_within_seconds=exclude_within.total_seconds() if exclude_within else None,
-        category=category,
-        priority=priority,
-        data=dict(data or {}),
+        category=options.get("category"),
+        priority=options.get("priority", Priority.AUTOMATION),
+        data=dict(options.get("data") or {}),
     )
 
 

@@ -106,6 +106,30 @@ def ready_count(amqp_url: str, queue: str) -> int:
         connection.close()
 
 
+def raw_publish(
+    amqp_url: str,
+    exchange: str,
+    routing_key: str,
+    body: bytes,
+    *,
+    message_id: str | None = None,
+    content_type: str = "application/json",
+    copies: int = 1,
+) -> None:
+    """Publish as a service in another language would: plain AMQP, persistent, with confirms
+    and mandatory, bypassing our producers' validation."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        properties = pika.BasicProperties(content_type=content_type, delivery_mode=2,
+                                          message_id=message_id)  # fmt: skip
+        for _ in range(copies):
+            channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+    finally:
+        connection.close()
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The NUDGE_* environment that makes a subprocess use ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUDGE_")}

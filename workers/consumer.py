@@ -216,13 +216,15 @@ class Consumer(Generic[T]):
             if isinstance(outcome, Retry):
                 if self.handler.destination is None:
                     raise RuntimeError(f"{self.handler.queue} cannot retry: no destination")
-                await self._publisher.publish_delayed(
-                    self._backend,
-                    self.handler.destination,
-                    outcome.delay_ms,
-                    outcome.body if outcome.body is not None else message.body,
-                    outcome.message_id or message.message_id or "",
-                    message.headers,
+                await self._publisher.publish(
+                    Publisher.delayed(
+                        self._backend,
+                        self.handler.destination,
+                        outcome.delay_ms,
+                        outcome.body if outcome.body is not None else message.body,
+                        outcome.message_id or message.message_id or "",
+                        message.headers,
+                    )
                 )
                 metrics.retries.labels(self.handler.queue).inc()
             elif isinstance(outcome, Reject):

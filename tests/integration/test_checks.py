@@ -11,14 +11,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
-import pika
 import pytest
 from sqlalchemy import Engine, select
 
 from producer import Producer, scheduled
 from shared.config import Settings
 from shared.topology import DEAD_QUEUE, EVENT_KEY, EVENTS_EXCHANGE
-from tests.support import Management, Worker, settings_env, wait_for
+from tests.support import Management, Worker, raw_publish, settings_env, wait_for
 from workers.sink import Sink
 from workers.store.schema import contacts, message_items, messages
 
@@ -260,9 +259,6 @@ def test_invalid_events_are_parked_with_a_reason_and_record_nothing(
     start_worker: Callable[..., Worker],
 ) -> None:
     start_worker("events")
-    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
-    channel = connection.channel()
-    channel.confirm_delivery()
     future = (datetime.now(UTC) + timedelta(days=1)).isoformat()
     for event_id, body in (
         ("no-name", b'{"v": 1, "contact": {"id": "1"}, "occurred_at": "2026-01-01T00:00:00Z"}'),
@@ -278,16 +274,7 @@ def test_invalid_events_are_parked_with_a_reason_and_record_nothing(
             b'"occurred_at": "2026-01-01T00:00:00Z"}',
         ),
     ):
-        channel.basic_publish(
-            EVENTS_EXCHANGE,
-            EVENT_KEY,
-            body,
-            pika.BasicProperties(
-                content_type="application/json", delivery_mode=2, message_id=event_id
-            ),
-            mandatory=True,
-        )
-    connection.close()
+        raw_publish(settings.amqp_url, EVENTS_EXCHANGE, EVENT_KEY, body, message_id=event_id)
     wait_for(
         lambda: management.queue(vhost, DEAD_QUEUE).get("messages") == 3,
         timeout=20,

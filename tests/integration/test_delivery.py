@@ -14,7 +14,7 @@ from producer import Producer, scheduled
 from shared import contract, delay
 from shared.config import Settings
 from shared.contract import DueMessage
-from tests.support import Management, Worker, wait_for
+from tests.support import Management, Worker, raw_publish, wait_for
 from workers.sink import Sink
 from workers.store.schema import message_items, messages
 
@@ -126,20 +126,8 @@ def test_the_same_due_message_delivered_twice_calls_the_webhook_once(
     scheduler.stop()
     assert row is not None
     due = DueMessage(message_id=row.id, contact_id=row.contact_id, deliver_at=datetime.now(UTC))
-    import pika
-
-    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
-    channel = connection.channel()
-    channel.confirm_delivery()
-    for _ in range(2):
-        channel.basic_publish(
-            "nudge.delay.out",
-            "0." * delay.LEVELS + "due",
-            contract.encode(due),
-            pika.BasicProperties(content_type="application/json", delivery_mode=2),
-            mandatory=True,
-        )
-    connection.close()
+    raw_publish(settings.amqp_url, "nudge.delay.out", "0." * delay.LEVELS + "due",
+                contract.encode(due), copies=2)  # fmt: skip
     start_worker("dispatch")
     wait_for(lambda: _items(engine) == [("dup", "sent", 1)], timeout=15, message="sent once")
     wait_for(
