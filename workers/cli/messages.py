@@ -1,0 +1,177 @@
+"""``nudge message``: schedule, show and cancel single messages."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+import click
+
+from shared.config import Settings
+from shared.errors import NotFound
+from workers.cli.base import (
+    DURATION,
+    EXIT_INVALID,
+    database,
+    errors,
+    fail,
+    load_settings,
+    print_json,
+)
+
+
+@click.group()
+def message() -> None:
+    """Scheduled messages."""
+
+
+@message.command("schedule")
+@click.argument("contact")
+@click.argument("template")
+@click.argument("channel")
+@click.option("--delay", type=DURATION, help="e.g. 500ms, 15m, 7d.")
+@click.option(
+    "--at",
+    "deliver_at",
+    type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z"]),
+    help="Deliver at this time, e.g. 2026-12-01T09:00:00+00:00.",
+)
+@click.option(
+    "--exclude",
+    "exclude_events",
+    multiple=True,
+    help="Do not send if the contact does this event first (repeatable).",
+)
+@click.option(
+    "--exclude-scope",
+    type=click.Choice(["since_scheduled", "ever", "within"]),
+    default="since_scheduled",
+    show_default=True,
+    help="Which past --exclude events count.",
+)
+@click.option("--exclude-within", type=DURATION, help="The window of --exclude-scope within.")
+@click.option("--category", help="Kind of content, for the category dedup window.")
+@click.option(
+    "--priority",
+    type=click.Choice(["transactional", "automation", "campaign"]),
+    default="automation",
+    show_default=True,
+)
+@click.option("--expires-in", type=DURATION, help="Record expired if due after this long.")
+@click.option("--key", "idempotency_key", help="Idempotency key (default: random).")
+@click.option("--data", default="{}", help="JSON object for the template.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def message_schedule(
+    ctx: click.Context,
+    contact: str,
+    template: str,
+    channel: str,
+    delay: timedelta | None,
+    deliver_at: datetime | None,
+    exclude_events: tuple[str, ...],
+    exclude_scope: str,
+    exclude_within: timedelta | None,
+    category: str | None,
+    priority: str,
+    expires_in: timedelta | None,
+    idempotency_key: str | None,
+    data: str,
+    as_json: bool,
+) -> None:
+    """Schedule TEMPLATE for CONTACT on CHANNEL, through RabbitMQ like any service."""
+    from datetime import UTC
+
+    from producer import Producer
+
+    settings = load_settings(ctx)
+    try:
+        payload = json.loads(data)
+    except json.JSONDecodeError as exc:
+        fail(f"--data: not JSON ({exc})", EXIT_INVALID)
+    base = deliver_at or datetime.now(UTC) + (delay or timedelta(0))
+    with errors(), Producer(settings.amqp_url, name="nudge-cli") as producer:
+        key = producer.schedule(
+            contact,
+            template,
+            channel,
+            delay=delay,
+            deliver_at=deliver_at,
+            exclude_events=exclude_events,
+            exclude_scope=exclude_scope,
+            exclude_within=exclude_within,
+            category=category,
+            priority=priority,
+            expires_at=base + expires_in if expires_in else None,
+            idempotency_key=idempotency_key,
+            data=payload,
+        )
+    if as_json:
+        print_json({"idempotency_key": key})
+    else:
+        click.echo(f"scheduled {key}")
+
+
+def _find(settings: Settings, ref: str) -> dict[str, Any]:
+    from workers.store import messages
+
+    with database(settings) as conn:
+        found = messages.find(conn, ref)
+    if found is None:
+        raise NotFound(f"no message {ref!r} (give its id or idempotency key)")
+    return found
+
+
+@message.command("show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def message_show(ctx: click.Context, ref: str, as_json: bool) -> None:
+    """Show message REF (id or idempotency key) and each recipient's outcome and why."""
+    from workers.store.schema import MessageStatus
+
+    settings = load_settings(ctx)
+    with errors():
+        found = _find(settings, ref)
+    if as_json:
+        print_json(found)
+        return
+    click.echo(
+        f"message {found['id']} ({found['idempotency_key']}): {found['template']} "
+        f"via {found['channel']}, {MessageStatus(found['status']).name.lower()}"
+    )
+    click.echo(
+        f"  deliver_at {found['deliver_at'].isoformat()}"
+        + (f", expires_at {found['expires_at'].isoformat()}" if found["expires_at"] else "")
+    )
+    if not found["items"]:
+        click.echo("  no recipient has an outcome yet")
+    for item in found["items"]:
+        when = item["sent_at"].isoformat() if item["sent_at"] else ""
+        click.echo(
+            f"  {item['external_id']}: {item['status']} {when}".rstrip()
+            + (f" ({item['reason']})" if item["reason"] else "")
+            + (f" attempts={item['attempts']}" if item["attempts"] > 1 else "")
+            + (f" failures={item['failures']}" if item["failures"] else "")
+            + (f" last_error={item['last_error']}" if item["last_error"] else "")
+        )
+
+
+@message.command("cancel")
+@click.argument("ref")
+@click.pass_context
+def message_cancel(ctx: click.Context, ref: str) -> None:
+    """Cancel message REF: recipients not yet sent are recorded cancelled when due."""
+    from workers.store import messages
+
+    settings = load_settings(ctx)
+    with errors():
+        found = _find(settings, ref)
+        with database(settings, write=True) as conn:
+            changed = messages.cancel(conn, found["id"])
+    click.echo(
+        f"message {found['id']} cancelled"
+        if changed
+        else f"message {found['id']} had already completed or been cancelled"
+    )

@@ -1,0 +1,178 @@
+"""Setting up and running: schema, topology, workers, the demo, the contract."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+import click
+
+from shared import amqp, topology
+from workers.cli.base import (
+    EXIT_FAILED,
+    errors,
+    fail,
+    load_settings,
+)
+
+if TYPE_CHECKING:
+    from workers.runner import Role
+
+
+@click.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@click.pass_context
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Apply migrations (safe to run from several processes at once)."""
+    from workers.store.db import upgrade
+
+    settings = load_settings(ctx)
+    with errors():
+        upgrade(settings.database_url, revision)
+    click.echo(f"database at {revision}")
+
+
+@click.group("topology")
+def topology_group() -> None:
+    """RabbitMQ exchanges and queues."""
+
+
+@topology_group.command("apply")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "plugin", "tiers"]),
+    default=None,
+    help="Delay backend (default: NUDGE_DELAY_BACKEND, auto).",
+)
+@click.pass_context
+def topology_apply(ctx: click.Context, backend: str | None) -> None:
+    """Declare every exchange, queue and binding; idempotent."""
+    settings = load_settings(ctx)
+
+    async def apply() -> tuple[str, topology.Topology]:
+        from workers.runner import resolve_backend
+
+        connection = await amqp.connect(settings.amqp_url, name="nudge-cli")
+        try:
+            chosen = await resolve_backend(
+                settings
+                if backend is None
+                else settings.model_copy(update={"delay_backend": backend})
+            )
+            topo = topology.build(chosen)
+            await amqp.declare(connection, topo)
+            return chosen, topo
+        finally:
+            await connection.close()
+
+    with errors():
+        chosen, topo = asyncio.run(apply())
+    click.echo(
+        f"topology applied: backend={chosen}, {len(topo.exchanges)} exchanges, "
+        f"{len(topo.queues)} queues, {len(topo.bindings)} bindings"
+    )
+
+
+@topology_group.command("export")
+@click.option(
+    "--backend", type=click.Choice(["plugin", "tiers"]), default="tiers", show_default=True
+)
+def topology_export(backend: str) -> None:
+    """Print the topology as RabbitMQ definitions JSON."""
+    click.echo(
+        json.dumps(
+            topology.to_definitions(topology.build(backend)),  # type: ignore[arg-type]
+            indent=2,
+            sort_keys=True,
+        )
+    )
+
+
+@click.command()
+@click.argument(
+    "roles", nargs=-1, required=True, type=click.Choice(["scheduler", "dispatch", "events"])
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Batches in flight per role.",
+)
+@click.option(
+    "--burst",
+    is_flag=True,
+    help="Exit once the queues and the delay ladder are empty and nothing is in "
+    "flight (for demos and tests).",
+)
+@click.pass_context
+def worker(ctx: click.Context, roles: tuple[str, ...], concurrency: int, burst: bool) -> None:
+    """Run worker ROLES in this process until SIGTERM (which finishes in-flight work and
+    exits 0)."""
+    from shared.logs import configure
+    from workers.runner import run
+
+    settings = load_settings(ctx)
+    configure(settings.log_level)
+    with errors():
+        asyncio.run(
+            run(
+                settings,
+                cast("list[Role]", list(roles)),
+                concurrency=concurrency,
+                burst=burst,
+            )
+        )
+    # Done: a late SIGTERM (the loop's handlers are gone) must not turn exit 0 into -15.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@click.command()
+@click.option(
+    "--count",
+    default=12,
+    show_default=True,
+    type=click.IntRange(1, 100000),
+    help="Messages to schedule, spread over 0.5-9 s.",
+)
+@click.pass_context
+def demo(ctx: click.Context, count: int) -> None:
+    """Run the main job end to end: a service schedules messages, workers deliver them to a
+    local webhook receiver when due; prints what arrived and what the tables say."""
+    from workers.demo import run_demo
+
+    settings = load_settings(ctx)
+    with errors():
+        ok = run_demo(settings, count)
+    sys.exit(0 if ok else EXIT_FAILED)
+
+
+@click.group("contract")
+def contract_group() -> None:
+    """The wire contract for services in other languages."""
+
+
+@contract_group.command("export")
+@click.argument(
+    "directory", default="docs/contract", type=click.Path(file_okay=False, path_type=Path)
+)
+def contract_export(directory: Path) -> None:
+    """Write the AsyncAPI document and JSON Schemas to DIRECTORY (default docs/contract)."""
+    from shared.asyncapi import export
+
+    try:
+        written = export(directory)
+    except OSError as exc:
+        fail(f"cannot write {directory}: {exc}", EXIT_FAILED)
+    for path in written:
+        click.echo(str(path))
