@@ -161,3 +161,18 @@ policies = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint("name IN ('transactional', 'automation', 'campaign')", name="name"),
 )
+
+templates = Table(
+    "templates",
+    metadata,
+    Column("name", Text, nullable=False),
+    #: Versions count up from 1 per name; a message_item records the version it was sent with.
+    Column("version", Integer, nullable=False),
+    Column("subject", Text),
+    Column("text_body", Text, nullable=False),
+    Column("html_body", Text),
+    _now(),
+    PrimaryKeyConstraint("name", "version"),
+    CheckConstraint("version >= 1", name="version"),
+    CheckConstraint("name ~ '^[A-Za-z0-9_.-]{1,100}$'", name="name"),
+)

@@ -1,0 +1,67 @@
+"""Repository for message templates: versioned by name, the newest version is the one used."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Select, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from workers.store.schema import templates
+
+
+@dataclass(frozen=True)
+class StoredTemplate:
+    """One version of a template, as stored."""
+
+    name: str
+    version: int
+    subject: str | None
+    text_body: str
+    html_body: str | None
+    created_at: datetime
+
+
+def _latest(names: Iterable[str]) -> Select[Any]:
+    return (
+        select(templates)
+        .where(templates.c.name.in_(sorted(set(names))))
+        .distinct(templates.c.name)
+        .order_by(templates.c.name, templates.c.version.desc())
+    )
+
+
+def add(
+    conn: Connection, name: str, text_body: str, subject: str | None, html_body: str | None
+) -> int:
+    """Store a new version of ``name`` (1 for a new name) and return its number. Callers
+    validate the content first; concurrent adds of one name fail on the primary key."""
+    version = conn.execute(
+        select(func.coalesce(func.max(templates.c.version), 0) + 1).where(templates.c.name == name)
+    ).scalar_one()
+    conn.execute(
+        templates.insert().values(
+            name=name, version=version, subject=subject, text_body=text_body, html_body=html_body
+        )
+    )
+    return int(version)
+
+
+def latest(conn: Connection, names: Iterable[str]) -> dict[str, StoredTemplate]:
+    """The newest version of each of ``names`` that exists."""
+    return {r.name: StoredTemplate(**r._mapping) for r in conn.execute(_latest(names))}
+
+
+async def latest_async(conn: AsyncConnection, names: Iterable[str]) -> dict[str, StoredTemplate]:
+    """:func:`latest` for workers."""
+    result = await conn.execute(_latest(names))
+    return {r.name: StoredTemplate(**r._mapping) for r in result}
+
+
+def missing(conn: Connection, names: Iterable[str]) -> set[str]:
+    """Which of ``names`` have no template: for validating campaigns and rules up front."""
+    wanted = set(names)
+    return wanted - set(latest(conn, wanted))
