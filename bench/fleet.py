@@ -78,8 +78,11 @@ class Fleet:
             log = (self.log_dir / f"worker-{i + 1}.tmp").open("wb")
             argv = ["worker", *role, "--concurrency", str(self.concurrency)]
             port = _free_port()
+            # NUDGE_BENCH_PROFILE=DIR: each worker writes a cProfile of its run to DIR.
+            profile = os.environ.get("NUDGE_BENCH_PROFILE")
+            prefix = ["-m", "cProfile", "-o", f"{profile}/worker-{i + 1}-{role[0]}.prof"]
             process = subprocess.Popen(
-                [sys.executable, "-m", "workers", *argv],
+                [sys.executable, *(prefix if profile else []), "-m", "workers", *argv],
                 env={**env, "NUDGE_METRICS_PORT": str(port)},
                 stdout=log,
                 stderr=log,

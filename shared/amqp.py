@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,10 +16,14 @@ import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
+    AbstractIncomingMessage,
     AbstractRobustConnection,
     DeliveryMode,
     ExchangeType,
 )
+from aiormq.abc import ChannelFrame
+from pamqp import commands as spec
+from pamqp.header import ContentHeader
 
 from shared import delay
 from shared.contract import CONTENT_TYPE
@@ -180,11 +184,39 @@ class Publisher:
 
     async def publish_many(self, messages: Iterable[Outgoing]) -> None:
         """Publish all, waiting for the confirms together; raises the first failure after all
-        have settled."""
-        results = await asyncio.gather(*(self.publish(m) for m in messages), return_exceptions=True)
-        for result in results:
+        have settled.
+
+        The publishes leave in one write (one ``send`` for the whole batch, not one per
+        message as aiormq's ``basic_publish`` does while it holds the channel lock): the
+        batch's frames, delivery tags and confirmation futures are registered exactly as
+        ``aiormq.Channel.basic_publish`` registers them, so returns, nacks and a closing
+        channel settle them the same way.
+        """
+        batch = list(messages)
+        if not batch:
+            return
+        try:
+            channel = await self._channel.get_underlay_channel()
+            futures = await _write_publishes(channel, batch)
+        except _PUBLISH_ERRORS as exc:
+            raise PublishNotConfirmed(f"publish of {len(batch)} not confirmed: {exc!r}") from exc
+        try:
+            async with asyncio.timeout(CONFIRM_TIMEOUT):
+                results = await asyncio.gather(*futures, return_exceptions=True)
+        except TimeoutError as exc:
+            raise PublishNotConfirmed(
+                f"{len(batch)} publishes not confirmed within {CONFIRM_TIMEOUT} s"
+            ) from exc
+        for out, result in zip(batch, results, strict=True):
+            if isinstance(result, aio_pika.exceptions.PublishError):
+                raise PublishNotConfirmed(
+                    f"returned unroutable by {out.exchange!r} with key {out.routing_key!r}: "
+                    "run `nudge topology apply`"
+                ) from result
             if isinstance(result, BaseException):
-                raise result
+                raise PublishNotConfirmed(
+                    f"publish to {out.exchange!r} not confirmed: {result!r}"
+                ) from result
 
     @staticmethod
     def delayed(
@@ -206,6 +238,28 @@ class Publisher:
             mandatory=r.mandatory,
         )
 
+    @staticmethod
+    def parked(
+        body: bytes,
+        message_id: str | None,
+        reason: str,
+        source_queue: str,
+        headers: Mapping[str, Any] | None = None,
+    ) -> Outgoing:
+        """The :class:`Outgoing` that parks a message in ``nudge.dead`` with the reason it was
+        rejected."""
+        return Outgoing(
+            DEAD_EXCHANGE,
+            source_queue,
+            body,
+            message_id or "",
+            {
+                **delay.strip_death(dict(headers or {})),
+                "x-nudge-reason": reason[:1000],
+                "x-nudge-source-queue": source_queue,
+            },
+        )
+
     async def dead_letter(
         self,
         body: bytes,
@@ -215,16 +269,64 @@ class Publisher:
         headers: Mapping[str, Any] | None = None,
     ) -> None:
         """Park a message in ``nudge.dead`` with the reason it was rejected."""
-        await self.publish(
-            Outgoing(
-                DEAD_EXCHANGE,
-                source_queue,
-                body,
-                message_id or "",
-                {
-                    **delay.strip_death(dict(headers or {})),
-                    "x-nudge-reason": reason[:1000],
-                    "x-nudge-source-queue": source_queue,
-                },
+        await self.publish(self.parked(body, message_id, reason, source_queue, headers))
+
+
+async def _write_publishes(
+    channel: aiormq.abc.AbstractChannel, batch: Sequence[Outgoing]
+) -> list[asyncio.Future[Any]]:
+    """Put every publish of ``batch`` on the connection's write queue as one frame burst and
+    return their confirmation futures (see :meth:`Publisher.publish_many`)."""
+    impl: Any = channel  # aiormq.Channel: its confirm bookkeeping is not in the abstract type
+    if impl.is_closed:
+        raise aio_pika.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+    frames: list[Any] = []
+    futures: list[asyncio.Future[Any]] = []
+    async with impl.lock:
+        for out in batch:
+            impl.delivery_tag += 1
+            tag = impl.delivery_tag
+            confirmation = impl.create_future()
+            impl.confirmations[tag] = confirmation
+            impl.message_id_delivery_tag[out.message_id] = tag
+            confirmation.add_done_callback(_forget(impl, out.message_id, tag))
+            futures.append(confirmation)
+            properties = spec.Basic.Properties(
+                content_type=CONTENT_TYPE,
+                delivery_mode=int(DeliveryMode.PERSISTENT),
+                message_id=out.message_id,
+                headers=dict(out.headers),
             )
-        )
+            frames.append(
+                spec.Basic.Publish(
+                    exchange=out.exchange, routing_key=out.routing_key, mandatory=out.mandatory
+                )
+            )
+            frames.append(ContentHeader(properties=properties, body_size=len(out.body)))
+            frames.extend(impl._split_body(out.body))
+        await impl.write_queue.put(ChannelFrame.marshall(impl.number, frames))
+    return futures
+
+
+def _forget(impl: Any, message_id: str, tag: int) -> Any:
+    def forget(_: asyncio.Future[Any]) -> None:
+        if impl.message_id_delivery_tag.get(message_id) == tag:
+            impl.message_id_delivery_tag.pop(message_id)
+
+    return forget
+
+
+async def ack_many(messages: Iterable[AbstractIncomingMessage]) -> None:
+    """Acknowledge deliveries with one write per channel instead of one per message.
+
+    Raises the channel's error when it closed since delivery (RabbitMQ then redelivers).
+    """
+    acks: dict[int, tuple[Any, list[Any]]] = {}
+    for message in messages:
+        if message.delivery_tag is None:
+            continue
+        channel: Any = message.channel  # raises ChannelInvalidStateError when closed
+        frame = spec.Basic.Ack(delivery_tag=message.delivery_tag)
+        acks.setdefault(id(channel), (channel, []))[1].append(frame)
+    for channel, frames in acks.values():
+        await channel.write_queue.put(ChannelFrame.marshall(channel.number, frames))

@@ -23,7 +23,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from shared import delay
-from shared.amqp import Publisher
+from shared.amqp import Outgoing, Publisher, ack_many
 from shared.errors import BrokerError, InvalidMessage, PublishNotConfirmed, StoreUnavailable
 from workers import metrics
 from workers.outcomes import Done, Outcome, Reject, Retry
@@ -128,7 +128,7 @@ class Consumer(Generic[T]):
         try:
             item = self.handler.decode(message)
         except InvalidMessage as exc:
-            await self._reject(message, exc.reason)
+            await self._settle(message, Reject(exc.reason))
             return
         due = self.handler.due_at(item)
         wait = (due - datetime.now(UTC)).total_seconds() if due else 0.0
@@ -137,7 +137,7 @@ class Consumer(Generic[T]):
         elif wait * 1000 > delay.HOLD_LIMIT.total_seconds() * 1000 or self._stopping:
             # Too early to hold (the plugin caps x-delay at ~49.7 days, a re-delay may be
             # long): back into the delay for the rest.
-            await self._settle(_Inbound(item, message), Retry(int(wait * 1000)))
+            await self._settle(message, Retry(int(wait * 1000)))
         else:
             key = id(message)
             loop = asyncio.get_running_loop()
@@ -208,61 +208,64 @@ class Consumer(Generic[T]):
                 )
                 await self._nack(batch[0].message)
                 return
-        await asyncio.gather(*(self._settle(b, o) for b, o in zip(batch, outcomes, strict=True)))
+        await self._settle_batch([b.message for b in batch], outcomes)
 
-    async def _settle(self, inbound: _Inbound[T], outcome: Outcome) -> None:
-        message = inbound.message
-        try:
+    async def _settle_batch(
+        self, batch: Sequence[AbstractIncomingMessage], outcomes: Sequence[Outcome]
+    ) -> None:
+        """Map a batch's outcomes to broker operations with one burst of republishes (retries
+        and rejects together, confirmed before anything is acked) and one burst of acks."""
+        outgoing: list[Outgoing] = []
+        published: list[AbstractIncomingMessage] = []
+        acks: list[AbstractIncomingMessage] = []
+        for message, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Retry):
-                if self.handler.destination is None:
-                    raise RuntimeError(f"{self.handler.queue} cannot retry: no destination")
-                await self._publisher.publish(
-                    Publisher.delayed(
-                        self._backend,
-                        self.handler.destination,
-                        outcome.delay_ms,
-                        outcome.body if outcome.body is not None else message.body,
-                        outcome.message_id or message.message_id or "",
-                        message.headers,
-                    )
-                )
+                outgoing.append(self._retry(message, outcome))
+                published.append(message)
                 metrics.retries.labels(self.handler.queue).inc()
             elif isinstance(outcome, Reject):
-                await self._reject(message, outcome.reason)
-                return
+                outgoing.append(self._parked(message, outcome.reason))
+                published.append(message)
             else:
                 assert isinstance(outcome, Done)
-        except PublishNotConfirmed as exc:
-            log.warning("republish not confirmed; message returned to the queue", error=str(exc))
-            await self._nack(message)
-            return
-        await self._ack(message)
+                acks.append(message)
+        if outgoing:
+            try:
+                await self._publisher.publish_many(outgoing)
+                acks += published
+            except PublishNotConfirmed as exc:
+                # Handled again on redelivery; the claims in Postgres make that harmless.
+                log.warning("republish not confirmed; messages returned to the queue",
+                            error=str(exc), count=len(published))  # fmt: skip
+                await asyncio.gather(*(self._nack(m) for m in published))
+        try:
+            await ack_many(acks)
+        except _ACK_ERRORS as exc:
+            log.info("ack failed, messages will be redelivered", error=repr(exc))
 
-    async def _reject(self, message: AbstractIncomingMessage, reason: str) -> None:
+    def _retry(self, message: AbstractIncomingMessage, outcome: Retry) -> Outgoing:
+        if self.handler.destination is None:
+            raise RuntimeError(f"{self.handler.queue} cannot retry: no destination")
+        return Publisher.delayed(
+            self._backend,
+            self.handler.destination,
+            outcome.delay_ms,
+            outcome.body if outcome.body is not None else message.body,
+            outcome.message_id or message.message_id or "",
+            message.headers,
+        )
+
+    def _parked(self, message: AbstractIncomingMessage, reason: str) -> Outgoing:
         field = reason.split(":", 1)[0]
         metrics.dead_lettered.labels(self.handler.queue, field).inc()
-        log.warning(
-            "rejected to nudge.dead",
-            queue=self.handler.queue,
-            reason=reason,
-            message_id=message.message_id,
+        log.warning("rejected to nudge.dead", queue=self.handler.queue, reason=reason,
+                    message_id=message.message_id)  # fmt: skip
+        return Publisher.parked(
+            message.body, message.message_id, reason, self.handler.queue, message.headers
         )
-        try:
-            await self._publisher.dead_letter(
-                message.body, message.message_id, reason, self.handler.queue, message.headers
-            )
-        except PublishNotConfirmed:
-            await self._nack(message)
-            return
-        await self._ack(message)
 
-    async def _ack(self, message: AbstractIncomingMessage) -> None:
-        try:
-            await message.ack()
-        except _ACK_ERRORS as exc:
-            # The channel died since delivery: RabbitMQ redelivers it and the claim in
-            # Postgres makes the second handling a no-op.
-            log.info("ack failed, message will be redelivered", error=repr(exc))
+    async def _settle(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
+        await self._settle_batch([message], [outcome])
 
     async def _nack(self, message: AbstractIncomingMessage) -> None:
         try:
