@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ from workers.outcomes import Done, Outcome, Reject, Retry
 log = structlog.get_logger("nudge.consumer")
 
 T = TypeVar("T")
+
+#: Held messages are released in ticks of this many seconds: a message is handled at most one
+#: tick after it falls due, and the messages of one tick make one batch.
+HOLD_TICK = 0.02
 
 
 class Handler(Protocol[T]):
@@ -88,7 +93,10 @@ class Consumer(Generic[T]):
         self._batch_size = batch_size
         self._batch_wait = batch_wait
         self._ready: asyncio.Queue[_Inbound[T]] = asyncio.Queue()
-        self._held: dict[int, asyncio.TimerHandle] = {}
+        #: Early messages by the tick they fall due in; one timer per tick releases them
+        #: together, so they are handled as one batch.
+        self._held: dict[int, list[_Inbound[T]]] = {}
+        self._held_count = 0
         self._busy = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._queue: AbstractQueue | None = None
@@ -139,15 +147,24 @@ class Consumer(Generic[T]):
             # long): back into the delay for the rest.
             await self._settle(message, Retry(int(wait * 1000)))
         else:
-            key = id(message)
-            loop = asyncio.get_running_loop()
-            self._held[key] = loop.call_later(wait, self._release, key, _Inbound(item, message))
-            metrics.held.labels(self.handler.queue).set(len(self._held))
+            # Rounded up to a tick: never before it is due, at most one tick late.
+            tick = math.ceil((time.time() + wait) / HOLD_TICK)
+            bucket = self._held.get(tick)
+            if bucket is None:
+                bucket = self._held[tick] = []
+                asyncio.get_running_loop().call_later(
+                    tick * HOLD_TICK - time.time(), self._release, tick
+                )
+            bucket.append(_Inbound(item, message))
+            self._held_count += 1
+            metrics.held.labels(self.handler.queue).set(self._held_count)
 
-    def _release(self, key: int, inbound: _Inbound[T]) -> None:
-        self._held.pop(key, None)
-        metrics.held.labels(self.handler.queue).set(len(self._held))
-        self._ready.put_nowait(inbound)
+    def _release(self, tick: int) -> None:
+        bucket = self._held.pop(tick, [])
+        self._held_count -= len(bucket)
+        metrics.held.labels(self.handler.queue).set(self._held_count)
+        for inbound in bucket:
+            self._ready.put_nowait(inbound)
 
     async def _batches(self) -> None:
         while True:
