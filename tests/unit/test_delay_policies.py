@@ -14,7 +14,7 @@ pytestmark = pytest.mark.unit
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 ACTIVE = T0 - timedelta(hours=3)
-POLICY: ByContact = TypeAdapter(DelayPolicy).validate_python(
+POLICY = ByContact.model_validate(
     {
         "policy": "contact",
         "attribute": "tier",
@@ -50,7 +50,8 @@ def test_the_contact_policy_gives_the_tier_base_times_the_activity_factor_within
 
 
 def test_the_minimum_holds_when_the_factor_would_go_below_it() -> None:
-    quick = POLICY.model_copy(update={"active": POLICY.active.model_copy(update={"factor": 0.1})})  # type: ignore[union-attr]
+    assert POLICY.active is not None
+    quick = POLICY.model_copy(update={"active": POLICY.active.model_copy(update={"factor": 0.1})})
     plan = quick.plan(T0, ContactFacts({"tier": "vip"}, None, ACTIVE))
     assert plan.deliver_at - T0 == timedelta(minutes=30)
     assert "bounded to 30m..20h" in plan.why
@@ -60,9 +61,7 @@ def test_a_numeric_attribute_matches_its_written_form() -> None:
     policy = TypeAdapter(DelayPolicy).validate_python(
         {"policy": "contact", "attribute": "level", "base": {"3": "5m"}, "otherwise": "1h"}
     )
-    assert policy.plan(T0, ContactFacts({"level": 3}, None)).deliver_at - T0 == timedelta(
-        minutes=5
-    )
+    assert policy.plan(T0, ContactFacts({"level": 3}, None)).deliver_at - T0 == timedelta(minutes=5)
 
 
 def test_a_bare_duration_is_a_fixed_delay() -> None:
