@@ -129,8 +129,8 @@ class ByContact(_Policy):
             why = [f"{self.attribute}={value}: {format_duration(delay)}"]
         else:
             delay = self.otherwise
-            shown = "missing" if value is None else f"{value}, not listed"
-            why = [f"{self.attribute} {shown}: otherwise {format_duration(delay)}"]
+            shown = f"{self.attribute} missing" if value is None else f"{self.attribute}={value}"
+            why = [f"{shown}, not in base: otherwise {format_duration(delay)}"]
         if self.active is not None and contact.active_at is not None:
             delay = delay * self.active.factor
             why.append(
