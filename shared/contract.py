@@ -114,11 +114,15 @@ class ScheduleMessage(_Model):
     #: ``exclude_within_seconds`` before delivery.
     exclude_scope: ExcludeScope = "since_scheduled"
     exclude_within_seconds: float | None = Field(default=None, gt=0, le=MAX_DELAY.total_seconds())
+    #: With ``since_scheduled``: count exclusion events from this instant on (inclusive), not
+    #: from when the scheduler stored the message less the buffer. Automation rules give the
+    #: instant just after their trigger event, so only later events exclude.
+    exclude_since: AwareDatetime | None = None
     category: Name | None = None
     priority: Priority = Priority.AUTOMATION
     data: dict[str, JsonValue] = Field(default_factory=dict)
 
-    @field_validator("deliver_at", "expires_at")
+    @field_validator("deliver_at", "expires_at", "exclude_since")
     @classmethod
     def _utc(cls, value: datetime | None) -> datetime | None:
         return value.astimezone(UTC) if value is not None else None
@@ -129,6 +133,8 @@ class ScheduleMessage(_Model):
             raise ValueError(
                 "exclude_within_seconds: required with exclude_scope 'within', and only then"
             )
+        if self.exclude_since is not None and self.exclude_scope != "since_scheduled":
+            raise ValueError("exclude_since: only with exclude_scope 'since_scheduled'")
         if self.expires_at is not None and self.expires_at <= self.deliver_at:
             raise ValueError("expires_at: must be later than deliver_at")
         if self.deliver_at - datetime.now(UTC) > MAX_DELAY:

@@ -23,6 +23,7 @@ from sqlalchemy import Engine, select
 from producer import Producer, scheduled
 from shared.config import Settings
 from shared.topology import DUE_QUEUE, INTAKE_QUEUE
+from workers.rules_demo import run_rules_demo
 from workers.sink import Sink
 from workers.store import messages as repo
 from workers.store.db import sync_engine
@@ -38,7 +39,7 @@ def run_demo(settings: Settings, count: int) -> bool:
         "NUDGE_WEBHOOK_SECRET": settings.webhook_secret,
     }
     worker = subprocess.Popen(
-        [sys.executable, "-m", "workers", "worker", "scheduler", "dispatch", "--concurrency", "2"],
+        [sys.executable, "-m", "workers", "worker", "scheduler", "dispatch", "events", "-c", "2"],
         env=env,
         stderr=subprocess.DEVNULL,
     )
@@ -97,6 +98,7 @@ def run_demo(settings: Settings, count: int) -> bool:
             f"{sum(not r.signature_ok for r in sink.requests)} bad signatures"
         )
         ok &= len(sink.accepted()) == count and sink.duplicates() == 0
+        ok &= run_rules_demo(settings, engine, run)
     finally:
         worker.send_signal(signal.SIGTERM)
         code = worker.wait(timeout=60)

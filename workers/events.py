@@ -4,6 +4,11 @@ Each event creates or updates its contact by external id (email, phone, timezone
 attributes, subscribed) and is stored once per event id (the AMQP ``message_id``), so a
 redelivered or re-published event counts once. Dispatch workers read these events for
 exclusion triggers and recent-interaction windows.
+
+In the same transaction, the enabled automation rules the events trigger are evaluated
+(:mod:`workers.firing`); their messages are published to ``nudge.intake`` with confirms after
+the commit, and only then are the events acked. A crash in between redelivers the events,
+which fire again under the same idempotency keys.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract
+from shared.amqp import Outgoing, Publisher
 from shared.contract import TrackEvent
-from shared.topology import EVENTS_QUEUE
-from workers import metrics
+from shared.topology import EVENTS_QUEUE, INTAKE_EXCHANGE, SCHEDULE_KEY
+from workers import firing, metrics
 from workers.outcomes import DONE, Outcome
 from workers.store import contacts
 from workers.store.db import transaction
@@ -31,13 +37,14 @@ class Inbound:
 
 
 class EventsHandler:
-    """Stores events and the contacts they describe."""
+    """Stores events and the contacts they describe, and fires the rules they trigger."""
 
     queue = EVENTS_QUEUE
     destination = None
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, publisher: Publisher) -> None:
         self._engine = engine
+        self._publisher = publisher
 
     def decode(self, message: AbstractIncomingMessage) -> Inbound:
         event_id = contract.idempotency_key(message.message_id)
@@ -48,7 +55,16 @@ class EventsHandler:
         return None
 
     async def handle(self, batch: Sequence[Inbound]) -> Sequence[Outcome]:
+        events = [(i.event_id, i.event) for i in batch]
         async with transaction(self._engine) as conn:
-            new = await contacts.record_events(conn, [(i.event_id, i.event) for i in batch])
+            new = await contacts.record_events(conn, events)
+            fired = await firing.fire(conn, events)
         metrics.events_recorded.inc(new)
+        # Unconfirmed: the consumer keeps the batch unacked and handles it again.
+        await self._publisher.publish_many(
+            Outgoing(INTAKE_EXCHANGE, SCHEDULE_KEY, contract.encode(f.request), f.key)
+            for f in fired
+        )
+        for f in fired:
+            metrics.rules_fired.labels(f.rule).inc()
         return [DONE] * len(batch)

@@ -37,3 +37,6 @@ check_seconds = Counter(
     "Time dispatch spent fetching facts and deciding (checks 1-8), per batch, summed",
 )
 checked = Counter("nudge_checked_total", "Recipients that went through the checks")
+rules_fired = Counter(
+    "nudge_rules_fired_total", "Messages published to nudge.intake by automation rules", ["rule"]
+)

@@ -80,7 +80,7 @@ async def run(
             if role == "scheduler":
                 handler = SchedulerHandler(engine, publisher, backend)
             elif role == "events":
-                handler = EventsHandler(engine)
+                handler = EventsHandler(engine, publisher)
             else:
                 handler = DispatchHandler(settings, engine, channels)
             consumer: Consumer[Any] = Consumer(

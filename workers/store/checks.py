@@ -44,7 +44,7 @@ SELECT DISTINCT ON (w.message_id, w.contact_id) w.message_id, w.contact_id, e.na
    AND e.occurred_at >= CASE m.exclude_scope
          WHEN 'ever' THEN '-infinity'::timestamptz
          WHEN 'within' THEN now() - make_interval(secs => m.exclude_within_seconds)
-         ELSE m.scheduled_at - make_interval(secs => :buffer)
+         ELSE coalesce(m.exclude_since, m.scheduled_at - make_interval(secs => :buffer))
        END
  ORDER BY w.message_id, w.contact_id, e.occurred_at
 """)

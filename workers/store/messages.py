@@ -91,16 +91,17 @@ WITH given AS (
         CAST(:channels AS text[]), CAST(:categories AS text[]), CAST(:priorities AS text[]),
         CAST(:excludes AS jsonb[]), CAST(:scopes AS text[]), CAST(:withins AS float8[]),
         CAST(:data AS jsonb[]), CAST(:deliver_ats AS timestamptz[]),
-        CAST(:expires_ats AS timestamptz[]))
+        CAST(:expires_ats AS timestamptz[]), CAST(:exclude_sinces AS timestamptz[]))
       AS t(idempotency_key, contact_id, template, channel, category, priority,
-           exclude_events, exclude_scope, exclude_within_seconds, data, deliver_at, expires_at)
+           exclude_events, exclude_scope, exclude_within_seconds, data, deliver_at, expires_at,
+           exclude_since)
 ), inserted AS (
     INSERT INTO messages (kind, idempotency_key, contact_id, template, channel, category,
                           priority, exclude_events, exclude_scope, exclude_within_seconds,
-                          data, scheduled_at, deliver_at, expires_at, planned)
+                          data, scheduled_at, deliver_at, expires_at, planned, exclude_since)
     SELECT 'single', idempotency_key, contact_id, template, channel, category, priority,
            exclude_events, exclude_scope, exclude_within_seconds, data, :now, deliver_at,
-           expires_at, 1
+           expires_at, 1, exclude_since
       FROM given
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING id, contact_id, deliver_at, idempotency_key
@@ -134,6 +135,7 @@ async def insert_single_messages(
         "data": [Jsonb(req.data) for _, req in requests],
         "deliver_ats": [req.deliver_at for _, req in requests],
         "expires_ats": [req.expires_at for _, req in requests],
+        "exclude_sinces": [req.exclude_since for _, req in requests],
         "now": now,
     })  # fmt: skip
     stored: dict[str, StoredMessage] = {}

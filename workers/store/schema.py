@@ -28,7 +28,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 metadata = MetaData(
     naming_convention={
@@ -115,6 +115,8 @@ messages = Table(
     Column("exclude_events", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
     Column("exclude_scope", Text, nullable=False, server_default=text("'since_scheduled'")),
     Column("exclude_within_seconds", Float),
+    #: With ``since_scheduled``, exclusion events count from here (rules: after the trigger).
+    Column("exclude_since", DateTime(timezone=True)),
     Column("data", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("scheduled_at", DateTime(timezone=True), nullable=False),
     Column("deliver_at", DateTime(timezone=True), nullable=False),
@@ -175,4 +177,32 @@ templates = Table(
     PrimaryKeyConstraint("name", "version"),
     CheckConstraint("version >= 1", name="version"),
     CheckConstraint("name ~ '^[A-Za-z0-9_.-]{1,100}$'", name="name"),
+)
+
+rules = Table(
+    "rules",
+    metadata,
+    Column("name", Text, primary_key=True),
+    #: The events that trigger the rule (``definition.event``), for matching by overlap.
+    Column("events", ARRAY(Text), nullable=False),
+    #: The validated rule (:class:`workers.rules.Rule`) as JSON.
+    Column("definition", JSONB, nullable=False),
+    Column("enabled", Boolean, nullable=False, server_default=text("true")),
+    #: Counts up each time a load changes the definition.
+    Column("version", Integer, nullable=False, server_default=text("1")),
+    _now(),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("name ~ '^[A-Za-z0-9_.:-]{1,200}$'", name="name"),
+)
+
+rule_runs = Table(
+    "rule_runs",
+    metadata,
+    Column("rule", Text, ForeignKey("rules.name", ondelete="CASCADE"), nullable=False),
+    Column("contact_id", BigInteger, ForeignKey("contacts.id", ondelete="CASCADE"), nullable=False),
+    #: The event that fired the run-once rule for this contact: a redelivery of it fires
+    #: again (idempotently), any other event does not.
+    Column("event_id", Text, nullable=False),
+    Column("fired_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("rule", "contact_id"),
 )

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Select, func, select
+from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from workers.store.schema import templates
@@ -29,7 +30,7 @@ def _latest(names: Iterable[str]) -> Select[Any]:
     return (
         select(templates)
         .where(templates.c.name.in_(sorted(set(names))))
-        .distinct(templates.c.name)
+        .ext(distinct_on(templates.c.name))
         .order_by(templates.c.name, templates.c.version.desc())
     )
 
