@@ -3,6 +3,7 @@ worker processes. Everything here talks to the real servers started by ``make up
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -135,7 +136,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUDGE_")}
     for name, value in settings.model_dump().items():
         if value is not None:
-            env[f"NUDGE_{name.upper()}"] = str(value)
+            text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+            env[f"NUDGE_{name.upper()}"] = text
     return env
 
 
