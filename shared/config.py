@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     smtp_security: Literal["starttls", "tls", "none"] = "starttls"
     smtp_username: str | None = None
     smtp_password: str | None = None
+    #: CA certificates (a PEM file) to trust for the SMTP server, e.g. a private CA.
+    smtp_cert_bundle: str | None = None
     smtp_from: str = "Nudge <nudge@localhost>"
     smtp_timeout_seconds: float = Field(default=30.0, gt=0)
     #: SMTP connections kept open and reused across messages.

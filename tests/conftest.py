@@ -16,7 +16,7 @@ from sqlalchemy import Engine, create_engine
 
 from shared import amqp, topology
 from shared.config import Settings
-from tests.support import Management, Worker
+from tests.support import MailServer, Management, Worker
 from workers.sink import Sink
 from workers.store import templates
 from workers.store.db import upgrade
@@ -97,6 +97,14 @@ def sink() -> Iterator[Sink]:
     s = Sink(SECRET).start()
     yield s
     s.stop()
+
+
+@pytest.fixture
+def mail_server() -> Iterator[MailServer]:
+    """A real SMTP server for this test; the worker settings point the email channel at it."""
+    m = MailServer().start()
+    yield m
+    m.stop()
 
 
 @pytest.fixture

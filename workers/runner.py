@@ -53,6 +53,7 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
                 security=settings.smtp_security,
                 username=settings.smtp_username,
                 password=settings.smtp_password,
+                cert_bundle=settings.smtp_cert_bundle,
                 sender=settings.smtp_from,
                 timeout=settings.smtp_timeout_seconds,
                 connections=settings.smtp_connections,

@@ -33,6 +33,7 @@ class SmtpConfig:
     security: str  # "starttls", "tls" or "none"
     username: str | None
     password: str | None
+    cert_bundle: str | None
     sender: str
     timeout: float
     connections: int
@@ -101,6 +102,7 @@ class SmtpChannel:
             timeout=c.timeout,
             use_tls=c.security == "tls",
             start_tls=c.security == "starttls",
+            cert_bundle=c.cert_bundle,
         )
 
     async def send(self, deliveries: Sequence[Delivery]) -> list[SendResult]:

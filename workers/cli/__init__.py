@@ -15,6 +15,7 @@ import click
 from workers.cli.messages import message
 from workers.cli.policies import policy
 from workers.cli.system import contract_group, db, demo, topology_group, worker
+from workers.cli.templates import template
 
 
 @click.group()
@@ -36,3 +37,4 @@ def main(ctx: click.Context, config_file: Path | None) -> None:
 
 for command in (db, topology_group, worker, message, policy, demo, contract_group):
     main.add_command(command)
+main.add_command(template)
