@@ -105,11 +105,27 @@ def _certificate(directory: Path) -> tuple[str, str]:
         pytest.skip("openssl is needed to make a test certificate")
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return str(cert), str(key)
 
 
@@ -130,8 +146,10 @@ def test_smtp_upgrades_with_starttls_authenticates_fails_a_5xx_at_once_and_retri
     start_worker: Callable[..., Worker],
 ) -> None:
     server, cert = secure_mail_server
-    server.refuse = {"gone@example.com": "550 5.1.1 no such user",
-                     "busy@example.com": "451 4.3.0 try again later"}  # fmt: skip
+    server.refuse = {
+        "gone@example.com": "550 5.1.1 no such user",
+        "busy@example.com": "451 4.3.0 try again later",
+    }
     start_worker(
         smtp_host="127.0.0.1",
         smtp_port=server.port,

@@ -30,8 +30,9 @@ def test_a_missing_variable_fails_that_recipient_with_the_reason_and_sends_nothi
     start_worker()
     with Producer(settings.amqp_url) as producer:
         producer.schedule("c-1", "trial", "webhook", idempotency_key="no-plan")
-        producer.schedule("c-2", "trial", "webhook", idempotency_key="with-plan",
-                          data={"plan": "pro"})  # fmt: skip
+        producer.schedule(
+            "c-2", "trial", "webhook", idempotency_key="with-plan", data={"plan": "pro"}
+        )
     bad = _final(engine, "no-plan")
     assert (bad["status"], bad["template_version"]) == ("failed", 1)
     assert bad["reason"] == "template: trial v1 subject: UndefinedError: 'plan' is undefined"
@@ -98,6 +99,9 @@ def test_a_message_naming_an_unknown_template_is_parked_at_intake_with_the_reaso
         "template: no template named 'no_such_template' (add it with `nudge template add`)"
     )
     with engine.connect() as conn:
-        wait_for(lambda: conn.scalar(select(func.count()).select_from(messages)) == 1,
-                 timeout=10, message="the known message stored")  # fmt: skip
+        wait_for(
+            lambda: conn.scalar(select(func.count()).select_from(messages)) == 1,
+            timeout=10,
+            message="the known message stored",
+        )
         assert conn.scalar(select(messages.c.idempotency_key)) == "known"
