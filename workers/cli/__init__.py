@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from workers.cli.dead import dead
 from workers.cli.messages import message
 from workers.cli.policies import policy
 from workers.cli.system import contract_group, db, demo, topology_group, worker
@@ -38,3 +39,4 @@ def main(ctx: click.Context, config_file: Path | None) -> None:
 for command in (db, topology_group, worker, message, policy, demo, contract_group):
     main.add_command(command)
 main.add_command(template)
+main.add_command(dead)
