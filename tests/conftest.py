@@ -28,7 +28,7 @@ SECRET = "test-secret-0123456789"
 TEMPLATE_DB = "nudge_test_template"
 #: Templates every test database starts with (a message naming an unknown template is parked
 #: by the scheduler), each a one-line text naming the contact.
-STOCK_TEMPLATES = ("welcome", "reminder", "renewal", "flash_sale", "trial_end")
+STOCK_TEMPLATES = ("welcome", "reminder", "renewal", "flash_sale", "trial_end", "digest", "tip")
 
 
 def _admin_dsn(database: str = "postgres") -> str:
