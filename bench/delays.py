@@ -30,6 +30,7 @@ from bench.report import Figure
 from producer import AsyncProducer, Producer, Scheduled, scheduled
 from shared.config import Settings
 from workers.runner import resolve_backend
+from workers.store import templates
 from workers.store.db import sync_engine
 
 
@@ -103,6 +104,9 @@ def run(settings: Settings, p: Params) -> bool:
     run_id = uuid.uuid4().hex[:8]
     prefix = f"bench-{run_id}-s-"
     engine = sync_engine(settings.database_url)
+    with engine.begin() as conn:  # the scheduler parks messages naming an unknown template
+        if templates.missing(conn, ["bench"]):
+            templates.add(conn, "bench", "bench for {{ contact.id }}", None, None)
     backend = asyncio.run(resolve_backend(settings))
     fleet = Fleet(p.workers, p.concurrency, report.RESULTS, p.split)
     click.echo(

@@ -28,6 +28,31 @@ class Settings(BaseSettings):
     webhook_url: str | None = None
     webhook_secret: str = Field(default="change-me", min_length=8)
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Messages per webhook request: 1 sends one POST per message, more turns on batch mode.
+    webhook_batch_size: int = Field(default=1, ge=1, le=500)
+
+    # Delivery: SMTP, unsubscribe links, rate limits (docs/delivery.md).
+    #: The SMTP server; the ``email`` channel is enabled when set.
+    smtp_host: str | None = None
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    #: ``starttls`` upgrades a plain connection, ``tls`` connects over TLS (port 465),
+    #: ``none`` is for a local relay only.
+    smtp_security: Literal["starttls", "tls", "none"] = "starttls"
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    #: CA certificates (a PEM file) to trust for the SMTP server, e.g. a private CA.
+    smtp_cert_bundle: str | None = None
+    smtp_from: str = "Nudge <nudge@localhost>"
+    smtp_timeout_seconds: float = Field(default=30.0, gt=0)
+    #: SMTP connections kept open and reused across messages.
+    smtp_connections: int = Field(default=4, ge=1, le=100)
+    #: Base URL of the unsubscribe endpoint; the List-Unsubscribe link adds signed parameters.
+    unsubscribe_url: str = "http://localhost:8080/unsubscribe"
+    unsubscribe_secret: str = Field(default="change-me-too", min_length=8)
+    #: Sends per second per channel, e.g. ``{"email": 14}``; a channel not named is unlimited.
+    rate_limits: dict[str, float] = Field(default_factory=dict)
+    #: Dispatch processes sharing the rate limits: each process takes limit / this.
+    dispatch_processes: int = Field(default=1, ge=1, le=10000)
 
     claim_lease_seconds: float = Field(default=300.0, gt=0)
     #: Events up to this long before a message was scheduled still exclude it (clock skew
@@ -51,6 +76,14 @@ class Settings(BaseSettings):
     def _amqp_scheme(cls, value: str) -> str:
         if not value.startswith(("amqp://", "amqps://")):
             raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _positive_rates(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = sorted(k for k, v in value.items() if not v > 0)
+        if bad:
+            raise ValueError(f"rates must be positive numbers per second (check {', '.join(bad)})")
         return value
 
     @field_validator("database_url")

@@ -58,3 +58,10 @@ class StoreUnavailable(StoreError):
 
 class NotFound(NudgeError):
     """The requested record does not exist."""
+
+
+class InvalidTemplate(InvalidMessage):
+    """A template does not compile, or cannot be rendered for a recipient.
+
+    ``reason`` names the part (``subject``, ``text_body``, ``html_body``) and what failed.
+    """

@@ -26,6 +26,10 @@ EVENTS_QUEUE = "nudge.events"
 EVENT_KEY = "event"
 DUE_QUEUE = "nudge.due"
 DUE_DESTINATION = "due"
+#: Transactional due messages have a queue (and consumer) of their own, so they never wait
+#: behind bulk work in nudge.due (or campaign batches).
+DUE_TRANSACTIONAL_QUEUE = "nudge.due.transactional"
+DUE_TRANSACTIONAL_DESTINATION = "due_transactional"
 DEAD_EXCHANGE = "nudge.dead"
 DEAD_QUEUE = "nudge.dead"
 CONTROL_EXCHANGE = "nudge.control"
@@ -124,6 +128,11 @@ def destination_binding(backend: delay.BackendName, destination: str, queue: str
     return Binding(delay.TIERS_OUTPUT_EXCHANGE, queue, f"#.{destination}")
 
 
+def due_destination(priority: str) -> str:
+    """The delay destination of a due message of ``priority``, chosen when it is published."""
+    return DUE_TRANSACTIONAL_DESTINATION if priority == "transactional" else DUE_DESTINATION
+
+
 def build(backend: delay.BackendName) -> Topology:
     """The whole topology for a delay backend."""
     exchanges = [
@@ -136,6 +145,7 @@ def build(backend: delay.BackendName) -> Topology:
         work_queue(INTAKE_QUEUE),
         work_queue(EVENTS_QUEUE),
         work_queue(DUE_QUEUE),
+        work_queue(DUE_TRANSACTIONAL_QUEUE),
         Queue(DEAD_QUEUE, _quorum()),
     ]
     bindings = [
@@ -153,6 +163,9 @@ def build(backend: delay.BackendName) -> Topology:
         queues += ladder_queues
         bindings += ladder_bindings
     bindings.append(destination_binding(backend, DUE_DESTINATION, DUE_QUEUE))
+    bindings.append(
+        destination_binding(backend, DUE_TRANSACTIONAL_DESTINATION, DUE_TRANSACTIONAL_QUEUE)
+    )
     return Topology(backend, tuple(exchanges), tuple(queues), tuple(bindings))
 
 

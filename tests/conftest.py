@@ -16,14 +16,19 @@ from sqlalchemy import Engine, create_engine
 
 from shared import amqp, topology
 from shared.config import Settings
-from tests.support import Management, Worker
+from tests.support import MailServer, Management, Worker
 from workers.sink import Sink
+from workers.store import templates
 from workers.store.db import upgrade
+from workers.templating import Renderer
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = Settings.load()
 SECRET = "test-secret-0123456789"
 TEMPLATE_DB = "nudge_test_template"
+#: Templates every test database starts with (a message naming an unknown template is parked
+#: by the scheduler), each a one-line text naming the contact.
+STOCK_TEMPLATES = ("welcome", "reminder", "renewal", "flash_sale", "trial_end", "digest", "tip")
 
 
 def _admin_dsn(database: str = "postgres") -> str:
@@ -51,6 +56,13 @@ def template_db(servers: None) -> str:
         conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
     upgrade(_db_url(TEMPLATE_DB))
+    engine = create_engine(_db_url(TEMPLATE_DB))
+    try:
+        with engine.begin() as conn:
+            for name in STOCK_TEMPLATES:
+                templates.add(conn, name, f"{name} for {{{{ contact.id }}}}", name, None)
+    finally:
+        engine.dispose()
     return TEMPLATE_DB
 
 
@@ -85,6 +97,14 @@ def sink() -> Iterator[Sink]:
     s = Sink(SECRET).start()
     yield s
     s.stop()
+
+
+@pytest.fixture
+def mail_server() -> Iterator[MailServer]:
+    """A real SMTP server for this test; the worker settings point the email channel at it."""
+    m = MailServer().start()
+    yield m
+    m.stop()
 
 
 @pytest.fixture
@@ -161,3 +181,18 @@ def start_worker(settings: Settings) -> Iterator[Callable[..., Worker]]:
             codes.append((w, -9))
     for w, code in codes:
         assert code == 0, f"worker exited {code} on SIGTERM:\n{w.log()}"
+
+
+@pytest.fixture
+def add_template(engine: Engine) -> Callable[..., int]:
+    """Store a template version in this test's database (validated like ``nudge template
+    add``); returns its version."""
+
+    def add(
+        name: str, text_body: str, subject: str | None = None, html_body: str | None = None
+    ) -> int:
+        Renderer().validate(subject, text_body, html_body)
+        with engine.begin() as conn:
+            return templates.add(conn, name, text_body, subject, html_body)
+
+    return add

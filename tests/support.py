@@ -3,9 +3,11 @@ worker processes. Everything here talks to the real servers started by ``make up
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -122,8 +124,9 @@ def raw_publish(
     try:
         channel = connection.channel()
         channel.confirm_delivery()
-        properties = pika.BasicProperties(content_type=content_type, delivery_mode=2,
-                                          message_id=message_id)  # fmt: skip
+        properties = pika.BasicProperties(
+            content_type=content_type, delivery_mode=2, message_id=message_id
+        )
         for _ in range(copies):
             channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
     finally:
@@ -135,7 +138,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUDGE_")}
     for name, value in settings.model_dump().items():
         if value is not None:
-            env[f"NUDGE_{name.upper()}"] = str(value)
+            text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+            env[f"NUDGE_{name.upper()}"] = text
     return env
 
 
@@ -241,3 +245,80 @@ class Worker:
     def wait_exit(self, timeout: float) -> int:
         assert self.process is not None
         return self.process.wait(timeout=timeout)
+
+
+@dataclass(frozen=True)
+class Mail:
+    """One email that reached the test SMTP server."""
+
+    peer: tuple[str, int]
+    sender: str
+    recipients: list[str]
+    message: Any  # email.message.EmailMessage
+    login: str | None
+
+
+class MailServer:
+    """A real SMTP server (aiosmtpd) on a free port that records what arrives. ``refuse``
+    maps a recipient address to the reply its RCPT gets (``"550 no such user"``). With
+    ``tls`` (certificate and key files) it requires STARTTLS; with ``login`` it requires
+    authentication (over TLS only)."""
+
+    def __init__(
+        self, *, login: tuple[str, str] | None = None, tls: tuple[str, str] | None = None
+    ) -> None:
+        from aiosmtpd.controller import Controller
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+
+        self.received: list[Mail] = []
+        self.refuse: dict[str, str] = {}
+        server = self
+
+        class Handler:
+            async def handle_RCPT(  # noqa: N802 (aiosmtpd hook name)
+                self, srv: Any, session: Any, envelope: Any, address: str, options: Any
+            ) -> str:
+                if address in server.refuse:
+                    return server.refuse[address]
+                envelope.rcpt_tos.append(address)
+                return "250 OK"
+
+            async def handle_DATA(  # noqa: N802 (aiosmtpd hook name)
+                self, srv: Any, session: Any, envelope: Any
+            ) -> str:
+                import email
+                import email.policy
+
+                message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+                login = session.auth_data.login.decode() if session.auth_data else None
+                server.received.append(
+                    Mail(session.peer, envelope.mail_from, list(envelope.rcpt_tos), message, login)
+                )
+                return "250 Message accepted"
+
+        def authenticate(
+            srv: Any, session: Any, envelope: Any, mechanism: str, data: Any
+        ) -> AuthResult:
+            ok = (
+                login is not None
+                and isinstance(data, LoginPassword)
+                and (data.login.decode(), data.password.decode()) == login
+            )
+            return AuthResult(success=ok, auth_data=data if ok else None)
+
+        self.port = free_port()
+        kwargs: dict[str, Any] = {}
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*tls)
+            kwargs |= {"tls_context": context, "require_starttls": True}
+        if login is not None:
+            kwargs |= {"authenticator": authenticate, "auth_required": True}
+        self._controller = Controller(Handler(), hostname="127.0.0.1", port=self.port, **kwargs)
+
+    def start(self) -> MailServer:
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        self._controller.stop()

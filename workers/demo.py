@@ -26,8 +26,24 @@ from shared.topology import DUE_QUEUE, INTAKE_QUEUE
 from workers.rules_demo import run_rules_demo
 from workers.sink import Sink
 from workers.store import messages as repo
+from workers.store import templates
 from workers.store.db import sync_engine
 from workers.store.schema import contacts, message_items, messages
+
+DEMO_TEMPLATE = "trial_end"
+
+
+def _ensure_template(engine: Engine) -> None:
+    """The demo's template, added on first use (messages naming an unknown one are parked)."""
+    with engine.begin() as conn:
+        if templates.missing(conn, [DEMO_TEMPLATE]):
+            templates.add(
+                conn,
+                DEMO_TEMPLATE,
+                "Hi {{ contact.id }}, your {{ plan }} trial ends soon.",
+                "Your {{ plan }} trial ends soon",
+                None,
+            )
 
 
 def run_demo(settings: Settings, count: int) -> bool:
@@ -45,12 +61,13 @@ def run_demo(settings: Settings, count: int) -> bool:
     )
     engine = sync_engine(settings.database_url)
     try:
+        _ensure_template(engine)
         _wait_consumers(settings.amqp_url, worker, deadline=time.monotonic() + 60)
         delays = [0.5 + 8.5 * i / max(1, count - 1) for i in range(count)]
         requests = [
             scheduled(
                 f"demo-{run}-{i}",
-                "trial_end",
+                DEMO_TEMPLATE,
                 "webhook",
                 delay=d,
                 idempotency_key=f"demo-{run}-{i}",
@@ -63,7 +80,7 @@ def run_demo(settings: Settings, count: int) -> bool:
             producer.schedule_many(requests)
             producer.schedule_many([requests[0]])  # a retried publish: same key
             producer.schedule(
-                f"demo-{run}-c", "trial_end", "webhook", delay=6, idempotency_key=cancelled_key
+                f"demo-{run}-c", DEMO_TEMPLATE, "webhook", delay=6, idempotency_key=cancelled_key
             )
         click.echo(
             f"scheduled {count} messages over {delays[0]:.1f}-{delays[-1]:.1f} s "

@@ -13,6 +13,7 @@ import asyncio
 import random
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -21,21 +22,25 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared import contract
 from shared.config import Settings
-from shared.contract import DueMessage
-from shared.errors import StoreUnavailable
+from shared.contract import DueMessage, Priority
+from shared.errors import InvalidTemplate, StoreUnavailable
 from shared.topology import DUE_DESTINATION, DUE_QUEUE
 from workers import checks, metrics
 from workers.channels import Channel, Delivery, SendResult, Verdict
 from workers.checks import Decision, Defer, Record, Send
 from workers.outcomes import DONE, Outcome, Reject, Retry
+from workers.ratelimit import Limits
 from workers.scheduler import due_message_id
 from workers.store import checks as checks_repo
 from workers.store import messages
 from workers.store import policies as policies_repo
+from workers.store import templates as templates_repo
 from workers.store.checks import Sent
 from workers.store.db import transaction
 from workers.store.messages import Claimed, ItemState, Key
 from workers.store.schema import ItemStatus
+from workers.store.templates import StoredTemplate
+from workers.templating import Rendered, Renderer, contact_variables
 
 log = structlog.get_logger("nudge.dispatch")
 
@@ -58,18 +63,38 @@ def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
 
 
-class DispatchHandler:
-    """Claims, checks, delivers and records due messages."""
+@dataclass(frozen=True)
+class _Delivery:
+    """A claimed recipient and what goes out to it."""
 
-    queue = DUE_QUEUE
-    destination = DUE_DESTINATION
+    claimed: Claimed
+    delivery: Delivery
+
+
+class DispatchHandler:
+    """Claims, checks, renders, delivers and records due messages from one due queue.
+
+    A worker runs one handler per due queue (bulk and transactional), sharing the channels,
+    the rate limits and the template cache."""
 
     def __init__(
-        self, settings: Settings, engine: AsyncEngine, channels: Mapping[str, Channel]
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        channels: Mapping[str, Channel],
+        *,
+        limits: Limits | None = None,
+        renderer: Renderer | None = None,
+        queue: str = DUE_QUEUE,
+        destination: str = DUE_DESTINATION,
     ) -> None:
         self._settings = settings
         self._engine = engine
         self._channels = channels
+        self._limits = limits or Limits({})
+        self._renderer = renderer or Renderer()
+        self.queue = queue
+        self.destination = destination
 
     def decode(self, message: AbstractIncomingMessage) -> DueMessage:
         return contract.decode(DueMessage, message.body, content_type=message.content_type)
@@ -86,7 +111,7 @@ class DispatchHandler:
         # A second copy in the same batch is dropped: the first copy carries the work.
         result: list[Outcome] = [DONE] * len(batch)
         records: list[messages.Outcome] = []
-        sends: list[tuple[Claimed, Channel]] = []
+        sends: list[Claimed] = []
         async with transaction(self._engine) as conn:
             # Checks and claims of one contact are serialised across all workers, so caps
             # hold under concurrency.
@@ -103,7 +128,7 @@ class DispatchHandler:
             metrics.checked.inc(len(claimed))
             for c, decision in decisions:
                 if isinstance(decision, Send):
-                    sends.append((c, self._channels[c.channel]))
+                    sends.append(c)
                 elif isinstance(decision, Defer):
                     records.append(self._record(c, ItemStatus.DEFERRED, decision.reason,
                                                 next_at=decision.until))  # fmt: skip
@@ -114,15 +139,17 @@ class DispatchHandler:
                     records.append(self._record(c, decision.status, decision.reason))
             # Decisions not to send are final (or deferred) at once, with the claims.
             await messages.finalise(conn, records)
-        sent = await asyncio.gather(*(self._send(c, ch) for c, ch in sends))
-        sent_records: list[messages.Outcome] = []
-        for (c, channel), send_result in zip(sends, sent, strict=True):
+            stored = await templates_repo.latest_async(conn, {c.template for c in sends})
+        deliveries, sent_records = self._render(sends, stored)
+        sent = await self._send_all(deliveries)
+        for d, send_result in sent:
+            c = d.claimed
             record, retry = self._after_send(c, send_result)
-            sent_records.append(record)
+            sent_records.append(replace(record, template_version=d.delivery.content.version))
             if retry is not None:
                 result[first[(c.message_id, c.contact_id)]] = retry
             if record.status is ItemStatus.SENT:
-                metrics.lateness.labels(channel.name).observe(
+                metrics.lateness.labels(c.channel).observe(
                     max(0.0, (datetime.now(UTC) - c.deliver_at).total_seconds())
                 )
         await self._finalise(sent_records)
@@ -135,6 +162,64 @@ class DispatchHandler:
                 (r.reason or "").split(":", 1)[0],
             ).inc()
         return result
+
+    def _render(
+        self, sends: Sequence[Claimed], stored: Mapping[str, StoredTemplate]
+    ) -> tuple[list[_Delivery], list[messages.Outcome]]:
+        """Render each recipient's message; a missing template or a failed render fails that
+        recipient with the reason, never the batch."""
+        deliveries: list[_Delivery] = []
+        failed: list[messages.Outcome] = []
+        for c in sends:
+            template = stored.get(c.template)
+            if template is None:
+                failed.append(self._record(
+                    c, ItemStatus.FAILED,
+                    f"template: no template named {c.template!r} (add it with "
+                    "`nudge template add`)",
+                ))  # fmt: skip
+                continue
+            contact = contact_variables(c.external_id, c.email, c.phone, c.timezone,
+                                        c.attributes)  # fmt: skip
+            try:
+                content = self._renderer.render(
+                    template.name,
+                    template.version,
+                    {"subject": template.subject, "text_body": template.text_body,
+                     "html_body": template.html_body},
+                    contact,
+                    c.data,
+                )  # fmt: skip
+            except InvalidTemplate as exc:
+                failed.append(
+                    replace(self._record(c, ItemStatus.FAILED, exc.reason),
+                            template_version=template.version)
+                )  # fmt: skip
+                continue
+            deliveries.append(_Delivery(c, self._delivery(c, content)))
+        return deliveries, failed
+
+    async def _send_all(
+        self, deliveries: Sequence[_Delivery]
+    ) -> list[tuple[_Delivery, SendResult]]:
+        """Send every delivery through its channel, as many requests as the channel's batch
+        size asks, all concurrently, each waiting its turn under the channel's rate limit."""
+        by_channel: dict[str, list[_Delivery]] = {}
+        for d in deliveries:
+            by_channel.setdefault(d.claimed.channel, []).append(d)
+        chunks: list[tuple[Channel, list[_Delivery]]] = []
+        for name, group in by_channel.items():
+            channel = self._channels[name]
+            # transactional first, so they take the first permits of the rate limit
+            group.sort(key=lambda d: d.claimed.priority != Priority.TRANSACTIONAL)
+            size = max(1, channel.batch_size)
+            chunks += [(channel, group[i : i + size]) for i in range(0, len(group), size)]
+        results = await asyncio.gather(*(self._send(ch, chunk) for ch, chunk in chunks))
+        return [
+            (d, r)
+            for (_, chunk), rs in zip(chunks, results, strict=True)
+            for d, r in zip(chunk, rs, strict=True)
+        ]
 
     async def _finalise(self, records: Sequence[messages.Outcome]) -> None:
         """Record outcomes, retrying while Postgres is unavailable: the sends happened, and
@@ -234,9 +319,9 @@ class DispatchHandler:
         return Retry(_ms((at - now).total_seconds()), contract.encode(nxt),
                      due_message_id(c.message_id, c.contact_id, nxt.attempt))  # fmt: skip
 
-    async def _send(self, c: Claimed, channel: Channel) -> SendResult:
-        started = time.monotonic()
-        delivery = Delivery(
+    @staticmethod
+    def _delivery(c: Claimed, content: Rendered) -> Delivery:
+        return Delivery(
             message_id=c.message_id,
             contact_id=c.contact_id,
             key=c.idempotency_key,
@@ -248,17 +333,24 @@ class DispatchHandler:
             data=c.data,
             deliver_at=c.deliver_at,
             attempt=c.attempts,
+            content=content,
             email=c.email,
             phone=c.phone,
             attributes=c.attributes,
         )
+
+    async def _send(self, channel: Channel, chunk: Sequence[_Delivery]) -> list[SendResult]:
+        urgent = any(d.claimed.priority == Priority.TRANSACTIONAL for d in chunk)
+        await self._limits.acquire(channel.name, len(chunk), urgent=urgent)
+        started = time.monotonic()
         try:
-            result = await channel.send(delivery)
+            results = await channel.send([d.delivery for d in chunk])
         except Exception as exc:  # a channel bug must not lose the batch
-            log.exception("channel crashed", channel=channel.name, message_id=c.message_id)
-            result = SendResult(Verdict.TRANSIENT, f"channel crashed: {exc!r}")
+            log.exception("channel crashed", channel=channel.name,
+                          message_ids=[d.claimed.message_id for d in chunk])  # fmt: skip
+            results = [SendResult(Verdict.TRANSIENT, f"channel crashed: {exc!r}")] * len(chunk)
         metrics.send_latency.labels(channel.name).observe(time.monotonic() - started)
-        return result
+        return results
 
     def _after_send(self, c: Claimed, result: SendResult) -> tuple[messages.Outcome, Retry | None]:
         if result.verdict is Verdict.SENT:

@@ -12,18 +12,22 @@ from typing import Any, Literal
 
 import structlog
 from prometheus_client import start_http_server
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import amqp, delay, topology
 from shared.config import Settings
 from shared.errors import BrokerUnavailable
 from workers.channels import Channel
 from workers.channels.log import LogChannel
+from workers.channels.smtp import SmtpChannel, SmtpConfig
 from workers.channels.webhook import WebhookChannel
 from workers.consumer import Consumer
 from workers.dispatch import DispatchHandler
 from workers.events import EventsHandler
+from workers.ratelimit import Limits
 from workers.scheduler import SchedulerHandler
 from workers.store.db import async_engine, check_schema
+from workers.templating import Renderer
 
 log = structlog.get_logger("nudge.worker")
 
@@ -36,9 +40,61 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
     channels: dict[str, Channel] = {"log": LogChannel()}
     if settings.webhook_url:
         channels["webhook"] = WebhookChannel(
-            settings.webhook_url, settings.webhook_secret, timeout=settings.webhook_timeout_seconds
+            settings.webhook_url,
+            settings.webhook_secret,
+            timeout=settings.webhook_timeout_seconds,
+            batch_size=settings.webhook_batch_size,
+        )
+    if settings.smtp_host:
+        channels["email"] = SmtpChannel(
+            SmtpConfig(
+                host=settings.smtp_host,
+                port=settings.smtp_port,
+                security=settings.smtp_security,
+                username=settings.smtp_username,
+                password=settings.smtp_password,
+                cert_bundle=settings.smtp_cert_bundle,
+                sender=settings.smtp_from,
+                timeout=settings.smtp_timeout_seconds,
+                connections=settings.smtp_connections,
+                unsubscribe_url=settings.unsubscribe_url,
+                unsubscribe_secret=settings.unsubscribe_secret,
+            )
         )
     return channels
+
+
+def _handlers(
+    role: Role,
+    settings: Settings,
+    engine: AsyncEngine,
+    publisher: amqp.Publisher,
+    backend: delay.BackendName,
+    channels: dict[str, Channel],
+) -> list[Any]:
+    """The handlers of a role, one per queue it consumes."""
+    if role == "scheduler":
+        return [SchedulerHandler(engine, publisher, backend)]
+    if role == "events":
+        return [EventsHandler(engine, publisher)]
+    # Both due queues share the channels, and so the rate limits and the template cache.
+    limits = Limits(settings.rate_limits, settings.dispatch_processes)
+    renderer = Renderer()
+    return [
+        DispatchHandler(
+            settings,
+            engine,
+            channels,
+            limits=limits,
+            renderer=renderer,
+            queue=queue,
+            destination=destination,
+        )
+        for queue, destination in (
+            (topology.DUE_QUEUE, topology.DUE_DESTINATION),
+            (topology.DUE_TRANSACTIONAL_QUEUE, topology.DUE_TRANSACTIONAL_DESTINATION),
+        )
+    ]
 
 
 async def resolve_backend(settings: Settings) -> delay.BackendName:
@@ -68,21 +124,19 @@ async def run(
     backend = await resolve_backend(settings)
     topo = topology.build(backend)
     await amqp.declare(connection, topo)
-    engine = async_engine(settings.database_url, pool_size=concurrency * len(roles) + 1)
+    queues = len(roles) + ("dispatch" in roles)
+    engine = async_engine(settings.database_url, pool_size=concurrency * queues + 1)
     publisher = await amqp.Publisher.open(connection)
     channels = build_channels(settings)
     consumers: list[Consumer[Any]] = []
     try:
-        for role in roles:
+        for handler in (
+            h
+            for role in roles
+            for h in _handlers(role, settings, engine, publisher, backend, channels)
+        ):
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=settings.prefetch)
-            handler: Any
-            if role == "scheduler":
-                handler = SchedulerHandler(engine, publisher, backend)
-            elif role == "events":
-                handler = EventsHandler(engine, publisher)
-            else:
-                handler = DispatchHandler(settings, engine, channels)
             consumer: Consumer[Any] = Consumer(
                 handler,
                 channel,
@@ -143,7 +197,7 @@ async def _until_drained(
     """Return once every consumer is idle, nothing waits in our queues or the delay ladder,
     and that has held for ``idle`` seconds."""
     watched = [c.handler.queue for c in consumers]
-    if any(c.handler.queue == topology.DUE_QUEUE for c in consumers):
+    if any(c.handler.queue.startswith(topology.DUE_QUEUE) for c in consumers):
         # what waits in the delay will come to the due queue
         watched += [q.name for q in topo.queues if q.name.startswith("nudge.delay.")]
     quiet_since: float | None = None

@@ -18,9 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from shared import contract, delay
 from shared.amqp import Publisher
 from shared.contract import DueMessage, ScheduleMessage
-from shared.topology import DUE_DESTINATION, INTAKE_QUEUE
-from workers.outcomes import DONE, Outcome
-from workers.store import messages
+from shared.topology import INTAKE_QUEUE, due_destination
+from workers.outcomes import DONE, Outcome, Reject
+from workers.store import messages, templates
 from workers.store.db import transaction
 
 
@@ -59,14 +59,21 @@ class SchedulerHandler:
     async def handle(self, batch: Sequence[Intake]) -> Sequence[Outcome]:
         now = datetime.now(UTC)
         async with transaction(self._engine) as conn:
-            stored = await messages.insert_single_messages(
-                conn, [(i.key, i.request) for i in batch], now
-            )
+            # The earliest point with the database: a message naming an unknown template is
+            # parked now, not failed when it falls due.
+            unknown = await templates.missing_async(conn, {i.request.template for i in batch})
+            accepted = [i for i in batch if i.request.template not in unknown]
+            stored = []
+            if accepted:
+                stored = await messages.insert_single_messages(
+                    conn, [(i.key, i.request) for i in accepted], now
+                )
+        priority = {i.key: i.request.priority.value for i in accepted}
         now = datetime.now(UTC)
         await self._publisher.publish_many(
             Publisher.delayed(
                 self._backend,
-                DUE_DESTINATION,
+                due_destination(priority[s.idempotency_key]),
                 delay.delay_until(s.deliver_at, now),
                 contract.encode(
                     DueMessage(message_id=s.id, contact_id=s.contact_id, deliver_at=s.deliver_at)
@@ -75,4 +82,12 @@ class SchedulerHandler:
             )
             for s in stored
         )
-        return [DONE] * len(batch)
+        return [
+            Reject(
+                f"template: no template named {i.request.template!r} "
+                "(add it with `nudge template add`)"
+            )
+            if i.request.template in unknown
+            else DONE
+            for i in batch
+        ]

@@ -2,7 +2,10 @@
 drops duplicates by ``Idempotency-Key``. The demo, the tests and the benchmarks use it as the
 far end of the webhook channel; it records what arrived.
 
-Its behaviour can be scripted per call (``fail_first``, ``status_for``) to play a failing API.
+Its answers can be scripted to play a failing API: :meth:`Sink.script` gives the answers to
+the first, second, ... request of each message (``503, 503, 200``; ``(429, {"Retry-After":
+"2"})``), or ``respond`` decides per request. It understands batch requests (``messages``):
+each message of a batch is recorded on its own, with the request's answer.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class Received:
     body: dict[str, Any]
     signature_ok: bool
     status: int
+    #: How many messages the request carried (1 unless batch mode).
+    batch: int = 1
 
 
 @dataclass
@@ -57,20 +62,19 @@ class Sink:
                     time.sleep(sink.latency)
                 ok = verify(sink.secret, body, self.headers.get(SIGNATURE_HEADER, ""))
                 doc = json.loads(body) if body else {}
+                docs = doc["messages"] if isinstance(doc.get("messages"), list) else [doc]
+                header_key = self.headers.get("Idempotency-Key", "")
+                keys = [d.get("idempotency_key", header_key) for d in docs]
                 with sink._lock:
-                    attempt = sum(
-                        1
-                        for r in sink.requests
-                        if r.idempotency_key == self.headers.get("Idempotency-Key")
-                    )
+                    attempt = sum(1 for r in sink.requests if r.idempotency_key == keys[0])
                     status, headers = sink.respond(doc, attempt) if sink.respond else (200, {})
                     if not ok:
                         status = 401
-                    sink.requests.append(
-                        Received(
-                            time.time(), self.headers.get("Idempotency-Key", ""), doc, ok, status
-                        )
-                    )
+                    now = time.time()
+                    sink.requests += [
+                        Received(now, key, d, ok, status, len(docs))
+                        for key, d in zip(keys, docs, strict=True)
+                    ]
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
@@ -84,6 +88,16 @@ class Sink:
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
+
+    def script(self, *answers: int | tuple[int, dict[str, str]]) -> None:
+        """Answer the n-th request of each message with ``answers[n]`` (the last one repeats
+        once they run out)."""
+        table = [a if isinstance(a, tuple) else (a, {}) for a in answers]
+
+        def respond(doc: dict[str, Any], attempt: int) -> tuple[int, dict[str, str]]:
+            return table[min(attempt, len(table) - 1)]
+
+        self.respond = respond
 
     def stop(self) -> None:
         if self._server is not None:

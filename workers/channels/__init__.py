@@ -1,16 +1,21 @@
 """Delivery channels: one small interface, several real implementations.
 
-A channel turns a :class:`Delivery` into a :class:`SendResult`: sent, a transient failure
-worth retrying (with an optional ``retry_after`` from the receiver), or a permanent failure.
-Channels never raise for a failed send; they raise only for their own bugs.
+A channel turns each :class:`Delivery` of a call into a :class:`SendResult`: sent, a transient
+failure worth retrying (with an optional ``retry_after`` from the receiver), or a permanent
+failure. A call carries at most ``batch_size`` deliveries (the webhook's batch mode sends them
+in one request; other channels take one at a time). Channels never raise for a failed send;
+they raise only for their own bugs.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
+
+from workers.templating import Rendered
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class Delivery:
     data: dict[str, Any]
     deliver_at: datetime
     attempt: int
+    content: Rendered
     email: str | None = None
     phone: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
@@ -60,7 +66,11 @@ class Channel(Protocol):
     """Where messages go out."""
 
     name: str
+    #: The most deliveries one :meth:`send` call takes.
+    batch_size: int
 
-    async def send(self, delivery: Delivery) -> SendResult: ...
+    async def send(self, deliveries: Sequence[Delivery]) -> list[SendResult]:
+        """One result per delivery, in order."""
+        ...
 
     async def close(self) -> None: ...

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import structlog
 
 from workers.channels import Delivery, SendResult
@@ -13,16 +15,19 @@ class LogChannel:
     """Always succeeds."""
 
     name = "log"
+    batch_size = 500
 
-    async def send(self, delivery: Delivery) -> SendResult:
-        log.info(
-            "delivered",
-            message_id=delivery.message_id,
-            contact=delivery.external_id,
-            template=delivery.template,
-            attempt=delivery.attempt,
-        )
-        return SendResult.sent()
+    async def send(self, deliveries: Sequence[Delivery]) -> list[SendResult]:
+        for delivery in deliveries:
+            log.info(
+                "delivered",
+                message_id=delivery.message_id,
+                contact=delivery.external_id,
+                template=delivery.template,
+                subject=delivery.content.subject,
+                attempt=delivery.attempt,
+            )
+        return [SendResult.sent()] * len(deliveries)
 
     async def close(self) -> None:
         return None

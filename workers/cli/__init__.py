@@ -12,10 +12,12 @@ from pathlib import Path
 
 import click
 
+from workers.cli.dead import dead
 from workers.cli.messages import message
 from workers.cli.policies import policy
 from workers.cli.rules import rules
 from workers.cli.system import contract_group, db, demo, topology_group, worker
+from workers.cli.templates import template
 
 
 @click.group()
@@ -38,3 +40,5 @@ def main(ctx: click.Context, config_file: Path | None) -> None:
 for command in (db, topology_group, worker, message, policy, demo, contract_group):
     main.add_command(command)
 main.add_command(rules)
+main.add_command(template)
+main.add_command(dead)

@@ -82,6 +82,8 @@ class Outcome:
     next_attempt_at: datetime | None = None
     #: The send failed (counts towards the attempts limit).
     failed: bool = False
+    #: The template version the recipient was rendered with, when it was rendered.
+    template_version: int | None = None
 
 
 _INSERT_SINGLES = text("""
@@ -229,11 +231,14 @@ UPDATE message_items AS mi
    SET status = v.status, reason = v.reason, last_error = coalesce(v.error, mi.last_error),
        next_attempt_at = v.next_attempt_at, failures = mi.failures + v.failed,
        sent_at = CASE WHEN v.status = 'sent' THEN now() ELSE mi.sent_at END,
+       template_version = coalesce(v.template_version, mi.template_version),
        updated_at = now()
   FROM unnest(CAST(:mids AS bigint[]), CAST(:cids AS bigint[]), CAST(:attempts AS int[]),
               CAST(:statuses AS text[]), CAST(:reasons AS text[]), CAST(:errors AS text[]),
-              CAST(:nexts AS timestamptz[]), CAST(:failed AS int[]))
-       AS v(message_id, contact_id, attempts, status, reason, error, next_attempt_at, failed)
+              CAST(:nexts AS timestamptz[]), CAST(:failed AS int[]),
+              CAST(:versions AS int[]))
+       AS v(message_id, contact_id, attempts, status, reason, error, next_attempt_at, failed,
+            template_version)
  WHERE mi.message_id = v.message_id AND mi.contact_id = v.contact_id
    AND mi.status = 'sending' AND mi.attempts = v.attempts
 """)
@@ -260,6 +265,7 @@ async def finalise(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> None:
             "errors": [o.error for o in outcomes],
             "nexts": [o.next_attempt_at for o in outcomes],
             "failed": [int(o.failed) for o in outcomes],
+            "versions": [o.template_version for o in outcomes],
         },
     )
     done = sorted({o.message_id for o in outcomes if o.status.final})

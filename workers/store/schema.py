@@ -148,6 +148,8 @@ message_items = Table(
     Column("sent_at", DateTime(timezone=True)),
     Column("read_at", DateTime(timezone=True)),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    #: The version of the message's template this recipient was rendered with (migration 0004).
+    Column("template_version", Integer),
     PrimaryKeyConstraint("message_id", "contact_id"),
     CheckConstraint(f"status IN ({_item_statuses})", name="status"),
     # window checks: what was sent to this contact lately, and what is being sent now

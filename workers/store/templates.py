@@ -62,6 +62,33 @@ async def latest_async(conn: AsyncConnection, names: Iterable[str]) -> dict[str,
     return {r.name: StoredTemplate(**r._mapping) for r in result}
 
 
+def get(conn: Connection, name: str, version: int | None = None) -> StoredTemplate | None:
+    """Version ``version`` of ``name`` (the newest when ``None``), or ``None``."""
+    query = select(templates).where(templates.c.name == name)
+    if version is None:
+        query = query.order_by(templates.c.version.desc()).limit(1)
+    else:
+        query = query.where(templates.c.version == version)
+    row = conn.execute(query).first()
+    return StoredTemplate(**row._mapping) if row is not None else None
+
+
+def list_latest(conn: Connection) -> list[StoredTemplate]:
+    """The newest version of every template, by name."""
+    query = (
+        select(templates)
+        .distinct(templates.c.name)
+        .order_by(templates.c.name, templates.c.version.desc())
+    )
+    return [StoredTemplate(**r._mapping) for r in conn.execute(query)]
+
+
+async def missing_async(conn: AsyncConnection, names: Iterable[str]) -> set[str]:
+    """:func:`missing` for workers: which of ``names`` have no template."""
+    wanted = set(names)
+    return wanted - set(await latest_async(conn, wanted))
+
+
 def missing(conn: Connection, names: Iterable[str]) -> set[str]:
     """Which of ``names`` have no template: for validating campaigns and rules up front."""
     wanted = set(names)

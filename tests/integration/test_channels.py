@@ -1,0 +1,254 @@
+"""Real delivery: what reaches an SMTP server and a webhook receiver, and what Nudge records
+when they fail, throttle or answer slowly."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+
+from producer import Producer, scheduled
+from shared.config import Settings
+from tests.support import MailServer, Worker, wait_for
+from workers import unsubscribe
+from workers.sink import Sink
+from workers.store.schema import message_items, messages
+
+pytestmark = pytest.mark.integration
+
+
+def _item(engine: Engine, key: str) -> dict[str, Any] | None:
+    with engine.connect() as conn:
+        row = (
+            conn.execute(
+                select(message_items)
+                .join(messages, messages.c.id == message_items.c.message_id)
+                .where(messages.c.idempotency_key == key)
+            )
+            .mappings()
+            .first()
+        )
+    return dict(row) if row is not None else None
+
+
+def _final(engine: Engine, key: str, timeout: float = 20) -> dict[str, Any]:
+    def done() -> dict[str, Any]:
+        item = _item(engine, key)
+        return item if item and item["status"] not in ("sending", "deferred") else {}
+
+    return wait_for(done, timeout=timeout, message=f"{key} to reach a final status")
+
+
+def test_an_email_arrives_rendered_with_a_signed_unsubscribe_header_on_a_reused_connection(
+    settings: Settings,
+    mail_server: MailServer,
+    engine: Engine,
+    add_template: Callable[..., int],
+    start_worker: Callable[..., Worker],
+) -> None:
+    version = add_template(
+        "receipt",
+        "Hi {{ contact.first_name }}, your {{ plan }} plan costs {{ price }}.",
+        subject="Your {{ plan }} receipt",
+        html_body="<p>Hi {{ contact.first_name }}, {{ plan }}</p>",
+    )
+    start_worker(
+        smtp_host="127.0.0.1",
+        smtp_port=mail_server.port,
+        smtp_security="none",
+        smtp_connections=2,
+        unsubscribe_secret="unsub-secret-123",
+    )
+    n = 8
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule_many(
+            scheduled(
+                {
+                    "id": f"u-{i}",
+                    "email": f"u{i}@example.com",
+                    "attributes": {"first_name": f"Ann{i}"},
+                },
+                "receipt",
+                "email",
+                idempotency_key=f"mail-{i}",
+                data={"plan": "<pro>", "price": "9 EUR"},
+            )
+            for i in range(n)
+        )
+    wait_for(lambda: len(mail_server.received) == n, timeout=20, message=f"{n} emails")
+    mail = next(m for m in mail_server.received if m.recipients == ["u3@example.com"])
+    assert mail.message["Subject"] == "Your <pro> receipt"
+    assert mail.message["To"] == "u3@example.com"
+    text = mail.message.get_body(("plain",)).get_content()
+    assert text.strip() == "Hi Ann3, your <pro> plan costs 9 EUR."
+    html = mail.message.get_body(("html",)).get_content()
+    assert "<p>Hi Ann3, &lt;pro&gt;</p>" in html  # HTML parts are autoescaped
+    header = mail.message["List-Unsubscribe"]
+    assert header.startswith("<http://localhost:8080/unsubscribe?")
+    assert unsubscribe.verify("unsub-secret-123", header.strip("<>")) == "u-3"
+    assert unsubscribe.verify("another-secret", header.strip("<>")) is None
+    assert mail.message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    # connections are reused: at most the configured two for eight messages
+    assert len({m.peer for m in mail_server.received}) <= 2
+    item = _final(engine, "mail-3")
+    assert (item["status"], item["template_version"]) == ("sent", version)
+
+
+def _certificate(directory: Path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (the openssl command line makes it)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+@pytest.fixture
+def secure_mail_server(tmp_path: Path) -> Iterator[tuple[MailServer, str]]:
+    """An SMTP server requiring STARTTLS and a login, and its certificate. Requested before
+    ``start_worker``, so it stops after the workers closed their connections."""
+    cert, key = _certificate(tmp_path)
+    server = MailServer(login=("nudge", "s3cret"), tls=(cert, key)).start()
+    yield server, cert
+    server.stop()
+
+
+def test_smtp_upgrades_with_starttls_authenticates_fails_a_5xx_at_once_and_retries_a_4xx(
+    secure_mail_server: tuple[MailServer, str],
+    settings: Settings,
+    engine: Engine,
+    start_worker: Callable[..., Worker],
+) -> None:
+    server, cert = secure_mail_server
+    server.refuse = {
+        "gone@example.com": "550 5.1.1 no such user",
+        "busy@example.com": "451 4.3.0 try again later",
+    }
+    start_worker(
+        smtp_host="127.0.0.1",
+        smtp_port=server.port,
+        smtp_security="starttls",
+        smtp_cert_bundle=cert,
+        smtp_username="nudge",
+        smtp_password="s3cret",
+        max_attempts=2,
+    )
+    with Producer(settings.amqp_url) as producer:
+        for who in ("ok", "gone", "busy"):
+            producer.schedule(
+                {"id": who, "email": f"{who}@example.com"},
+                "welcome",
+                "email",
+                idempotency_key=who,
+            )
+    gone = _final(engine, "gone")
+    assert (gone["status"], gone["failures"]) == ("failed", 1)
+    assert gone["last_error"].startswith("SMTP 550")
+    busy = _final(engine, "busy")
+    assert (busy["status"], busy["failures"]) == ("failed", 2)
+    assert busy["reason"] == "attempts: gave up after 2 failed sends"
+    assert busy["last_error"].startswith("SMTP 451")
+    assert _final(engine, "ok")["status"] == "sent"
+    assert [(m.recipients, m.login) for m in server.received] == [(["ok@example.com"], "nudge")]
+
+
+def test_a_webhook_answering_503_twice_gets_the_message_on_the_third_attempt_after_backoff(
+    settings: Settings, sink: Sink, engine: Engine, start_worker: Callable[..., Worker]
+) -> None:
+    sink.script(503, 503, 200)
+    start_worker()  # retry_base_seconds is 0.5: waits of 0.25-0.5 s, then 0.5-1 s
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule("c-1", "welcome", "webhook", idempotency_key="flaky")
+    item = _final(engine, "flaky")
+    assert [r.status for r in sink.requests] == [503, 503, 200]
+    gaps = [b.at - a.at for a, b in zip(sink.requests, sink.requests[1:], strict=False)]
+    assert gaps[0] >= 0.25, gaps
+    assert gaps[1] >= 0.5, gaps
+    assert (item["status"], item["attempts"], item["failures"]) == ("sent", 3, 2)
+    assert item["last_error"].startswith("HTTP 503")
+    assert len({r.idempotency_key for r in sink.requests}) == 1
+
+
+def test_a_webhook_answering_400_fails_at_once_with_the_error(
+    settings: Settings, sink: Sink, engine: Engine, start_worker: Callable[..., Worker]
+) -> None:
+    sink.script(400)
+    start_worker()
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule("c-1", "welcome", "webhook", idempotency_key="refused")
+    item = _final(engine, "refused")
+    assert (item["status"], item["attempts"], item["failures"]) == ("failed", 1, 1)
+    assert item["reason"] == "permanent: receiver refused"
+    assert item["last_error"].startswith("HTTP 400")
+    assert len(sink.requests) == 1
+
+
+def test_a_webhook_answering_429_with_retry_after_is_retried_no_sooner_than_asked(
+    settings: Settings, sink: Sink, engine: Engine, start_worker: Callable[..., Worker]
+) -> None:
+    sink.script((429, {"Retry-After": "2"}), 200)
+    start_worker()  # our own backoff would wait at most 0.5 s
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule("c-1", "welcome", "webhook", idempotency_key="throttled")
+    item = _final(engine, "throttled")
+    assert [r.status for r in sink.requests] == [429, 200]
+    waited = sink.requests[1].at - sink.requests[0].at
+    assert 2.0 <= waited < 4.0, waited
+    assert (item["status"], item["failures"]) == ("sent", 1)
+
+
+def test_a_webhook_that_times_out_is_retried_then_failed_with_the_timeout(
+    settings: Settings, sink: Sink, engine: Engine, start_worker: Callable[..., Worker]
+) -> None:
+    sink.latency = 1.0
+    start_worker(webhook_timeout_seconds=0.3, max_attempts=2)
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule("c-1", "welcome", "webhook", idempotency_key="slow")
+    item = _final(engine, "slow")
+    assert (item["status"], item["failures"]) == ("failed", 2)
+    assert item["last_error"].startswith("timeout:")
+
+
+def test_batch_mode_carries_many_messages_per_signed_request_and_each_is_recorded_sent(
+    settings: Settings, sink: Sink, engine: Engine, start_worker: Callable[..., Worker]
+) -> None:
+    n = 120
+    start_worker(webhook_batch_size=50)
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule_many(
+            scheduled(f"c-{i}", "welcome", "webhook", idempotency_key=f"b-{i}") for i in range(n)
+        )
+    wait_for(lambda: len(sink.accepted()) == n, timeout=20, message=f"{n} messages")
+    assert all(r.signature_ok for r in sink.requests)
+    assert max(r.batch for r in sink.requests) > 1
+    assert all(r.batch <= 50 for r in sink.requests)
+    assert sink.accepted()[0].body["text"].startswith("welcome for c-")
+    with engine.connect() as conn:
+        statuses = list(conn.scalars(select(message_items.c.status)))
+    assert statuses == ["sent"] * n

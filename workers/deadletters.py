@@ -1,0 +1,174 @@
+"""``nudge.dead``: what was parked, why, and putting it back.
+
+Two kinds of message end here. Those a worker refused (invalid input, an unknown template, a
+due message for no message) carry ``x-nudge-reason`` and ``x-nudge-source-queue``. Those that
+crashed their consumer on every delivery were parked by RabbitMQ once the work queue's
+``x-delivery-limit`` was reached; they carry RabbitMQ's ``x-death`` history, whose reason is
+``delivery_limit``. Replaying publishes a message back to the queue it came from (confirmed,
+without its dead-lettering history, which would otherwise get it dropped as a cycle), then
+removes it from ``nudge.dead``.
+
+Browsing takes messages without acknowledging them and gives them back by closing the channel,
+so several operators can look at once; it speaks pika, and pika's errors become
+:class:`~shared.errors.BrokerError` here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from shared import delay
+from shared.errors import BrokerError, BrokerUnavailable, PublishNotConfirmed
+from shared.topology import DEAD_QUEUE
+
+#: Headers a replay removes besides the dead-lettering history.
+_OUR_HEADERS = ("x-nudge-reason", "x-nudge-source-queue", "x-delivery-count")
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One parked message."""
+
+    message_id: str
+    source_queue: str
+    reason: str
+    headers: dict[str, Any]
+    body: bytes
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly view (the body as JSON when it is, else as text)."""
+        try:
+            body: Any = json.loads(self.body)
+        except ValueError:
+            body = self.body.decode(errors="replace")
+        return {
+            "message_id": self.message_id,
+            "source_queue": self.source_queue,
+            "reason": self.reason,
+            "headers": {k: _plain(v) for k, v in self.headers.items()},
+            "body": body,
+        }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
+def _parse(properties: pika.BasicProperties, body: bytes) -> DeadLetter:
+    headers: dict[str, Any] = dict(properties.headers or {})
+    if "x-nudge-reason" in headers:
+        source = _text(headers.get("x-nudge-source-queue"))
+        reason = _text(headers["x-nudge-reason"])
+    else:
+        deaths = headers.get("x-death") or [{}]
+        last = deaths[0] if isinstance(deaths, list) and deaths else {}
+        source = _text(headers.get("x-first-death-queue") or last.get("queue"))
+        why = _text(headers.get("x-first-death-reason") or last.get("reason")) or "unknown"
+        reason = f"{why}: parked by RabbitMQ from {source}"
+        if why == "delivery_limit":
+            reason += " after crashing its consumer on every delivery (x-delivery-limit)"
+    return DeadLetter(properties.message_id or "", source, reason, headers, body)
+
+
+@contextmanager
+def _channel(amqp_url: str) -> Iterator[Any]:
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    except pika.exceptions.AMQPError as exc:
+        raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc!r}") from exc
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        yield channel
+    except pika.exceptions.UnroutableError as exc:
+        raise PublishNotConfirmed("replay: the source queue no longer exists") from exc
+    except pika.exceptions.NackError as exc:
+        raise PublishNotConfirmed("replay: RabbitMQ refused the message") from exc
+    except pika.exceptions.AMQPError as exc:
+        raise BrokerError(f"nudge.dead: {exc!r}") from exc
+    finally:
+        if connection.is_open:
+            # closing returns every message taken but not acknowledged
+            connection.close()
+
+
+def _take(channel: Any, limit: int) -> Iterator[tuple[int, DeadLetter]]:
+    for _ in range(limit):
+        method, properties, body = channel.basic_get(DEAD_QUEUE, auto_ack=False)
+        if method is None:
+            return
+        yield method.delivery_tag, _parse(properties, body)
+
+
+def browse(amqp_url: str, limit: int = 1000) -> list[DeadLetter]:
+    """Up to ``limit`` parked messages, oldest first; they stay parked."""
+    with _channel(amqp_url) as channel:
+        return [letter for _, letter in _take(channel, limit)]
+
+
+def _settle(
+    amqp_url: str,
+    wanted: Callable[[DeadLetter], bool],
+    replay: bool,
+    limit: int,
+) -> list[DeadLetter]:
+    done: list[DeadLetter] = []
+    with _channel(amqp_url) as channel:
+        for tag, letter in list(_take(channel, limit)):
+            if not wanted(letter):
+                continue
+            if replay:
+                if not letter.source_queue:
+                    continue  # nowhere to go back to: leave it parked
+                headers = {
+                    k: v
+                    for k, v in delay.strip_death(letter.headers).items()
+                    if k not in _OUR_HEADERS
+                }
+                channel.basic_publish(
+                    "",  # the default exchange routes to the queue of that name
+                    letter.source_queue,
+                    letter.body,
+                    pika.BasicProperties(
+                        content_type="application/json",
+                        delivery_mode=2,
+                        message_id=letter.message_id or None,
+                        headers={**headers, "x-nudge-replayed": 1},
+                    ),
+                    mandatory=True,
+                )
+            channel.basic_ack(tag)
+            done.append(letter)
+    return done
+
+
+def replay(amqp_url: str, message_ids: set[str] | None, limit: int = 100_000) -> list[DeadLetter]:
+    """Put parked messages back on their source queues (all when ``message_ids`` is
+    ``None``); returns those replayed. Published with confirms before they leave nudge.dead."""
+    return _settle(
+        amqp_url, lambda d: message_ids is None or d.message_id in message_ids, True, limit
+    )
+
+
+def purge(amqp_url: str, message_ids: set[str] | None, limit: int = 100_000) -> list[DeadLetter]:
+    """Delete parked messages (all when ``message_ids`` is ``None``); returns those deleted."""
+    return _settle(
+        amqp_url, lambda d: message_ids is None or d.message_id in message_ids, False, limit
+    )
