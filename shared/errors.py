@@ -58,3 +58,7 @@ class StoreUnavailable(StoreError):
 
 class NotFound(NudgeError):
     """The requested record does not exist."""
+
+
+class InvalidTransition(NudgeError):
+    """A campaign cannot do that in its current state (e.g. resume a completed campaign)."""

@@ -20,15 +20,19 @@ from workers.channels import Channel
 from workers.channels.log import LogChannel
 from workers.channels.webhook import WebhookChannel
 from workers.consumer import Consumer
+from workers.control import Control
 from workers.dispatch import DispatchHandler
 from workers.events import EventsHandler
+from workers.fanout import BatchHandler
+from workers.planner import PlannerHandler
+from workers.receipts import ReceiptsHandler
 from workers.scheduler import SchedulerHandler
 from workers.store.db import async_engine, check_schema
 
 log = structlog.get_logger("nudge.worker")
 
-Role = Literal["scheduler", "dispatch", "events"]
-ROLES: tuple[Role, ...] = ("scheduler", "dispatch", "events")
+Role = Literal["scheduler", "dispatch", "events", "planner", "receipts"]
+ROLES: tuple[Role, ...] = ("scheduler", "dispatch", "events", "planner", "receipts")
 
 
 def build_channels(settings: Settings) -> dict[str, Channel]:
@@ -72,28 +76,42 @@ async def run(
     publisher = await amqp.Publisher.open(connection)
     channels = build_channels(settings)
     consumers: list[Consumer[Any]] = []
+    background: list[asyncio.Task[None]] = []
     try:
         for role in roles:
-            channel = await connection.channel()
-            await channel.set_qos(prefetch_count=settings.prefetch)
-            handler: Any
+            handlers: list[tuple[Any, bool]] = []  # (handler, one message at a time)
             if role == "scheduler":
-                handler = SchedulerHandler(engine, publisher, backend)
+                handlers.append((SchedulerHandler(engine, publisher, backend), False))
             elif role == "events":
-                handler = EventsHandler(engine)
+                handlers.append((EventsHandler(engine), False))
+            elif role == "receipts":
+                handlers.append((ReceiptsHandler(engine), False))
+            elif role == "planner":
+                planner = PlannerHandler(engine, publisher, backend)
+                background.append(asyncio.create_task(planner.sweep_forever()))
+                handlers.append((planner, True))
             else:
-                handler = DispatchHandler(settings, engine, channels)
-            consumer: Consumer[Any] = Consumer(
-                handler,
-                channel,
-                publisher,
-                backend,
-                concurrency=concurrency,
-                batch_size=settings.batch_size,
-                batch_wait=settings.batch_wait_seconds,
-            )
-            await consumer.start()
-            consumers.append(consumer)
+                dispatch = DispatchHandler(settings, engine, channels)
+                control = Control()
+                await control.listen(connection)
+                handlers.append((dispatch, False))
+                # campaign batches: one per slot, none hoarded, so a pause costs at most the
+                # chunk in flight per slot and other workers get the rest
+                handlers.append((BatchHandler(engine, dispatch, publisher, backend, control), True))
+            for handler, single in handlers:
+                channel = await connection.channel()
+                await channel.set_qos(prefetch_count=concurrency if single else settings.prefetch)
+                consumer: Consumer[Any] = Consumer(
+                    handler,
+                    channel,
+                    publisher,
+                    backend,
+                    concurrency=concurrency,
+                    batch_size=1 if single else settings.batch_size,
+                    batch_wait=0.0 if single else settings.batch_wait_seconds,
+                )
+                await consumer.start()
+                consumers.append(consumer)
         log.info(
             "worker started",
             roles=list(roles),
@@ -113,6 +131,9 @@ async def run(
         for consumer in consumers:
             await consumer.stop()
     finally:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         # The handlers stay until the loop closes: a second SIGTERM during shutdown (from an
         # impatient supervisor) must not kill the process halfway through it.
         for ch in channels.values():

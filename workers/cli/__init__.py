@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from workers.cli.campaigns import campaign
+from workers.cli.contacts import contacts
 from workers.cli.messages import message
 from workers.cli.policies import policy
 from workers.cli.system import contract_group, db, demo, topology_group, worker
@@ -36,3 +38,5 @@ def main(ctx: click.Context, config_file: Path | None) -> None:
 
 for command in (db, topology_group, worker, message, policy, demo, contract_group):
     main.add_command(command)
+main.add_command(campaign)
+main.add_command(contacts)
