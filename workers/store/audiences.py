@@ -159,11 +159,21 @@ def _freeze(message_id: int, audience: dict[str, Any]) -> Any:
     )
 
 
+def _count(message_id: int) -> Any:
+    return (
+        select(func.count())
+        .select_from(message_items)
+        .where(message_items.c.message_id == message_id)
+    )
+
+
 def freeze(conn: Connection, message_id: int, audience: dict[str, Any]) -> int:
     """Insert every recipient as ``planned`` in one statement; returns how many."""
-    return int(conn.execute(_freeze(message_id, audience)).rowcount)
+    conn.execute(_freeze(message_id, audience))
+    return int(conn.execute(_count(message_id)).scalar_one())
 
 
 async def freeze_async(conn: AsyncConnection, message_id: int, audience: dict[str, Any]) -> int:
     """:func:`freeze` for the planner (a scheduled start)."""
-    return int((await conn.execute(_freeze(message_id, audience))).rowcount)
+    await conn.execute(_freeze(message_id, audience))
+    return int((await conn.execute(_count(message_id))).scalar_one())
