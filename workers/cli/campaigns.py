@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from shared.contract import Channel, Priority
-from shared.errors import InvalidMessage, InvalidTransition, NotFound
+from shared.errors import BrokerError, InvalidMessage, InvalidTransition, NotFound
 from workers.cli.base import (
     DURATION,
     EXIT_INVALID,
@@ -288,7 +288,13 @@ def campaign_start(ctx: click.Context, ref: str) -> None:
         with database(settings, write=True) as conn:
             found = _find(conn, ref)
             round_, n = campaigns.start(conn, found)
-        _announce(settings, plan=(found.id, round_))
+        try:
+            _announce(settings, plan=(found.id, round_))
+        except BrokerError as exc:
+            raise BrokerError(
+                f"campaign {found.name!r} is sending but the planners were not told ({exc}); "
+                "run `nudge campaign pause` then `resume` once RabbitMQ is back"
+            ) from exc
     click.echo(f"campaign {found.name!r} sending: {n} recipients frozen")
 
 
