@@ -30,6 +30,7 @@ from bench import report
 from bench.report import Figure
 from shared.config import Settings
 from shared.topology import BATCHES_QUEUE, PLAN_QUEUE
+from workers.cli.campaigns import pause as pause_campaign
 from workers.store import templates
 from workers.store.db import upgrade
 
@@ -152,6 +153,7 @@ def run(settings: Settings, p: Params) -> bool:
     upgrade(url)
     engine = create_engine(url)
     env = {**os.environ, "NUDGE_DATABASE_URL": url, "NUDGE_LOG_LEVEL": "warning"}
+    worker_settings = settings.model_copy(update={"database_url": url})
     workdir = Path(tempfile.mkdtemp(prefix="nudge-bench-campaign-"))
     processes: list[subprocess.Popen[bytes]] = []
     try:
@@ -208,8 +210,9 @@ def run(settings: Settings, p: Params) -> bool:
             state = _count(engine, "SELECT status FROM messages WHERE name = 'bench'")
             print(f"  {time.time() - t_start:6.1f} s  sent {int(sent)}", flush=True)
             if not pause and sent >= p.pause_at * p.contacts:
+                # in this process: the figure is the pause, not a CLI's start on a busy machine
                 asked = time.time()
-                _nudge(env, "campaign", "pause", "bench")
+                pause_campaign(worker_settings, "bench", "benchmark")
                 returned = time.time()
                 time.sleep(3.0)  # let what was in flight land
                 pause = {
@@ -219,9 +222,9 @@ def run(settings: Settings, p: Params) -> bool:
                         "SELECT count(*) FROM message_items WHERE sent_at > to_timestamp(:t)",
                         t=returned,
                     ),
-                    "last_send_after_asked_s": _count(
+                    "last_send_after_return_s": _count(
                         engine, "SELECT extract(epoch FROM max(sent_at)) FROM message_items"
-                    ) - asked,
+                    ) - returned,
                 }  # fmt: skip
                 print(f"  paused: {pause}", flush=True)
                 _nudge(env, "campaign", "resume", "bench")
@@ -256,7 +259,7 @@ def run(settings: Settings, p: Params) -> bool:
         Figure("planner peak RSS", peak.peaks["planner"] / mb, "MB", 200, "<="),
         Figure("message_items per 1M rows (all)", size / rows * 1e6 / mb, "MB"),
         Figure("message_items per 1M rows (heap)", heap / rows * 1e6 / mb, "MB"),
-        Figure("pause command (incl. CLI start)", pause.get("command_s", 0) * 1000, "ms"),
+        Figure("pause: commit and announce", pause.get("command_s", 0) * 1000, "ms"),
         Figure(
             "sends after pause returned",
             pause.get("after_return", 0),
@@ -264,7 +267,9 @@ def run(settings: Settings, p: Params) -> bool:
             p.workers * p.concurrency * p.chunk_size,
             "<=",
         ),
-        Figure("last send after pause asked", pause.get("last_send_after_asked_s", 0) * 1000, "ms"),
+        Figure(
+            "last send after pause returned", pause.get("last_send_after_return_s", 0) * 1000, "ms"
+        ),
     ]
     figures += [Figure(f"CPU {name}", cpu, "s") for name, cpu in peak.cpu.items()]
     print()

@@ -288,6 +288,24 @@ def test_read_receipts_are_recorded_once_and_unknown_ones_are_parked(
     assert abs((read_at - first).total_seconds()) < 0.01
 
 
+def test_a_scheduled_campaign_starts_on_time_and_keeps_to_its_rate(
+    settings: Settings, engine: Engine, sink: Sink, start_worker: Callable[..., Worker]
+) -> None:
+    seed(engine, 300)
+    workers(start_worker, 1)
+    create(settings, "later", "--rate", "100")
+    out = ok(settings, "campaign", "schedule", "later", "--in", "2s")
+    assert out.startswith("campaign 'later' scheduled to start at ")
+    assert status(settings, "later")["state"] == "scheduled"
+    asked = time.time()
+    done = completed(settings, "later", timeout=60)
+    assert done["counts"]["sent"] == 300
+    first = min(r.at for r in sink.requests)
+    last = max(r.at for r in sink.requests)
+    assert first - asked >= 1.5, "started before its time"
+    assert last - first >= 1.8, f"300 recipients at 100/s took {last - first:.2f} s"
+
+
 def test_cli_errors_name_the_problem_and_exit_non_zero(settings: Settings, engine: Engine) -> None:
     seed(engine, 10)
     missing = nudge(settings, "campaign", "status", "nope")

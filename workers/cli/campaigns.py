@@ -304,15 +304,21 @@ def campaign_start(ctx: click.Context, ref: str) -> None:
 @click.pass_context
 def campaign_pause(ctx: click.Context, ref: str, reason: str) -> None:
     """Pause campaign REF: every worker stops within the chunk it is sending."""
-    from workers.store import campaigns
-
     settings = load_settings(ctx)
     with _errors():
-        with database(settings, write=True) as conn:
-            found = _find(conn, ref)
-            round_ = campaigns.pause(conn, found, f"pause: {reason}")
-        _announce(settings, control=(found.id, "pause", round_))
+        found = pause(settings, ref, reason)
     click.echo(f"campaign {found.name!r} paused")
+
+
+def pause(settings: Settings, ref: str, reason: str) -> Campaign:
+    """Commit the pause, then announce it to every worker (also used by the benchmark)."""
+    from workers.store import campaigns
+
+    with database(settings, write=True) as conn:
+        found = _find(conn, ref)
+        round_ = campaigns.pause(conn, found, f"pause: {reason}")
+    _announce(settings, control=(found.id, "pause", round_))
+    return found
 
 
 @campaign.command("resume")
