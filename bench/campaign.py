@@ -94,7 +94,8 @@ class _Peak:
         self.peaks = dict.fromkeys(pids, 0)
         self.cpu = dict.fromkeys([*pids, "postgres", "rabbitmq"], 0.0)
         self._procs = {name: psutil.Process(pid) for name, pid in pids.items()}
-        self._servers: dict[int, tuple[str, psutil.Process, float]] = {}
+        #: pid -> (kind, process, CPU seconds when first seen, CPU seconds now)
+        self._servers: dict[int, tuple[str, psutil.Process, float, float]] = {}
         self._amqp_port = amqp_port
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -106,9 +107,16 @@ class _Peak:
             if proc.info["pid"] in self._servers:
                 continue
             if proc.info["name"] == "postgres" and DATABASE in cmdline:
-                self._servers[proc.info["pid"]] = ("postgres", proc, 0.0)
-            elif "beam" in (proc.info["name"] or "") and f"nudge-{self._amqp_port}" in cmdline:
-                self._servers[proc.info["pid"]] = ("rabbitmq", proc, 0.0)
+                self._servers[proc.info["pid"]] = ("postgres", proc, 0.0, 0.0)
+            elif proc.info["name"] == "beam.smp":
+                try:  # the local node is named in its environment (infra/local/servers.sh)
+                    node = proc.environ().get("RABBITMQ_NODENAME", "")
+                except psutil.Error:
+                    continue
+                if node.startswith(f"nudge-{self._amqp_port}@"):
+                    times = proc.cpu_times()  # a long-running server: count from now on
+                    base = times.user + times.system
+                    self._servers[proc.info["pid"]] = ("rabbitmq", proc, base, base)
 
     def _run(self) -> None:
         tick = 0
@@ -123,14 +131,16 @@ class _Peak:
                     self.cpu[name] = times.user + times.system
                 except psutil.Error:
                     continue
-            for pid, (name, proc, _) in list(self._servers.items()):
+            for pid, (name, proc, base, _) in list(self._servers.items()):
                 try:
                     times = proc.cpu_times()
-                    self._servers[pid] = (name, proc, times.user + times.system)
+                    self._servers[pid] = (name, proc, base, times.user + times.system)
                 except psutil.Error:
                     continue
             for server in ("postgres", "rabbitmq"):
-                self.cpu[server] = sum(c for n, _, c in self._servers.values() if n == server)
+                self.cpu[server] = sum(
+                    now - base for n, _, base, now in self._servers.values() if n == server
+                )
 
     def stop(self) -> None:
         self._stop.set()
