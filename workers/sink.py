@@ -55,7 +55,11 @@ class Sink:
             protocol_version = "HTTP/1.1"  # keep-alive: a thread per connection, not per call
 
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(length)
+                if len(body) < length:  # the client died mid-request: nothing arrived
+                    self.close_connection = True
+                    return
                 if sink.latency:
                     time.sleep(sink.latency)
                 ok = verify(sink.secret, body, self.headers.get(SIGNATURE_HEADER, ""))
