@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from bench import delays
+from bench import campaign, delays
 from shared.config import Settings
 from shared.errors import NudgeError
 
@@ -48,6 +48,28 @@ def delays_command(
     try:
         ok = delays.run(
             Settings.load(), delays.Params(n, spread, lead, workers, concurrency, async_n, split)
+        )
+    except (NudgeError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(0 if ok else 1)
+
+
+@main.command("campaign")
+@click.option("--contacts", default=1_000_000, type=click.IntRange(1), help="Audience size.")
+@click.option("--workers", default=2, type=click.IntRange(1, 8), help="Dispatch processes.")
+@click.option("--concurrency", default=2, type=click.IntRange(1, 64), help="Batches per worker.")
+@click.option("--chunk-size", default=250, type=click.IntRange(1, 5000))
+@click.option("--batch-size", default=500, type=click.IntRange(1, 5000))
+@click.option("--pause-at", default=0.3, type=click.FloatRange(0, 1), help="Pause once, here.")
+def campaign_command(
+    contacts: int, workers: int, concurrency: int, chunk_size: int, batch_size: int,
+    pause_at: float,
+) -> None:  # fmt: skip
+    """Import CONTACTS, send them a campaign (log channel), pause and resume it once."""
+    try:
+        ok = campaign.run(
+            Settings.load(),
+            campaign.Params(contacts, workers, concurrency, chunk_size, batch_size, pause_at),
         )
     except (NudgeError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc

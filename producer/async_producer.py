@@ -9,7 +9,7 @@ from typing import Any, Unpack
 
 from aio_pika.abc import AbstractRobustConnection
 
-from producer.requests import Contact, Request, Scheduled, scheduled, tracked
+from producer.requests import Contact, Request, Scheduled, read, scheduled, tracked
 from shared import amqp
 from shared.contract import ScheduleOptions
 
@@ -91,3 +91,10 @@ class AsyncProducer:
         """Record that ``contact`` did ``event``; returns the event id once confirmed."""
         request = tracked(contact, event, data=data, occurred_at=occurred_at, event_id=event_id)
         return (await self.publish([request]))[0]
+
+    async def mark_read(
+        self, message_id: int, contact: str, *, read_at: datetime | None = None
+    ) -> str:
+        """Record that ``contact`` read message ``message_id``; returns the receipt id once
+        confirmed. The first receipt of a recipient wins."""
+        return (await self.publish([read(message_id, contact, read_at=read_at)]))[0]

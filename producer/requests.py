@@ -10,8 +10,15 @@ from datetime import datetime
 from typing import Any, Protocol, Unpack
 
 from shared import contract
-from shared.contract import ContactRef, ScheduleMessage, ScheduleOptions, TrackEvent
-from shared.topology import EVENT_KEY, EVENTS_EXCHANGE, INTAKE_EXCHANGE, SCHEDULE_KEY
+from shared.contract import ContactRef, ReadReceipt, ScheduleMessage, ScheduleOptions, TrackEvent
+from shared.topology import (
+    EVENT_KEY,
+    EVENTS_EXCHANGE,
+    INTAKE_EXCHANGE,
+    READ_KEY,
+    RECEIPTS_EXCHANGE,
+    SCHEDULE_KEY,
+)
 
 Contact = str | Mapping[str, Any] | ContactRef
 
@@ -58,6 +65,27 @@ class Tracked:
     @property
     def body(self) -> bytes:
         return contract.encode(self.message)
+
+
+@dataclass(frozen=True)
+class Read:
+    """A validated read receipt and its receipt id."""
+
+    message: ReadReceipt
+    idempotency_key: str
+    exchange: str = RECEIPTS_EXCHANGE
+    routing_key: str = READ_KEY
+
+    @property
+    def body(self) -> bytes:
+        return contract.encode(self.message)
+
+
+def read(message_id: int, contact: str, *, read_at: datetime | None = None) -> Read:
+    """Validate a read receipt: ``contact`` (external id) read message ``message_id`` (the
+    ``message_id`` of the webhook payload) at ``read_at`` (default now)."""
+    receipt = contract.read_request(message_id, contact, read_at=read_at)
+    return Read(receipt, _key(f"read-{message_id}-{contact}-{receipt.read_at.timestamp()}"))
 
 
 def _key(given: str | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -13,7 +14,7 @@ import pika.exceptions
 import pika.frame
 import pika.spec
 
-from producer.requests import Request, SyncApi
+from producer.requests import Request, SyncApi, read
 from shared.contract import CONTENT_TYPE
 from shared.errors import BrokerUnavailable, PublishNotConfirmed
 
@@ -85,6 +86,12 @@ class Producer(SyncApi):
             detail = "; ".join(f"{k}: {why}" for k, why in list(failed.items())[:5])
             raise PublishNotConfirmed(f"{len(failed)} of {len(keys)} not confirmed ({detail})")
         return keys
+
+    def mark_read(self, message_id: int, contact: str, *, read_at: datetime | None = None) -> str:
+        """Record that ``contact`` (external id) read message ``message_id`` (the
+        ``message_id`` of the webhook payload); returns the receipt id once confirmed. The
+        first receipt of a recipient wins."""
+        return self.publish([read(message_id, contact, read_at=read_at)])[0]
 
     def _open(self) -> Any:
         if self._connection is None or not self._connection.is_open:

@@ -172,6 +172,61 @@ class DueMessage(_Model):
     attempt: int = Field(default=1, ge=1, le=2**31 - 1)
 
 
+class ReadReceipt(_Model):
+    """``nudge.receipts``, routing key ``read``: ``contact`` read message ``message_id`` (the
+    ``message_id`` of the webhook payload) at ``read_at``. Recorded once: a second receipt for
+    the same recipient keeps the first time."""
+
+    v: Literal[1] = 1
+    message_id: int = Field(gt=0)
+    contact: ExternalId
+    read_at: AwareDatetime
+
+    @field_validator("read_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        value = value.astimezone(UTC)
+        if value - datetime.now(UTC) > timedelta(minutes=5):
+            raise ValueError("must not be in the future (more than 5 minutes of clock skew)")
+        return value
+
+
+class PlanCampaign(_Model):
+    """``nudge.plan``: plan (publish the batches of) round ``round`` of a campaign; round 0 is
+    a scheduled start that freezes the audience first. Internal to the workers."""
+
+    v: Literal[1] = 1
+    campaign_id: int = Field(gt=0)
+    round: int = Field(ge=0)
+
+
+class RecipientBatch(_Model):
+    """``nudge.batches``: recipients of a campaign for a dispatch worker, in contact id order,
+    with the attempts recorded for each so far. Internal to the workers."""
+
+    v: Literal[1] = 1
+    message_id: int = Field(gt=0)
+    round: int = Field(ge=1)
+    contact_ids: tuple[int, ...] = Field(min_length=1, max_length=10_000)
+    attempts: tuple[Annotated[int, Field(ge=0)], ...] = Field(min_length=1, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> RecipientBatch:
+        if len(self.attempts) != len(self.contact_ids):
+            raise ValueError("attempts: must have one entry per contact_ids entry")
+        return self
+
+
+class CampaignControl(_Model):
+    """``nudge.control`` (fanout): every worker hears that a campaign was paused, resumed or
+    cancelled in planning round ``round``. Internal to the workers."""
+
+    v: Literal[1] = 1
+    campaign_id: int = Field(gt=0)
+    action: Literal["pause", "resume", "cancel"]
+    round: int = Field(ge=0)
+
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -332,4 +387,13 @@ def track_request(
         name=event,
         occurred_at=occurred_at or datetime.now(UTC),
         data=dict(data or {}),
+    )
+
+
+def read_request(message_id: int, contact: str, *, read_at: datetime | None = None) -> ReadReceipt:
+    """Build a validated :class:`ReadReceipt`; ``read_at`` defaults to now."""
+    if read_at is not None and read_at.tzinfo is None:
+        raise InvalidMessage("read_at: must be timezone-aware (UTC)")
+    return build(
+        ReadReceipt, message_id=message_id, contact=contact, read_at=read_at or datetime.now(UTC)
     )

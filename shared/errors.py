@@ -65,3 +65,7 @@ class InvalidTemplate(InvalidMessage):
 
     ``reason`` names the part (``subject``, ``text_body``, ``html_body``) and what failed.
     """
+
+
+class InvalidTransition(NudgeError):
+    """A campaign cannot do that in its current state (e.g. resume a completed campaign)."""

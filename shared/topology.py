@@ -33,6 +33,18 @@ DUE_TRANSACTIONAL_DESTINATION = "due_transactional"
 DEAD_EXCHANGE = "nudge.dead"
 DEAD_QUEUE = "nudge.dead"
 CONTROL_EXCHANGE = "nudge.control"
+# Campaigns: planner messages (the scheduled start comes through the delay as destination
+# "plan"), recipient batches for the dispatch workers, and read receipts from services.
+PLAN_EXCHANGE = "nudge.plan"
+PLAN_QUEUE = "nudge.plan"
+PLAN_KEY = "plan"
+PLAN_DESTINATION = "plan"
+BATCHES_EXCHANGE = "nudge.batches"
+BATCHES_QUEUE = "nudge.batches"
+BATCH_KEY = "batch"
+RECEIPTS_EXCHANGE = "nudge.receipts"
+RECEIPTS_QUEUE = "nudge.receipts"
+READ_KEY = "read"
 
 
 @dataclass(frozen=True)
@@ -140,6 +152,9 @@ def build(backend: delay.BackendName) -> Topology:
         Exchange(EVENTS_EXCHANGE, "direct"),
         Exchange(DEAD_EXCHANGE, "fanout"),
         Exchange(CONTROL_EXCHANGE, "fanout"),
+        Exchange(PLAN_EXCHANGE, "direct"),
+        Exchange(BATCHES_EXCHANGE, "direct"),
+        Exchange(RECEIPTS_EXCHANGE, "direct"),
     ]
     queues = [
         work_queue(INTAKE_QUEUE),
@@ -147,11 +162,17 @@ def build(backend: delay.BackendName) -> Topology:
         work_queue(DUE_QUEUE),
         work_queue(DUE_TRANSACTIONAL_QUEUE),
         Queue(DEAD_QUEUE, _quorum()),
+        work_queue(PLAN_QUEUE),
+        work_queue(BATCHES_QUEUE),
+        work_queue(RECEIPTS_QUEUE),
     ]
     bindings = [
         Binding(INTAKE_EXCHANGE, INTAKE_QUEUE, SCHEDULE_KEY),
         Binding(EVENTS_EXCHANGE, EVENTS_QUEUE, EVENT_KEY),
         Binding(DEAD_EXCHANGE, DEAD_QUEUE, ""),
+        Binding(PLAN_EXCHANGE, PLAN_QUEUE, PLAN_KEY),
+        Binding(BATCHES_EXCHANGE, BATCHES_QUEUE, BATCH_KEY),
+        Binding(RECEIPTS_EXCHANGE, RECEIPTS_QUEUE, READ_KEY),
     ]
     if backend == "plugin":
         exchanges.append(
@@ -166,6 +187,7 @@ def build(backend: delay.BackendName) -> Topology:
     bindings.append(
         destination_binding(backend, DUE_TRANSACTIONAL_DESTINATION, DUE_TRANSACTIONAL_QUEUE)
     )
+    bindings.append(destination_binding(backend, PLAN_DESTINATION, PLAN_QUEUE))
     return Topology(backend, tuple(exchanges), tuple(queues), tuple(bindings))
 
 

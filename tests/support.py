@@ -20,7 +20,14 @@ import httpx
 import pika
 
 from shared.config import Settings
-from shared.topology import DUE_QUEUE, EVENTS_QUEUE, INTAKE_QUEUE
+from shared.topology import (
+    BATCHES_QUEUE,
+    DUE_QUEUE,
+    EVENTS_QUEUE,
+    INTAKE_QUEUE,
+    PLAN_QUEUE,
+    RECEIPTS_QUEUE,
+)
 
 T = TypeVar("T")
 
@@ -183,6 +190,9 @@ class Worker:
                     ("scheduler", INTAKE_QUEUE),
                     ("dispatch", DUE_QUEUE),
                     ("events", EVENTS_QUEUE),
+                    ("dispatch", BATCHES_QUEUE),
+                    ("planner", PLAN_QUEUE),
+                    ("receipts", RECEIPTS_QUEUE),
                 )
                 if role in self.roles
             ]

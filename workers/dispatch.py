@@ -241,6 +241,8 @@ class DispatchHandler:
             return Reject(f"message_id: no message {due.message_id} for contact {due.contact_id}")
         if state.status.final:
             return DONE  # already recorded: a redelivery or a duplicate
+        if state.paused:
+            return DONE  # a paused campaign's: resume plans every unfinished recipient again
         if state.status is ItemStatus.SENDING:
             # Another worker holds it; come back when its lease runs out.
             lease_end = (state.claimed_at or now) + timedelta(

@@ -40,3 +40,15 @@ checked = Counter("nudge_checked_total", "Recipients that went through the check
 rules_fired = Counter(
     "nudge_rules_fired_total", "Messages published to nudge.intake by automation rules", ["rule"]
 )
+# campaigns
+campaign_batches_planned = Counter(
+    "nudge_campaign_batches_planned_total", "Recipient batches the planner published"
+)
+campaign_batches_skipped = Counter(
+    "nudge_campaign_batches_skipped_total",
+    "Recipient batches dropped: campaign paused, done, or re-planned in a newer round",
+)
+campaign_chunks_stopped = Counter(
+    "nudge_campaign_chunks_stopped_total", "Batches cut short between chunks by a pause or cancel"
+)
+receipts_recorded = Counter("nudge_receipts_total", "Read receipts received for known recipients")

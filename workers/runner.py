@@ -22,17 +22,21 @@ from workers.channels.log import LogChannel
 from workers.channels.smtp import SmtpChannel, SmtpConfig
 from workers.channels.webhook import WebhookChannel
 from workers.consumer import Consumer
+from workers.control import Control
 from workers.dispatch import DispatchHandler
 from workers.events import EventsHandler
+from workers.fanout import BatchHandler
+from workers.planner import PlannerHandler
 from workers.ratelimit import Limits
+from workers.receipts import ReceiptsHandler
 from workers.scheduler import SchedulerHandler
 from workers.store.db import async_engine, check_schema
 from workers.templating import Renderer
 
 log = structlog.get_logger("nudge.worker")
 
-Role = Literal["scheduler", "dispatch", "events"]
-ROLES: tuple[Role, ...] = ("scheduler", "dispatch", "events")
+Role = Literal["scheduler", "dispatch", "events", "planner", "receipts"]
+ROLES: tuple[Role, ...] = ("scheduler", "dispatch", "events", "planner", "receipts")
 
 
 def build_channels(settings: Settings) -> dict[str, Channel]:
@@ -64,23 +68,33 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
     return channels
 
 
-def _handlers(
+async def _handlers(
     role: Role,
     settings: Settings,
     engine: AsyncEngine,
     publisher: amqp.Publisher,
     backend: delay.BackendName,
     channels: dict[str, Channel],
-) -> list[Any]:
-    """The handlers of a role, one per queue it consumes."""
+    connection: Any,
+    background: list[asyncio.Task[None]],
+) -> list[tuple[Any, bool]]:
+    """The handlers of a role, one per queue it consumes, each with whether it takes one
+    message at a time (planner and campaign batches: none hoarded, so a pause costs at most
+    the chunk in flight per slot and other workers get the rest)."""
     if role == "scheduler":
-        return [SchedulerHandler(engine, publisher, backend)]
+        return [(SchedulerHandler(engine, publisher, backend), False)]
     if role == "events":
-        return [EventsHandler(engine, publisher)]
-    # Both due queues share the channels, and so the rate limits and the template cache.
+        return [(EventsHandler(engine, publisher), False)]
+    if role == "receipts":
+        return [(ReceiptsHandler(engine), False)]
+    if role == "planner":
+        planner = PlannerHandler(engine, publisher, backend)
+        background.append(asyncio.create_task(planner.sweep_forever()))
+        return [(planner, True)]
+    # Every dispatch handler shares the channels, and so the rate limits and the template cache.
     limits = Limits(settings.rate_limits, settings.dispatch_processes)
     renderer = Renderer()
-    return [
+    bulk, transactional = (
         DispatchHandler(
             settings,
             engine,
@@ -94,7 +108,11 @@ def _handlers(
             (topology.DUE_QUEUE, topology.DUE_DESTINATION),
             (topology.DUE_TRANSACTIONAL_QUEUE, topology.DUE_TRANSACTIONAL_DESTINATION),
         )
-    ]
+    )
+    control = Control()
+    await control.listen(connection)
+    batches = BatchHandler(engine, bulk, publisher, backend, control)
+    return [(bulk, False), (transactional, False), (batches, True)]
 
 
 async def resolve_backend(settings: Settings) -> delay.BackendName:
@@ -124,30 +142,30 @@ async def run(
     backend = await resolve_backend(settings)
     topo = topology.build(backend)
     await amqp.declare(connection, topo)
-    queues = len(roles) + ("dispatch" in roles)
+    queues = len(roles) + 2 * ("dispatch" in roles)  # dispatch consumes three queues
     engine = async_engine(settings.database_url, pool_size=concurrency * queues + 1)
     publisher = await amqp.Publisher.open(connection)
     channels = build_channels(settings)
     consumers: list[Consumer[Any]] = []
+    background: list[asyncio.Task[None]] = []
     try:
-        for handler in (
-            h
-            for role in roles
-            for h in _handlers(role, settings, engine, publisher, backend, channels)
-        ):
-            channel = await connection.channel()
-            await channel.set_qos(prefetch_count=settings.prefetch)
-            consumer: Consumer[Any] = Consumer(
-                handler,
-                channel,
-                publisher,
-                backend,
-                concurrency=concurrency,
-                batch_size=settings.batch_size,
-                batch_wait=settings.batch_wait_seconds,
-            )
-            await consumer.start()
-            consumers.append(consumer)
+        for role in roles:
+            for handler, single in await _handlers(
+                role, settings, engine, publisher, backend, channels, connection, background
+            ):
+                channel = await connection.channel()
+                await channel.set_qos(prefetch_count=concurrency if single else settings.prefetch)
+                consumer: Consumer[Any] = Consumer(
+                    handler,
+                    channel,
+                    publisher,
+                    backend,
+                    concurrency=concurrency,
+                    batch_size=1 if single else settings.batch_size,
+                    batch_wait=0.0 if single else settings.batch_wait_seconds,
+                )
+                await consumer.start()
+                consumers.append(consumer)
         log.info(
             "worker started",
             roles=list(roles),
@@ -167,6 +185,9 @@ async def run(
         for consumer in consumers:
             await consumer.stop()
     finally:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         # The handlers stay until the loop closes: a second SIGTERM during shutdown (from an
         # impatient supervisor) must not kill the process halfway through it.
         for ch in channels.values():

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from workers.cli.campaigns import campaign
+from workers.cli.contacts import contacts
 from workers.cli.dead import dead
 from workers.cli.messages import message
 from workers.cli.policies import policy
@@ -42,3 +44,5 @@ for command in (db, topology_group, worker, message, policy, demo, contract_grou
 main.add_command(rules)
 main.add_command(template)
 main.add_command(dead)
+main.add_command(campaign)
+main.add_command(contacts)

@@ -99,7 +99,10 @@ def topology_export(backend: str) -> None:
 
 @click.command()
 @click.argument(
-    "roles", nargs=-1, required=True, type=click.Choice(["scheduler", "dispatch", "events"])
+    "roles",
+    nargs=-1,
+    required=True,
+    type=click.Choice(["scheduler", "dispatch", "events", "planner", "receipts"]),
 )
 @click.option(
     "--concurrency",

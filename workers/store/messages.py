@@ -65,6 +65,8 @@ class ItemState:
     attempts: int
     claimed_at: datetime | None
     next_attempt_at: datetime | None
+    #: Its message (a campaign) is paused: the recipient is left for resume.
+    paused: bool = False
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ WITH wanted AS (
     INSERT INTO message_items AS mi (message_id, contact_id, status, attempts, claimed_at,
                                      updated_at)
     SELECT w.message_id, w.contact_id, 'sending', w.attempt, now(), now() FROM wanted w
-     WHERE EXISTS (SELECT 1 FROM messages m WHERE m.id = w.message_id)
+     WHERE EXISTS (SELECT 1 FROM messages m WHERE m.id = w.message_id AND m.status <> 2)
        AND EXISTS (SELECT 1 FROM contacts k WHERE k.id = w.contact_id)
      ORDER BY w.message_id, w.contact_id
     ON CONFLICT (message_id, contact_id) DO UPDATE
@@ -168,6 +170,7 @@ WITH wanted AS (
            attempts = CASE WHEN mi.status = 'deferred' THEN excluded.attempts
                            ELSE mi.attempts + 1 END
      WHERE (mi.status = 'deferred' AND excluded.attempts > mi.attempts)
+        OR mi.status = 'planned'
         OR (mi.status = 'sending' AND mi.claimed_at < now() - make_interval(secs => :lease))
     RETURNING mi.message_id, mi.contact_id, mi.attempts, mi.failures
 )
@@ -182,8 +185,9 @@ SELECT c.message_id, c.contact_id, c.attempts, c.failures, m.status AS message_s
 
 _STATES = text("""
 SELECT mi.message_id, mi.contact_id, mi.status, mi.attempts, mi.claimed_at,
-       mi.next_attempt_at
+       mi.next_attempt_at, m.status = 2 AS paused
   FROM message_items mi
+  JOIN messages m ON m.id = mi.message_id
   JOIN unnest(CAST(:mids AS bigint[]), CAST(:cids AS bigint[])) AS t(message_id, contact_id)
     ON mi.message_id = t.message_id AND mi.contact_id = t.contact_id
 """)
@@ -199,8 +203,9 @@ async def claim(
     ``wanted`` holds (message_id, contact_id, attempt) without duplicates. A row is claimed
     when it does not exist yet, when it is ``deferred`` and this is a later attempt, or when
     it is ``sending`` but its claimer's lease ran out (the claimer crashed between send and
-    finalise). Returns the claimed rows and the states of the others; a key with neither
-    names a message or contact that does not exist.
+    finalise), or it is a campaign's ``planned`` recipient. Nothing of a paused message is
+    claimed: its recipients wait for resume. Returns the claimed rows and the states of the
+    others; a key with neither names a message or contact that does not exist.
     """
     result = await conn.execute(
         _CLAIM,
@@ -221,7 +226,11 @@ async def claim(
         )
         for row in result:
             states[(row.message_id, row.contact_id)] = ItemState(
-                ItemStatus(row.status), row.attempts, row.claimed_at, row.next_attempt_at
+                ItemStatus(row.status),
+                row.attempts,
+                row.claimed_at,
+                row.next_attempt_at,
+                row.paused,
             )
     return claimed, states
 

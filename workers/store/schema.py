@@ -57,6 +57,8 @@ class ItemStatus(enum.StrEnum):
 
     SENDING = "sending"
     DEFERRED = "deferred"
+    #: A campaign recipient frozen into the audience, not yet claimed by a dispatch worker.
+    PLANNED = "planned"
     SENT = "sent"
     FAILED = "failed"
     EXCLUDED = "excluded"
@@ -66,7 +68,11 @@ class ItemStatus(enum.StrEnum):
 
     @property
     def final(self) -> bool:
-        return self not in (ItemStatus.SENDING, ItemStatus.DEFERRED)
+        return self not in UNFINISHED
+
+
+#: Statuses a recipient leaves: a campaign completes when none of its rows has one.
+UNFINISHED = frozenset({ItemStatus.SENDING, ItemStatus.DEFERRED, ItemStatus.PLANNED})
 
 
 def _now() -> Column[object]:
@@ -155,6 +161,13 @@ message_items = Table(
     # window checks: what was sent to this contact lately, and what is being sent now
     Index(None, "contact_id", "sent_at"),
     Index("ix_message_items_sending", "contact_id", postgresql_where=text("status = 'sending'")),
+    # campaigns: the planner's keyset over recipients still to send, and "is it finished?"
+    Index(
+        "ix_message_items_unfinished",
+        "message_id",
+        "contact_id",
+        postgresql_where=text("status IN ('planned', 'sending', 'deferred')"),
+    ),
 )
 
 policies = Table(
@@ -208,3 +221,33 @@ rule_runs = Table(
     Column("fired_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("rule", "contact_id"),
 )
+
+
+# Campaigns (migration 0005) are ``messages`` rows of kind ``campaign``; these columns are
+# null for other kinds. Draft is status 0 without ``start_at``; scheduled is status 0 with it.
+CAMPAIGN_COLUMNS = (
+    Column("name", Text, unique=True),
+    #: Who receives it, validated (see workers/store/audiences.py); frozen at start.
+    Column("audience", JSONB),
+    Column("batch_size", Integer),
+    Column("chunk_size", Integer),
+    #: Recipients per second for the whole campaign, enforced by the planner (None: no limit).
+    Column("rate_per_second", Float),
+    #: Pause when more than this fraction of the last ``auto_pause_window`` sends failed.
+    Column("auto_pause_threshold", Float),
+    Column("auto_pause_window", Integer),
+    #: Recipients not sent this long after the start are recorded ``expired``.
+    Column("expires_after_seconds", Float),
+    Column("start_at", DateTime(timezone=True)),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    #: Why it is paused or cancelled (an operator, or the auto-pause and its figures).
+    Column("status_reason", Text),
+    #: Each start, resume and retry-failed begins a new planning round from the first contact.
+    Column("plan_round", Integer, nullable=False, server_default=text("0")),
+    #: The planner's keyset cursor in this round: the last contact id published.
+    Column("planned_through", BigInteger),
+    Column("plan_done", Boolean, nullable=False, server_default=text("false")),
+)
+for _column in CAMPAIGN_COLUMNS:
+    messages.append_column(_column)

@@ -1,0 +1,337 @@
+"""Campaigns end to end: the nudge CLI in subprocesses, real workers, the webhook sink.
+
+Every test judges what a user would: what reached the sink (first per Idempotency-Key),
+what ``message_items`` records per recipient, and what the CLI prints.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, text
+
+from shared.config import Settings
+from tests.support import Worker, settings_env, wait_for
+from workers.sink import Sink
+from workers.store import templates
+
+pytestmark = pytest.mark.acceptance
+
+FINAL = ("sent", "failed", "excluded", "suppressed", "expired", "cancelled")
+
+
+def nudge(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers", *args],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def ok(settings: Settings, *args: str) -> str:
+    done = nudge(settings, *args)
+    assert done.returncode == 0, f"nudge {' '.join(args)}: {done.stdout}{done.stderr}"
+    return done.stdout
+
+
+def seed(engine: Engine, n: int, *, template: str = "promo") -> None:
+    """``n`` subscribed contacts c-1..c-n, and the template."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO contacts (external_id, attributes) SELECT 'c-' || g, "
+                "jsonb_build_object('tier', CASE WHEN g % 10 = 0 THEN 'vip' ELSE 'free' END) "
+                "FROM generate_series(1, :n) g"
+            ),
+            {"n": n},
+        )
+        templates.add(conn, template, "Hello {{ contact.id }}", "News", None)
+
+
+def create(settings: Settings, name: str, *extra: str) -> None:
+    ok(settings, "campaign", "create", name, "--template", "promo", "--channel", "webhook",
+       "--all", *extra)  # fmt: skip
+
+
+def status(settings: Settings, name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(ok(settings, "campaign", "status", name, "--json"))
+    return doc
+
+
+def items(engine: Engine, name: str) -> Counter[str]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT mi.status, count(*) FROM message_items mi JOIN messages m "
+                "ON m.id = mi.message_id WHERE m.name = :n GROUP BY mi.status"
+            ),
+            {"n": name},
+        )
+        return Counter({r[0]: int(r[1]) for r in rows})
+
+
+def sent_keys(sink: Sink) -> Counter[str]:
+    """2xx requests per Idempotency-Key (what a receiver that did not dedupe would keep)."""
+    with sink._lock:
+        return Counter(r.idempotency_key for r in sink.requests if 200 <= r.status < 300)
+
+
+def completed(settings: Settings, name: str, timeout: float = 120) -> dict[str, Any]:
+    return wait_for(
+        lambda: (s := status(settings, name))["state"] == "completed" and s,
+        timeout=timeout,
+        interval=0.5,
+        message=f"campaign {name} to complete",
+    )
+
+
+def workers(start_worker: Callable[..., Worker], n: int = 2) -> list[Worker]:
+    """``n`` dispatch workers (one batch in flight each) and a planner."""
+    started = [start_worker("dispatch", concurrency=1) for _ in range(n)]
+    start_worker("planner", concurrency=1)
+    return started
+
+
+def test_a_campaign_paused_and_resumed_five_times_reaches_everyone_exactly_once(
+    settings: Settings, engine: Engine, sink: Sink, start_worker: Callable[..., Worker]
+) -> None:
+    n = 20_000
+    seed(engine, n)
+    workers(start_worker)
+    create(settings, "spring")
+    assert ok(settings, "campaign", "start", "spring").strip() == (
+        f"campaign 'spring' sending: {n} recipients frozen"
+    )
+    rng = random.Random(4)
+    for i in range(5):
+        # a random moment while sending
+        target = (i + 1) * n // 7 + rng.randrange(n // 20)
+        wait_for(lambda: len(sink.accepted()) >= target, timeout=90, message=f"{target} sent")  # noqa: B023
+        assert ok(settings, "campaign", "pause", "spring").strip() == "campaign 'spring' paused"
+        paused = status(settings, "spring")
+        assert paused["state"] == "paused"
+        assert paused["counts"]["planned"] > 0
+        time.sleep(rng.uniform(0.1, 1.0))
+        ok(settings, "campaign", "resume", "spring")
+    done = completed(settings, "spring")
+    assert done["done"] == done["recipients"] == n
+    assert sum(done["counts"][s] for s in FINAL) == n
+    assert items(engine, "spring") == Counter({"sent": n})
+    keys = sent_keys(sink)
+    assert len(keys) == n
+    assert max(keys.values()) == 1, "a recipient was sent twice"
+
+
+def test_after_pause_returns_each_worker_sends_at_most_the_chunk_in_flight(
+    settings: Settings, engine: Engine, sink: Sink, start_worker: Callable[..., Worker]
+) -> None:
+    seed(engine, 4000)
+    sink.latency = 0.01  # a slow API, so the pause lands mid-batch
+    chunk = 50
+    workers(start_worker)
+    create(settings, "latency", "--chunk-size", str(chunk))
+    ok(settings, "campaign", "start", "latency")
+    wait_for(lambda: len(sink.requests) >= 1000, timeout=60, message="1000 sent")
+    ok(settings, "campaign", "pause", "latency")
+    at_pause = len(sink.requests)
+    time.sleep(3)  # anything still to come would have come by now
+    after = len(sink.requests) - at_pause
+    assert after <= 2 * chunk, f"{after} sends after pause returned (2 workers x {chunk})"
+    assert status(settings, "latency")["counts"]["planned"] > 0
+
+
+def test_cancel_mid_send_records_every_unsent_recipient_cancelled(
+    settings: Settings, engine: Engine, sink: Sink, start_worker: Callable[..., Worker]
+) -> None:
+    n = 4000
+    seed(engine, n)
+    sink.latency = 0.005
+    workers(start_worker)
+    create(settings, "oops")
+    ok(settings, "campaign", "start", "oops")
+    wait_for(lambda: len(sink.requests) >= 500, timeout=60, message="500 sent")
+    out = ok(settings, "campaign", "cancel", "oops")
+    assert out.startswith("campaign 'oops' cancelled: ")
+    wait_for(
+        lambda: sum(items(engine, "oops")[s] for s in FINAL) == n,
+        timeout=30,
+        message="every recipient final",
+    )
+    final = items(engine, "oops")
+    assert set(final) == {"sent", "cancelled"}
+    assert final["sent"] == len(sink.accepted())
+    assert final["cancelled"] > n // 2
+    s = status(settings, "oops")
+    assert s["state"] == "cancelled"
+    again = nudge(settings, "campaign", "resume", "oops")
+    assert again.returncode == 2
+    assert "cannot resume campaign 'oops': it is cancelled" in again.stderr
+
+
+def test_retry_failed_resends_to_the_failed_recipients_and_nobody_else(
+    settings: Settings, engine: Engine, sink: Sink, start_worker: Callable[..., Worker]
+) -> None:
+    n = 1000
+    seed(engine, n)
+    failing = {"on": True}
+    calls = {"n": 0}
+
+    def respond(doc: dict[str, Any], attempt: int) -> tuple[int, dict[str, str]]:
+        calls["n"] += 1
+        # 10% of calls refused for good (422): those recipients end failed
+        return (422, {}) if failing["on"] and calls["n"] % 10 == 0 else (200, {})
+
+    sink.respond = respond
+    workers(start_worker)
+    create(settings, "flaky")
+    ok(settings, "campaign", "start", "flaky")
+    first = completed(settings, "flaky")
+    failed = first["counts"]["failed"]
+    assert n // 20 < failed < n // 5
+    assert first["counts"]["sent"] == n - failed
+    failed_keys = {r.idempotency_key for r in sink.requests if r.status == 422}
+    before = sent_keys(sink)
+    failing["on"] = False
+    out = ok(settings, "campaign", "retry-failed", "flaky").strip()
+    assert out == f"campaign 'flaky': {failed} failed recipients planned again"
+    again = completed(settings, "flaky")
+    assert again["counts"]["sent"] == n
+    resent = sent_keys(sink) - before
+    assert set(resent) == failed_keys, "retry-failed sent to someone who had not failed"
+    assert max(sent_keys(sink).values()) == 1
+    none = ok(settings, "campaign", "retry-failed", "flaky").strip()
+    assert none == "campaign 'flaky': no failed recipients"
+
+
+def test_a_campaign_pauses_itself_when_the_receiver_fails_every_call(
+    settings: Settings, engine: Engine, sink: Sink, start_worker: Callable[..., Worker]
+) -> None:
+    seed(engine, 3000)
+    sink.respond = lambda doc, attempt: (503, {})
+    workers(start_worker)
+    create(settings, "down", "--chunk-size", "20", "--auto-pause-threshold", "0.5",
+           "--auto-pause-window", "40")  # fmt: skip
+    ok(settings, "campaign", "start", "down")
+    s = wait_for(
+        lambda: (s := status(settings, "down"))["state"] == "paused" and s,
+        timeout=60,
+        message="auto-pause",
+    )
+    assert s["reason"].startswith("auto-pause: 40 of the last 40 sends failed (threshold 50%)")
+    tried = len(sink.requests)
+    assert tried < 500, f"{tried} calls before the auto-pause"
+    assert s["counts"]["planned"] > 2000
+
+
+def test_a_dispatch_worker_killed_mid_batch_loses_nothing_and_resends_at_most_its_chunk(
+    settings: Settings, engine: Engine, sink: Sink, start_worker: Callable[..., Worker]
+) -> None:
+    n = 3000
+    chunk = 50
+    seed(engine, n)
+    sink.latency = 0.005
+    victim = start_worker("dispatch", concurrency=1)
+    start_worker("dispatch", concurrency=1)
+    start_worker("planner", concurrency=1)
+    create(settings, "crash", "--chunk-size", str(chunk))
+    ok(settings, "campaign", "start", "crash")
+    wait_for(lambda: len(sink.requests) >= 1000, timeout=60, message="1000 sent")
+    victim.kill()
+    done = completed(settings, "crash", timeout=120)
+    assert done["counts"]["sent"] == n
+    keys = sent_keys(sink)
+    assert len(keys) == n, "a recipient was lost"
+    twice = sum(1 for v in keys.values() if v > 1)
+    assert twice <= chunk, f"{twice} recipients reached the sink twice"
+    # the duplicates carry the same Idempotency-Key: a receiver that dedupes keeps one each
+    assert len(sink.accepted()) == n
+
+
+def test_read_receipts_are_recorded_once_and_unknown_ones_are_parked(
+    settings: Settings, engine: Engine, sink: Sink, start_worker: Callable[..., Worker]
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from producer import Producer
+    from tests.support import ready_count
+
+    seed(engine, 20)
+    workers(start_worker, 1)
+    start_worker("receipts")
+    create(settings, "readme")
+    ok(settings, "campaign", "start", "readme")
+    completed(settings, "readme")
+    first = datetime.now(UTC) - timedelta(minutes=1)
+    mid = status(settings, "readme")["id"]
+    with Producer(settings.amqp_url) as producer:
+        for i in range(1, 6):
+            producer.mark_read(mid, f"c-{i}", read_at=first)
+        producer.mark_read(mid, "c-1", read_at=first + timedelta(seconds=30))  # later: ignored
+        producer.mark_read(mid, "nobody")
+    wait_for(lambda: status(settings, "readme")["counts"]["read"] == 5, message="5 read")
+    wait_for(lambda: ready_count(settings.amqp_url, "nudge.dead") == 1, message="1 parked")
+    with engine.connect() as conn:
+        read_at = conn.execute(
+            text("SELECT read_at FROM message_items mi JOIN contacts c ON c.id = mi.contact_id "
+                 "WHERE c.external_id = 'c-1'")
+        ).scalar_one()  # fmt: skip
+    assert abs((read_at - first).total_seconds()) < 0.01
+
+
+def test_a_scheduled_campaign_starts_on_time_and_keeps_to_its_rate(
+    settings: Settings, engine: Engine, sink: Sink, start_worker: Callable[..., Worker]
+) -> None:
+    seed(engine, 300)
+    workers(start_worker, 1)
+    create(settings, "later", "--rate", "100")
+    out = ok(settings, "campaign", "schedule", "later", "--in", "4s")
+    assert out.startswith("campaign 'later' scheduled to start at ")
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT status, start_at FROM messages WHERE name = 'later'")).one()
+    assert row.status == 0, "started before its time"  # scheduled: not started, start_at set
+    done = completed(settings, "later", timeout=60)
+    assert done["counts"]["sent"] == 300
+    first = min(r.at for r in sink.requests)
+    last = max(r.at for r in sink.requests)
+    assert first >= row.start_at.timestamp() - 0.5, "started before its time"
+    assert last - first >= 1.8, f"300 recipients at 100/s took {last - first:.2f} s"
+
+
+def test_cli_errors_name_the_problem_and_exit_non_zero(settings: Settings, engine: Engine) -> None:
+    seed(engine, 10)
+    missing = nudge(settings, "campaign", "status", "nope")
+    assert missing.returncode == 4
+    assert "error: no campaign 'nope'" in missing.stderr
+    bad_filter = nudge(settings, "campaign", "create", "x", "--template", "promo",
+                       "--channel", "webhook", "--where", "tier~vip")  # fmt: skip
+    assert bad_filter.returncode == 2
+    assert "audience: bad filter 'tier~vip': expected ATTRIBUTE=VALUE" in bad_filter.stderr
+    no_template = nudge(settings, "campaign", "create", "x", "--template", "ghost",
+                        "--channel", "webhook", "--all")  # fmt: skip
+    assert no_template.returncode == 2
+    assert "template: no template named 'ghost'" in no_template.stderr
+    unknown = nudge(settings, "campaign", "create", "x", "--template", "promo",
+                    "--channel", "webhook", "--ids", "c-1,who")  # fmt: skip
+    assert unknown.returncode == 2
+    assert "audience: 1 external ids are not contacts (e.g. 'who')" in unknown.stderr
+    out = ok(settings, "campaign", "create", "vips", "--template", "promo", "--channel",
+             "webhook", "--where", "tier=vip")  # fmt: skip
+    assert "contacts where tier=vip, 1 matching now" in out
+    invalid = nudge(settings, "campaign", "pause", "vips")
+    assert invalid.returncode == 2
+    assert (
+        "cannot pause campaign 'vips': it is draft (pause needs a campaign that is "
+        "sending)" in invalid.stderr
+    )
+    listed = json.loads(ok(settings, "campaign", "list", "--json"))
+    assert [(c["name"], c["state"]) for c in listed] == [("vips", "draft")]
