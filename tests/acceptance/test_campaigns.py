@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
+from producer import Producer
 from shared.config import Settings
 from tests.support import Worker, settings_env, wait_for
 from workers.sink import Sink
@@ -335,3 +336,27 @@ def test_cli_errors_name_the_problem_and_exit_non_zero(settings: Settings, engin
     )
     listed = json.loads(ok(settings, "campaign", "list", "--json"))
     assert [(c["name"], c["state"]) for c in listed] == [("vips", "draft")]
+
+
+def test_a_transactional_message_arrives_within_a_second_during_a_20000_recipient_campaign(
+    settings: Settings, engine: Engine, sink: Sink, start_worker: Callable[..., Worker]
+) -> None:
+    n = 20_000
+    seed(engine, n)
+    start_worker("scheduler", "dispatch", "planner", concurrency=2)
+    create(settings, "flood")
+    ok(settings, "campaign", "start", "flood")
+    wait_for(lambda: len(sink.accepted()) >= 1000, timeout=90, message="the campaign sending")
+    with Producer(settings.amqp_url) as producer:
+        published = time.time()
+        producer.schedule("vip-1", "welcome", "webhook", idempotency_key="password-reset",
+                          priority="transactional")  # fmt: skip
+    [arrived] = wait_for(
+        lambda: [r for r in sink.accepted() if r.body.get("template") == "welcome"],
+        timeout=30,
+        message="the transactional message",
+    )
+    campaign_sent = sum(1 for r in sink.accepted() if r.body.get("template") == "promo")
+    assert campaign_sent < n - 1000, "the campaign was nearly over: proves nothing"
+    assert arrived.at - published < 1.0, f"arrived after {arrived.at - published:.2f} s"
+    ok(settings, "campaign", "cancel", "flood")
