@@ -37,3 +37,8 @@ check_seconds = Counter(
     "Time dispatch spent fetching facts and deciding (checks 1-8), per batch, summed",
 )
 checked = Counter("nudge_checked_total", "Recipients that went through the checks")
+queue_depth = Gauge(
+    "nudge_queue_depth",
+    "Messages ready in a queue this worker consumes (polled every 5 s): the queue lag",
+    ["queue"],
+)

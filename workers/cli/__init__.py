@@ -14,6 +14,7 @@ import click
 
 from workers.cli.messages import message
 from workers.cli.policies import policy
+from workers.cli.status import status
 from workers.cli.system import contract_group, db, demo, topology_group, worker
 
 
@@ -34,5 +35,5 @@ def main(ctx: click.Context, config_file: Path | None) -> None:
     ctx.ensure_object(dict)["config_file"] = config_file
 
 
-for command in (db, topology_group, worker, message, policy, demo, contract_group):
+for command in (db, topology_group, worker, message, policy, demo, contract_group, status):
     main.add_command(command)
