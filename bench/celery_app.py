@@ -23,28 +23,6 @@ QUEUE = "bench-celery"
 TABLE = "celery_rows"
 MODE = os.environ.get("BENCH_CELERY_MODE", "native")
 
-app = Celery("bench", broker=os.environ.get("BENCH_CELERY_BROKER", "amqp://localhost//"))
-app.conf.update(
-    task_queues=[
-        Queue(
-            QUEUE,
-            Exchange(QUEUE, type="topic"),  # native delayed delivery needs topic or fanout
-            routing_key=QUEUE,
-            queue_arguments={"x-queue-type": "quorum" if MODE == "native" else "classic"},
-        )
-    ],
-    task_default_queue=QUEUE,
-    task_default_exchange=QUEUE,
-    task_default_exchange_type="topic",
-    task_default_routing_key=QUEUE,
-    broker_transport_options={"confirm_publish": True},  # as Nudge's producers do
-    task_acks_late=True,  # ack after the row is written, like Nudge
-    worker_prefetch_multiplier=100,
-    worker_hijack_root_logger=False,
-    broker_connection_retry_on_startup=True,
-    task_ignore_result=True,
-)
-
 _local = threading.local()
 
 
@@ -56,7 +34,6 @@ def _conn() -> psycopg.Connection[Any]:
     return conn
 
 
-@app.task(name="bench.record")  # type: ignore[untyped-decorator]
 def record(key: str, due: float) -> None:
     """Write one row: the key, when it was due, and now."""
     _conn().execute(
@@ -64,3 +41,34 @@ def record(key: str, due: float) -> None:
         "VALUES (%s, to_timestamp(%s), clock_timestamp())",
         (key, due),
     )
+
+
+def make_app(broker: str, mode: str) -> Celery:
+    """A Celery app for ``broker`` in ``mode`` with the ``bench.record`` task."""
+    app = Celery("bench", broker=broker)
+    app.conf.update(
+        task_queues=[
+            Queue(
+                QUEUE,
+                Exchange(QUEUE, type="topic"),  # native delayed delivery needs topic or fanout
+                routing_key=QUEUE,
+                queue_arguments={"x-queue-type": "quorum" if mode == "native" else "classic"},
+            )
+        ],
+        task_default_queue=QUEUE,
+        task_default_exchange=QUEUE,
+        task_default_exchange_type="topic",
+        task_default_routing_key=QUEUE,
+        broker_transport_options={"confirm_publish": True},  # as Nudge's producers do
+        task_acks_late=True,  # ack after the row is written, like Nudge
+        worker_prefetch_multiplier=100,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=True,
+    )
+    app.task(name="bench.record")(record)
+    return app
+
+
+#: The worker's app (``celery -A bench.celery_app worker``).
+app = make_app(os.environ.get("BENCH_CELERY_BROKER", "amqp://localhost//"), MODE)

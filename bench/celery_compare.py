@@ -91,6 +91,17 @@ class Broker:
     def delete(self, name: str) -> None:
         self._api.delete(f"/vhosts/{urllib.parse.quote(name, safe='')}")
 
+    def totals(self, vhost: str) -> tuple[int, int]:
+        """Messages in every queue of ``vhost``: (ready, unacked, i.e. held by consumers).
+        The management API refreshes these every 5 s."""
+        r = self._api.get(f"/queues/{urllib.parse.quote(vhost, safe='')}")
+        r.raise_for_status()
+        queues = r.json()
+        return (
+            sum(q.get("messages_ready", 0) for q in queues),
+            sum(q.get("messages_unacknowledged", 0) for q in queues),
+        )
+
     def queue(self, vhost: str, name: str) -> dict[str, Any]:
         r = self._api.get(f"/queues/{urllib.parse.quote(vhost, safe='')}/{name}")
         return dict(r.json()) if r.status_code == 200 else {}
@@ -187,22 +198,33 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def _celery_publish(broker: str, mode: str, keys: list[str], dues: list[float]) -> float:
-    """Publish ETA tasks with confirms from this process; returns the seconds it took."""
-    os.environ["BENCH_CELERY_MODE"] = mode
-    os.environ["BENCH_CELERY_BROKER"] = broker
-    from bench import celery_app  # the app reads the environment when imported
+def _celery_publish(
+    broker: str, mode: str, keys: list[str], dues: list[float]
+) -> tuple[float, int]:
+    """Publish ETA tasks with confirms from this process; returns the seconds it took and how
+    many had to go without an ETA.
 
-    celery_app.app.conf.broker_url = broker
-    for q in celery_app.app.conf.task_queues:
-        q.queue_arguments = {"x-queue-type": "quorum" if mode == "native" else "classic"}
+    With native delayed delivery, Celery 5.7 raises ``ValueError: countdown must be a positive
+    number`` for an ETA less than a second ahead (kombu routes ``int(countdown)`` seconds): such
+    a task is published without an ETA, as a user would have to, and runs at once, early.
+    """
+    from bench.celery_app import make_app
+
+    app = make_app(broker, mode)
+    task = app.tasks["bench.record"]
+    without_eta = 0
     began = time.perf_counter()
-    with celery_app.app.producer_or_acquire() as producer:
+    with app.producer_or_acquire() as producer:
         for key, due in zip(keys, dues, strict=True):
-            celery_app.record.apply_async(
-                (key, due), eta=datetime.fromtimestamp(due, UTC), producer=producer
-            )
-    return time.perf_counter() - began
+            ahead = due - time.time()
+            if mode == "native" and 0 < ahead < 1.05:
+                without_eta += 1
+                task.apply_async((key, due), producer=producer)
+                continue
+            task.apply_async((key, due), eta=datetime.fromtimestamp(due, UTC), producer=producer)
+    took = time.perf_counter() - began
+    app.close()
+    return took, without_eta
 
 
 def _rows(dsn: str, prefix: str) -> int:
@@ -228,7 +250,7 @@ def celery_delayed(settings: Settings, broker_api: Broker, p: Params, log: Any) 
         start = time.time() + p.lead
         keys = [f"{prefix}{i}" for i in range(p.n)]
         dues = [start + i * p.spread / p.n for i in range(p.n)]
-        publish_s = _celery_publish(url, "native", keys, dues)
+        publish_s, without_eta = _celery_publish(url, "native", keys, dues)
         _wait(lambda: _rows(dsn, prefix) >= p.n, p.lead + p.spread + 300, "Celery's rows")
         with psycopg.connect(dsn) as conn:
             r = conn.execute(
@@ -252,6 +274,7 @@ def celery_delayed(settings: Settings, broker_api: Broker, p: Params, log: Any) 
             "lateness p99 (ms)": p99,
             "lateness max (ms)": late_max,
             "peak RSS, worker (MB)": worker.peak / 2**20,
+            "published without ETA (< 1 s ahead)": without_eta,
         }
     )
 
@@ -275,6 +298,7 @@ def nudge_delayed(settings: Settings, p: Params) -> Side:
             "lateness p99 (ms)": got["lateness p99"],
             "lateness max (ms)": got["lateness max"],
             "peak RSS, worker (MB)": rss,
+            "published without ETA (< 1 s ahead)": 0,
         }
     )
 
@@ -319,13 +343,9 @@ def nudge_long(settings: Settings, broker_api: Broker, p: Params) -> Side:
             600,
             "the scheduler to store every message",
         )
-        time.sleep(2)  # a few RSS samples once idle again
+        time.sleep(6)  # a few RSS samples once idle again, and fresh management statistics
         rss = psutil.Process(fleet.workers[0].process.pid).memory_info().rss
-        held = sum(
-            int(broker_api.queue(vhost, q.name).get("messages", 0))
-            for q in topology.build("tiers").queues
-            if q.name.startswith("nudge.delay.")
-        )
+        waiting, held = broker_api.totals(vhost)
     finally:
         fleet.stop()
         broker_api.delete(vhost)
@@ -338,7 +358,8 @@ def nudge_long(settings: Settings, broker_api: Broker, p: Params) -> Side:
             "RSS with all pending (MB)": rss / 2**20,
             "peak RSS (MB)": fleet.workers[0].peak_rss / 2**20,
             "RSS idle before (MB)": idle / 2**20,
-            "pending in RabbitMQ": held,
+            "waiting in RabbitMQ": waiting,
+            "held by the worker (unacked)": held,
         }
     )
 
@@ -366,16 +387,16 @@ def celery_long(settings: Settings, broker_api: Broker, p: Params, mode: str, lo
         idle = worker.rss()
         due = time.time() + p.hours * 3600
         keys = [f"long-{i}" for i in range(p.long_n)]
-        publish_s = _celery_publish(url, mode, keys, [due + i % 3600 for i in range(p.long_n)])
+        publish_s, _ = _celery_publish(url, mode, keys, [due + i % 3600 for i in range(p.long_n)])
         if mode == "eta":  # wait until the worker holds them all
             _wait(
                 lambda: broker_api.queue(vhost, "bench-celery").get("messages_ready", 1) == 0,
                 600,
                 "the worker to take every ETA task",
             )
-        time.sleep(5)
+        time.sleep(6)
         rss = worker.rss()
-        q = broker_api.queue(vhost, "bench-celery")
+        waiting, held = broker_api.totals(vhost)
     finally:
         worker.stop(timeout=60)
         broker_api.delete(vhost)
@@ -385,7 +406,8 @@ def celery_long(settings: Settings, broker_api: Broker, p: Params, mode: str, lo
             "RSS with all pending (MB)": rss / 2**20,
             "peak RSS (MB)": worker.peak / 2**20,
             "RSS idle before (MB)": idle / 2**20,
-            "held by the worker (unacked)": float(q.get("messages_unacknowledged", 0)),
+            "waiting in RabbitMQ": waiting,
+            "held by the worker (unacked)": held,
         }
     )
 
@@ -407,13 +429,13 @@ def _side_by_side(title: str, columns: dict[str, Side]) -> tuple[str, list[dict[
         lines.append(
             f"{name:<34}"
             + "".join(f"{v:>16.1f}" for v in values.values())
-            + "".join(f"{r:>15.2f}x" for r in ratios.values())
+            + "".join((f"{r:>15.2f}x" if r == r else f"{'n/a':>16}") for r in ratios.values())
         )
         rows.append(
             {
                 "figure": name,
                 **{c: round(v, 1) for c, v in values.items()},
-                **{f"{c} / {base}": round(r, 3) for c, r in ratios.items()},
+                **{f"{c} / {base}": round(r, 3) if r == r else None for c, r in ratios.items()},
             }
         )
     return "\n".join(lines), rows

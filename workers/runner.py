@@ -70,7 +70,7 @@ async def run(
     beating = asyncio.create_task(probes.heartbeat())
     check_schema(settings.database_url)
     connection = await amqp.connect(settings.amqp_url, name=f"nudge-{'+'.join(roles)}")
-    probes.check("rabbitmq", lambda: not connection.is_closed)
+    probes.check("rabbitmq", lambda: connection.connected.is_set())
     probes.check("not stopping", lambda: not stop.is_set())
     backend = await resolve_backend(settings)
     topo = topology.build(backend)
@@ -101,7 +101,7 @@ async def run(
             )
             await consumer.start()
             consumers.append(consumer)
-        probes.check("consuming", lambda: bool(consumers))
+        probes.check("consuming", lambda: len(consumers) == len(roles))
         depths = asyncio.create_task(
             _watch_depths(connection, [c.handler.queue for c in consumers])
         )
