@@ -8,13 +8,15 @@ sink saw twice falls outside the in-flight bound, and every duplicate carries th
 have arrived (a confirm lost with the connection), and those that did must be judged like the
 others.
 
-Adding a flow (campaigns, rules, ...) means writing one class with ``name``, ``tally``,
+Adding a flow (rules, ...) means writing one class with ``name``, ``tally``,
 ``next_batch``, ``settled`` and ``verdict``, and passing it to the stream in the test.
 """
 
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -22,11 +24,19 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 
 from producer import NudgeError, Producer, Request, scheduled, tracked
+from shared.config import Settings
+from tests.support import settings_env
 from workers.sink import Sink
-from workers.store.schema import ItemStatus, contact_events, message_items, messages
+from workers.store.schema import (
+    ItemStatus,
+    MessageStatus,
+    contact_events,
+    message_items,
+    messages,
+)
 
 FINAL = [s.value for s in ItemStatus if s.final]
 
@@ -269,3 +279,87 @@ class Stream:
             time.sleep(0.2)  # the broker is away: do not spin
             return
         flow.tally.confirmed.update(keys)
+
+
+class Campaign:
+    """A broadcast campaign to ``size`` contacts, started through the CLI before the faults:
+    every frozen recipient must end with exactly one final outcome, the sink must have what
+    Postgres says was sent, and anything seen twice must stay within the in-flight bound and
+    carry the same ``Idempotency-Key``. Publishes nothing itself: the planner fans it out."""
+
+    def __init__(self, run: str, size: int = 3000) -> None:
+        self.name = "campaign"
+        self.tally = Tally()
+        self._run = run
+        self._size = size
+        self._id: int | None = None
+
+    def start(self, settings: Settings, engine: Engine) -> Campaign:
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO contacts (external_id) SELECT :p || g "
+                     "FROM generate_series(1, :n) g"),
+                {"p": f"{self._run}-k-", "n": self._size},
+            )  # fmt: skip
+        name = f"{self._run}-campaign"
+        for args in (
+            ("campaign", "create", name, "--template", "welcome", "--channel", "webhook",
+             "--ids", ",".join(f"{self._run}-k-{i}" for i in range(1, self._size + 1))),
+            ("campaign", "start", name),
+        ):  # fmt: skip
+            done = subprocess.run([sys.executable, "-m", "workers", *args],
+                                  env=settings_env(settings), capture_output=True, text=True,
+                                  timeout=120)  # fmt: skip
+            assert done.returncode == 0, f"nudge {args[:3]}: {done.stdout}{done.stderr}"
+        with engine.connect() as conn:
+            self._id = conn.scalar(select(messages.c.id).where(messages.c.name == name))
+        self.tally.confirmed.add(name)
+        return self
+
+    def next_batch(self) -> list[Request]:
+        return []
+
+    def _items(self, engine: Engine) -> list[tuple[int, str]]:
+        with engine.connect() as conn:
+            return [(cid, status) for cid, status in conn.execute(
+                select(message_items.c.contact_id, message_items.c.status)
+                .where(message_items.c.message_id == self._id))]  # fmt: skip
+
+    def _state(self, engine: Engine) -> int | None:
+        with engine.connect() as conn:
+            return conn.scalar(select(messages.c.status).where(messages.c.id == self._id))
+
+    def settled(self, engine: Engine) -> bool:
+        items = self._items(engine)
+        return len(items) == self._size and all(s in FINAL for _, s in items)
+
+    def verdict(self, engine: Engine, sink: Sink, bound: int) -> Verdict:
+        items = self._items(engine)
+        problems: list[str] = []
+        if len(items) != self._size:
+            problems.append(f"{len(items)} recipients frozen, not {self._size}")
+        pending = [cid for cid, s in items if s not in FINAL]
+        if pending:
+            problems.append(f"{len(pending)} recipients without a final outcome")
+        state = self._state(engine)
+        if state != int(MessageStatus.COMPLETED):
+            problems.append(f"campaign status {state}, not completed")
+        sent = {f"nudge-{self._id}-{cid}" for cid, s in items if s == "sent"}
+        ours = [r for r in sink.requests if r.body.get("message_id") == self._id]
+        accepted = {r.idempotency_key for r in ours if 200 <= r.status < 300}
+        if accepted != sent:
+            problems.append(f"sink accepted {len(accepted)} recipients, Postgres says "
+                            f"{len(sent)} sent")  # fmt: skip
+        duplicates = len(ours) - len({r.idempotency_key for r in ours})
+        if duplicates > bound:
+            problems.append(f"{duplicates} duplicates at the sink, more than the bound {bound}")
+        mixed = {
+            r.idempotency_key
+            for r in ours
+            if r.idempotency_key != f"nudge-{self._id}-{r.body.get('contact', {}).get('id')}"
+        }
+        if mixed:
+            problems.append(f"an Idempotency-Key names another recipient: {sorted(mixed)[:3]}")
+        final = sum(1 for _, s in items if s in FINAL)
+        return Verdict(self.name, self._size, 0, final, self._size - final, duplicates, bound,
+                       tuple(problems))  # fmt: skip

@@ -1,7 +1,8 @@
-"""Faults injected while delayed messages and events are in flight: workers SIGKILLed at random
-moments, RabbitMQ restarted, PostgreSQL restarted. After each, every confirmed request has
-exactly one final outcome, the sink saw nothing twice beyond the in-flight bound (and then
-with the same Idempotency-Key), and producers and workers reconnected by themselves.
+"""Faults injected while a campaign, delayed messages and events are in flight: workers
+SIGKILLed at random moments (planner included), RabbitMQ restarted, PostgreSQL restarted.
+After each, every confirmed request and every campaign recipient has exactly one final
+outcome, the sink saw nothing twice beyond the in-flight bound (and then with the same
+Idempotency-Key), and producers and workers reconnected by themselves.
 
 These tests restart the shared servers, so they live in a module of their own (the package's
 conftest brings the servers up again afterwards). ``NUDGE_FAULTS_SEED`` replays a run.
@@ -22,10 +23,10 @@ import pytest
 from sqlalchemy import Engine
 
 from shared.config import Settings
-from shared.topology import DUE_QUEUE, EVENTS_QUEUE, INTAKE_QUEUE
+from shared.topology import DUE_QUEUE, EVENTS_QUEUE, INTAKE_QUEUE, PLAN_QUEUE
 from tests.conftest import ROOT
 from tests.faults import report
-from tests.faults.flows import DelayedMessages, Events, Flow, Stream
+from tests.faults.flows import Campaign, DelayedMessages, Events, Flow, Stream
 from tests.support import Worker, wait_for
 from workers.sink import Sink
 from workers.store import templates
@@ -33,7 +34,12 @@ from workers.store import templates
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 #: Each role's process and the queue it consumes. Roles added later (planner, receipts) go here.
-QUEUES = {"scheduler": INTAKE_QUEUE, "dispatch": DUE_QUEUE, "events": EVENTS_QUEUE}
+QUEUES = {
+    "scheduler": INTAKE_QUEUE,
+    "dispatch": DUE_QUEUE,
+    "events": EVENTS_QUEUE,
+    "planner": PLAN_QUEUE,
+}
 CONCURRENCY = 2
 #: The claim lease of the fault tests' workers. The suite's usual 3 s is shorter than a batch
 #: takes on a loaded machine: claims then overtake each other before any finalises, and the
@@ -60,8 +66,9 @@ def _start(start_worker: Callable[..., Worker], role: str) -> Worker:
     return start_worker(role, concurrency=CONCURRENCY, claim_lease_seconds=LEASE)
 
 
-def _flows(run: str) -> list[Flow]:
-    return [DelayedMessages(run, seed=SEED), Events(run)]
+def _flows(run: str, settings: Settings, engine: Engine) -> list[Flow]:
+    """The work in flight: a campaign fanning out, delayed messages and events streaming."""
+    return [Campaign(run).start(settings, engine), DelayedMessages(run, seed=SEED), Events(run)]
 
 
 def _servers(command: str) -> float:
@@ -138,7 +145,7 @@ def test_workers_sigkilled_at_random_moments_lose_nothing_and_send_nothing_twice
 ) -> None:
     rng = random.Random(SEED)
     sink.latency = 0.01  # a slow receiver, so that kills land mid-send
-    stream = Stream(settings.amqp_url, _flows(run)).start()
+    stream = Stream(settings.amqp_url, _flows(run, settings, engine)).start()
     try:
         wait_for(lambda: stream.confirmed() >= 100, timeout=30, message="a stream in flight")
         kills: Counter[str] = Counter()
@@ -159,7 +166,7 @@ def test_workers_sigkilled_at_random_moments_lose_nothing_and_send_nothing_twice
 def test_a_rabbitmq_restart_mid_stream_loses_no_confirmed_message(
     settings: Settings, sink: Sink, engine: Engine, run: str, fleet: dict[str, Worker]
 ) -> None:
-    stream = Stream(settings.amqp_url, _flows(run)).start()
+    stream = Stream(settings.amqp_url, _flows(run, settings, engine)).start()
     try:
         wait_for(lambda: stream.confirmed() >= 100, timeout=30, message="a stream in flight")
         took = _servers("restart-rabbitmq")
@@ -173,7 +180,7 @@ def test_a_rabbitmq_restart_mid_stream_loses_no_confirmed_message(
 def test_a_postgres_restart_mid_stream_loses_no_confirmed_message(
     settings: Settings, sink: Sink, engine: Engine, run: str, fleet: dict[str, Worker]
 ) -> None:
-    stream = Stream(settings.amqp_url, _flows(run)).start()
+    stream = Stream(settings.amqp_url, _flows(run, settings, engine)).start()
     try:
         wait_for(lambda: stream.confirmed() >= 100, timeout=30, message="a stream in flight")
         took = _servers("restart-postgres")
