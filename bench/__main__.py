@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from bench import campaign, delays
+from bench import campaign, celery_compare, delays
 from shared.config import Settings
 from shared.errors import NudgeError
 
@@ -71,6 +71,24 @@ def campaign_command(
             Settings.load(),
             campaign.Params(contacts, workers, concurrency, chunk_size, batch_size, pause_at),
         )
+    except (NudgeError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(0 if ok else 1)
+
+
+@main.command("celery")
+@click.option("--n", default=20_000, type=click.IntRange(1), help="Delayed messages.")
+@click.option("--spread", default=10.0, type=click.FloatRange(0.1), help="Seconds due over.")
+@click.option("--lead", default=2.0, type=click.FloatRange(0), help="Publish start to first due.")
+@click.option("--concurrency", default=2, type=click.IntRange(1, 64), help="Per worker.")
+@click.option("--long-n", default=100_000, type=click.IntRange(1), help="Long-delay messages.")
+@click.option("--hours", default=3.0, type=click.FloatRange(0.1), help="Long delay, hours.")
+@click.option("--skip-delayed", is_flag=True, help="Only the long-delay comparison.")
+@click.option("--skip-long", is_flag=True, help="Only the delayed-messages comparison.")
+def celery_command(**options: object) -> None:
+    """Nudge and Celery side by side: delayed messages, and memory with long delays pending."""
+    try:
+        ok = celery_compare.run(Settings.load(), celery_compare.Params(**options))  # type: ignore[arg-type]
     except (NudgeError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(0 if ok else 1)

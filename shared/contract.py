@@ -272,6 +272,8 @@ def decode(
         raw = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidMessage(f"body: not valid UTF-8 JSON ({exc})") from exc
+    except RecursionError as exc:  # "[[[[...", well under the size limit, found by fuzzing
+        raise InvalidMessage("body: nested too deeply") from exc
     if not isinstance(raw, dict):
         raise InvalidMessage("body: must be a JSON object")
     try:

@@ -110,7 +110,9 @@ class Consumer(Generic[T]):
         return not self._held and self._ready.empty() and self._busy == 0
 
     async def start(self) -> None:
-        self._queue = await self._channel.get_queue(self.handler.queue, ensure=False)
+        # A passive declare, not ensure=False: the robust channel restores only the queues it
+        # declared, and with them their consumers, after RabbitMQ comes back.
+        self._queue = await self._channel.get_queue(self.handler.queue, ensure=True)
         self._tasks = [
             asyncio.create_task(self._batches(), name=f"batch-{i}")
             for i in range(self._concurrency)

@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import structlog
-from prometheus_client import start_http_server
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import amqp, delay, topology
 from shared.config import Settings
 from shared.errors import BrokerUnavailable
+from workers import health, metrics
 from workers.channels import Channel
 from workers.channels.log import LogChannel
 from workers.channels.smtp import SmtpChannel, SmtpConfig
@@ -135,10 +135,17 @@ async def run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    probes = health.Health()
+    server = (
+        health.serve(probes, settings.metrics_port, settings.metrics_host)
+        if settings.metrics_port
+        else None
+    )
+    beating = asyncio.create_task(probes.heartbeat())
     check_schema(settings.database_url)
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host)
     connection = await amqp.connect(settings.amqp_url, name=f"nudge-{'+'.join(roles)}")
+    probes.check("rabbitmq", lambda: connection.connected.is_set())
+    probes.check("not stopping", lambda: not stop.is_set())
     backend = await resolve_backend(settings)
     topo = topology.build(backend)
     await amqp.declare(connection, topo)
@@ -166,6 +173,10 @@ async def run(
                 )
                 await consumer.start()
                 consumers.append(consumer)
+        probes.check("consuming", lambda: bool(consumers))
+        depths = asyncio.create_task(
+            _watch_depths(connection, [c.handler.queue for c in consumers])
+        )
         log.info(
             "worker started",
             roles=list(roles),
@@ -182,12 +193,17 @@ async def run(
         else:
             await stop.wait()
         log.info("worker stopping")
+        depths.cancel()
         for consumer in consumers:
             await consumer.stop()
     finally:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        beating.cancel()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
         # The handlers stay until the loop closes: a second SIGTERM during shutdown (from an
         # impatient supervisor) must not kill the process halfway through it.
         for ch in channels.values():
@@ -210,6 +226,18 @@ async def queue_depths(connection: Any, names: Sequence[str]) -> dict[str, int]:
         return depths
     finally:
         await channel.close()
+
+
+async def _watch_depths(connection: Any, names: Sequence[str], every: float = 5.0) -> None:
+    """Publish the depth of the queues this worker consumes as ``nudge_queue_depth``: the
+    queue lag in messages, what an autoscaler scales on."""
+    while True:
+        try:
+            for name, depth in (await queue_depths(connection, names)).items():
+                metrics.queue_depth.labels(name).set(depth)
+        except Exception as exc:  # reconnecting: the next poll will tell
+            log.debug("queue depth unavailable", error=repr(exc))
+        await asyncio.sleep(every)
 
 
 async def _until_drained(

@@ -73,6 +73,7 @@ def test_a_valid_request_round_trips_through_the_wire_format() -> None:
         (b"[1, 2]", "body: must be a JSON object"),
         (json.dumps({"v": 2}).encode(), "v: Input should be 1"),
         (b"{" * 100000 + b"}" * 100000, "body:"),
+        (b"[" * 100000 + b"]" * 100000, "body: nested too deeply"),  # under the size limit
     ],
 )
 def test_a_worker_names_what_is_wrong_with_any_bytes(body: bytes, expected: str) -> None:

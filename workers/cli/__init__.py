@@ -18,6 +18,7 @@ from workers.cli.dead import dead
 from workers.cli.messages import message
 from workers.cli.policies import policy
 from workers.cli.rules import rules
+from workers.cli.status import status
 from workers.cli.system import contract_group, db, demo, topology_group, worker
 from workers.cli.templates import template
 
@@ -39,7 +40,7 @@ def main(ctx: click.Context, config_file: Path | None) -> None:
     ctx.ensure_object(dict)["config_file"] = config_file
 
 
-for command in (db, topology_group, worker, message, policy, demo, contract_group):
+for command in (db, topology_group, worker, message, policy, demo, contract_group, status):
     main.add_command(command)
 main.add_command(rules)
 main.add_command(template)
