@@ -331,7 +331,11 @@ class Campaign:
 
     def settled(self, engine: Engine) -> bool:
         items = self._items(engine)
-        return len(items) == self._size and all(s in FINAL for _, s in items)
+        return (
+            len(items) == self._size
+            and all(s in FINAL for _, s in items)
+            and self._state(engine) == int(MessageStatus.COMPLETED)
+        )
 
     def verdict(self, engine: Engine, sink: Sink, bound: int) -> Verdict:
         items = self._items(engine)
@@ -353,13 +357,12 @@ class Campaign:
         duplicates = len(ours) - len({r.idempotency_key for r in ours})
         if duplicates > bound:
             problems.append(f"{duplicates} duplicates at the sink, more than the bound {bound}")
-        mixed = {
-            r.idempotency_key
-            for r in ours
-            if r.idempotency_key != f"nudge-{self._id}-{r.body.get('contact', {}).get('id')}"
-        }
+        by_key: dict[str, set[object]] = {}
+        for r in ours:
+            by_key.setdefault(r.idempotency_key, set()).add(r.body.get("contact", {}).get("id"))
+        mixed = [k for k, v in by_key.items() if len(v) > 1]
         if mixed:
-            problems.append(f"an Idempotency-Key names another recipient: {sorted(mixed)[:3]}")
+            problems.append(f"one Idempotency-Key for different recipients: {mixed[:3]}")
         final = sum(1 for _, s in items if s in FINAL)
         return Verdict(self.name, self._size, 0, final, self._size - final, duplicates, bound,
                        tuple(problems))  # fmt: skip
