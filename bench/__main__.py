@@ -40,7 +40,13 @@ def main() -> None:
 @click.option("--workers", default=1, type=click.IntRange(1, 8), help="Worker processes.")
 @click.option("--concurrency", default=2, type=click.IntRange(1, 64), help="Batches per role.")
 @click.option("--async-n", default=5_000, type=click.IntRange(1), help="AsyncProducer messages.")
-@click.option("--split", is_flag=True, help="Scheduler and dispatch in separate processes.")
+@click.option(
+    "--split/--together",
+    default=True,
+    show_default=True,
+    help="Scheduler and dispatch in separate processes (a Deployment per role), or both roles "
+    "in each process.",
+)
 def delays_command(
     n: int, spread: float, lead: float, workers: int, concurrency: int, async_n: int, split: bool
 ) -> None:

@@ -63,8 +63,8 @@ class Settings(BaseSettings):
     retry_max_seconds: float = Field(default=3600.0, gt=0)
 
     #: Held messages count against it: at R messages due per second arriving up to
-    #: 1.25 s early, keep it above 1.25 R plus a batch, or the hold throttles delivery.
-    prefetch: int = Field(default=5000, ge=1, le=65535)
+    #: 4.25 s early, keep it above 4.25 R plus a batch, or the hold throttles delivery.
+    prefetch: int = Field(default=10000, ge=1, le=65535)
     batch_size: int = Field(default=500, ge=1, le=5000)
     batch_wait_seconds: float = Field(default=0.01, ge=0)
     metrics_port: int = Field(default=0, ge=0, le=65535)

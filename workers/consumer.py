@@ -62,6 +62,8 @@ class Handler(Protocol[T]):
 class _Inbound(Generic[T]):
     item: T
     message: AbstractIncomingMessage
+    #: Released from the hold: its tick came as a whole, waiting for more adds lateness only.
+    held: bool = False
 
 
 _ACK_ERRORS = (
@@ -166,6 +168,7 @@ class Consumer(Generic[T]):
         self._held_count -= len(bucket)
         metrics.held.labels(self.handler.queue).set(self._held_count)
         for inbound in bucket:
+            inbound.held = True
             self._ready.put_nowait(inbound)
 
     async def _batches(self) -> None:
@@ -181,6 +184,8 @@ class Consumer(Generic[T]):
                         continue
                     except asyncio.QueueEmpty:
                         pass
+                    if batch[-1].held:
+                        break
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break

@@ -154,14 +154,15 @@ def _previous_trip(level: int) -> list[dict[str, object]]:
 def test_a_re_delayed_message_is_not_dropped_by_dead_letter_cycle_detection(
     settings: Settings, vhost: str, management: Management
 ) -> None:
-    # 3.5 s: three whole seconds in the ladder, levels 1 and 0. The history says it already
-    # expired from level 0 once, as a retried due message would have.
+    # 12.5 s: twelve whole seconds in the ladder, levels 3 and 2 (the two lowest levels are
+    # held by the consumer). The history says it already expired from level 2 once, as a
+    # retried due message would have.
     body = contract.encode(DueMessage(message_id=1, contact_id=1, deliver_at=datetime.now(UTC)))
-    route = delay.route("tiers", "due", 3500)
-    assert delay.levels_visited(delay.ladder_units(3500)) == [1, 0]
+    route = delay.route("tiers", "due", 12500)
+    assert delay.levels_visited(delay.ladder_units(12500)) == [3, 2]
 
-    # Control: published with its history, RabbitMQ drops it when level 1 dead-letters it
-    # into level 0.
+    # Control: published with its history, RabbitMQ drops it when level 3 dead-letters it
+    # into level 2.
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     try:
         channel = connection.channel()
@@ -171,7 +172,7 @@ def test_a_re_delayed_message_is_not_dropped_by_dead_letter_cycle_detection(
             route.routing_key,
             body,
             pika.BasicProperties(
-                message_id="with-history", delivery_mode=2, headers={"x-death": _previous_trip(0)}
+                message_id="with-history", delivery_mode=2, headers={"x-death": _previous_trip(2)}
             ),
             mandatory=True,
         )
@@ -187,10 +188,10 @@ def test_a_re_delayed_message_is_not_dropped_by_dead_letter_cycle_detection(
                 amqp.Publisher.delayed(
                     "tiers",
                     "due",
-                    3500,
+                    12500,
                     body,
                     "stripped",
-                    {"x-death": _previous_trip(0), "x-other": "kept"},
+                    {"x-death": _previous_trip(2), "x-other": "kept"},
                 )
             )
         finally:
@@ -199,13 +200,13 @@ def test_a_re_delayed_message_is_not_dropped_by_dead_letter_cycle_detection(
     asyncio.run(redelay())
     wait_for(
         lambda: management.queue(vhost, DUE_QUEUE).get("messages") == 1,
-        timeout=15,
+        timeout=25,
         message="the re-delayed message in nudge.due",
     )
     [arrived] = management.get_messages(vhost, DUE_QUEUE)
     assert arrived["properties"]["message_id"] == "stripped"
     assert arrived["properties"]["headers"]["x-other"] == "kept"
     # the control has left the ladder (dropped), and never reached nudge.due
-    for level in (delay.level_name(1), delay.level_name(0)):
+    for level in (delay.level_name(3), delay.level_name(2)):
         assert ready_count(settings.amqp_url, level) == 0
     assert ready_count(settings.amqp_url, DUE_QUEUE) == 1
