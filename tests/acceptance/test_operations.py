@@ -54,6 +54,11 @@ def test_nudge_status_summarises_queues_and_outcomes_as_json(
         producer.schedule("c-1", "welcome", "webhook", idempotency_key="now")
         producer.schedule("c-2", "welcome", "webhook", idempotency_key="later", delay=3600)
     wait_for(lambda: len(sink.accepted()) == 1, timeout=30, message="one delivery")
+    drafted = subprocess.run([sys.executable, "-m", "workers", "campaign", "create", "autumn",
+                              "--template", "welcome", "--channel", "webhook", "--all"],
+                             env=settings_env(settings), capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+    assert drafted.returncode == 0, drafted.stderr
 
     def status() -> dict[str, Any]:
         done = subprocess.run([sys.executable, "-m", "workers", "status", "--json"],
@@ -73,11 +78,13 @@ def test_nudge_status_summarises_queues_and_outcomes_as_json(
     doc = wait_for(settled, timeout=30, interval=1, message="status to show both consumers")
     assert doc["outcomes"]["total"] == {"sent": 1}
     assert doc["outcomes"]["scheduled_not_due"] == 1
+    assert [(c["name"], c["state"]) for c in doc["campaigns"]] == [("autumn", "draft")]
     text = subprocess.run([sys.executable, "-m", "workers", "status"],
                           env=settings_env(settings), capture_output=True, text=True,
                           timeout=60)  # fmt: skip
     assert "nudge.due" in text.stdout
     assert "sent" in text.stdout
+    assert "campaign 'autumn' draft: " in text.stdout
 
 
 def test_nudge_status_names_an_unreachable_management_api(settings: Settings) -> None:

@@ -375,7 +375,8 @@ def campaign_retry_failed(ctx: click.Context, ref: str) -> None:
     )
 
 
-def _status(conn: Connection, found: Campaign) -> dict[str, Any]:
+def campaign_summary(conn: Connection, found: Campaign) -> dict[str, Any]:
+    """What `campaign status --json` prints for one campaign."""
     from workers.store import audiences, campaigns
     from workers.store.schema import UNFINISHED
 
@@ -410,7 +411,8 @@ def _status(conn: Connection, found: Campaign) -> dict[str, Any]:
     }
 
 
-def _line(s: dict[str, Any]) -> str:
+def progress_line(s: dict[str, Any]) -> str:
+    """One line of a campaign's progress: final/recipients, rate, ETA, counts."""
     counts = s["counts"]
     shown = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
     rate = f", {s['rate_per_second']}/s" if s["rate_per_second"] else ""
@@ -426,14 +428,14 @@ def campaign_status(ctx: click.Context, ref: str, as_json: bool) -> None:
     """Progress of campaign REF: recipients per outcome, read, rate and ETA."""
     settings = load_settings(ctx)
     with _errors(), database(settings) as conn:
-        s = _status(conn, _find(conn, ref))
+        s = campaign_summary(conn, _find(conn, ref))
     if as_json:
         print_json(s)
         return
     click.echo(f"campaign {s['name']!r} (id {s['id']}): {s['state']}"
                + (f" ({s['reason']})" if s["reason"] else ""))  # fmt: skip
     click.echo(f"  {s['template']} via {s['channel']} to {s['audience']}")
-    click.echo(f"  {_line(s)}")
+    click.echo(f"  {progress_line(s)}")
 
 
 @campaign.command("watch")
@@ -445,13 +447,13 @@ def campaign_watch(ctx: click.Context, ref: str, interval: float) -> None:
     settings = load_settings(ctx)
     with _errors():
         with database(settings) as conn:
-            s = _status(conn, _find(conn, ref))
+            s = campaign_summary(conn, _find(conn, ref))
         with click.progressbar(length=max(1, s["recipients"]), label=s["name"],
                                show_pos=True, show_percent=True) as bar:  # fmt: skip
             shown = 0
             while True:
                 with database(settings) as conn:
-                    s = _status(conn, _find(conn, str(s["id"])))
+                    s = campaign_summary(conn, _find(conn, str(s["id"])))
                 bar.length = max(1, s["recipients"])
                 bar.update(s["done"] - shown)
                 shown = s["done"]
@@ -459,7 +461,7 @@ def campaign_watch(ctx: click.Context, ref: str, interval: float) -> None:
                 if s["state"] in ("completed", "cancelled"):
                     break
                 time.sleep(interval)
-    click.echo(f"campaign {s['name']!r} {s['state']}: {_line(s)}")
+    click.echo(f"campaign {s['name']!r} {s['state']}: {progress_line(s)}")
 
 
 @campaign.command("list")
@@ -471,11 +473,11 @@ def campaign_list(ctx: click.Context, as_json: bool) -> None:
 
     settings = load_settings(ctx)
     with _errors(), database(settings) as conn:
-        rows = [_status(conn, c) for c in campaigns.all_campaigns(conn)]
+        rows = [campaign_summary(conn, c) for c in campaigns.all_campaigns(conn)]
     if as_json:
         print_json(rows)
         return
     if not rows:
         click.echo("no campaigns")
     for s in rows:
-        click.echo(f"{s['id']:>5}  {s['name']:<24} {s['state']:<10} {_line(s)}")
+        click.echo(f"{s['id']:>5}  {s['name']:<24} {s['state']:<10} {progress_line(s)}")

@@ -76,12 +76,21 @@ def queues(settings: Settings) -> list[dict[str, Any]]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def status(ctx: click.Context, window: timedelta, as_json: bool) -> None:
-    """Queues (depth, consumers, rates) and recipient outcomes (in all, recently, rate)."""
+    """Queues (depth, consumers, rates), recipient outcomes (in all, recently, rate) and the
+    campaigns that are not finished."""
+    from workers.cli.campaigns import campaign_summary, progress_line
+    from workers.store import campaigns as campaigns_repo
+
     settings = load_settings(ctx)
     with errors():
         rows = queues(settings)
         with database(settings) as conn:
             outcomes = stats.outcomes(conn, window)
+            active = [
+                s
+                for s in (campaign_summary(conn, c) for c in campaigns_repo.all_campaigns(conn))
+                if s["state"] not in ("completed", "cancelled")
+            ]
     now = datetime.now(UTC)
     oldest = outcomes.oldest_sending
     doc = {
@@ -94,6 +103,7 @@ def status(ctx: click.Context, window: timedelta, as_json: bool) -> None:
             "scheduled_not_due": outcomes.scheduled,
             "oldest_sending_seconds": round((now - oldest).total_seconds(), 1) if oldest else None,
         },
+        "campaigns": active,
     }
     if as_json:
         print_json(doc)
@@ -118,6 +128,11 @@ def status(ctx: click.Context, window: timedelta, as_json: bool) -> None:
     )
     if oldest is not None:
         click.echo(f"oldest sending claim: {(now - oldest).total_seconds():.0f} s ago")
+    click.echo("")
+    if not active:
+        click.echo("no campaign in progress")
+    for c in active:
+        click.echo(f"campaign {c['name']!r} {c['state']}: {progress_line(c)}")
 
 
 def _short(window: timedelta) -> str:
