@@ -198,6 +198,9 @@ class PlanCampaign(_Model):
     v: Literal[1] = 1
     campaign_id: int = Field(gt=0)
     round: int = Field(ge=0)
+    #: A scheduled start: the planner holds the message until then (the delay ladder
+    #: delivers up to a few seconds early, and the consumer's hold makes it exact).
+    start_at: AwareDatetime | None = None
 
 
 class RecipientBatch(_Model):

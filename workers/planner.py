@@ -70,7 +70,7 @@ class PlannerHandler:
         return contract.decode(PlanCampaign, message.body, content_type=message.content_type)
 
     def due_at(self, item: PlanCampaign) -> datetime | None:
-        return None
+        return item.start_at
 
     async def handle(self, batch: Sequence[PlanCampaign]) -> Sequence[Outcome]:
         return [await self._plan(p) for p in batch]

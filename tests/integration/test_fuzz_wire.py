@@ -5,8 +5,8 @@ accepted (stored, then given an outcome) or parked in ``nudge.dead`` with a reas
 counts match the workers' own metrics.
 
 Each input carries an ``x-fuzz`` header with its number, so that it can be found in
-``nudge.dead`` whatever its ``message_id``. Exchanges added later (receipts, control) get a
-:class:`Target` in :data:`TARGETS`.
+``nudge.dead`` whatever its ``message_id``. Each exchange a service may publish to has a
+:class:`Target` in :data:`TARGETS` (intake, events and receipts today).
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from shared.topology import (
     EVENTS_QUEUE,
     INTAKE_EXCHANGE,
     INTAKE_QUEUE,
+    READ_KEY,
+    RECEIPTS_EXCHANGE,
+    RECEIPTS_QUEUE,
     SCHEDULE_KEY,
 )
 from tests.support import Worker, wait_for
@@ -122,6 +125,15 @@ _event = st.fixed_dictionaries(
     },
     optional={"data": _json, "unknown_field": _json},
 )
+_receipt = st.fixed_dictionaries(
+    {
+        "v": st.sampled_from([1, 1, 2]),
+        "message_id": st.integers(-5, 2**70) | _json,
+        "contact": _contact | _json,
+        "read_at": _times,
+    },
+    optional={"unknown_field": _json},
+)
 
 
 def _dropping(fields: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
@@ -131,7 +143,17 @@ def _dropping(fields: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[di
         fields,
         st.sets(
             st.sampled_from(
-                ["v", "contact", "template", "channel", "deliver_at", "name", "occurred_at"]
+                [
+                    "v",
+                    "contact",
+                    "template",
+                    "channel",
+                    "deliver_at",
+                    "name",
+                    "occurred_at",
+                    "message_id",
+                    "read_at",
+                ]
             ),
             max_size=2,
         ),
@@ -222,6 +244,12 @@ def _stored_messages(conn: Connection, prefix: str) -> set[str]:
     return set(conn.scalars(q))
 
 
+def _stored_receipts(conn: Connection, prefix: str) -> set[str]:
+    """Receipts record a read time on a recipient, not their own id: none of this run's can
+    name a recipient that exists (the run's contacts are its own), so every one is parked."""
+    return set()
+
+
 def _stored_events(conn: Connection, prefix: str) -> set[str]:
     q = select(contact_events.c.event_id).where(contact_events.c.event_id.like(f"{prefix}%"))
     return set(conn.scalars(q))
@@ -232,6 +260,14 @@ TARGETS = [
         "intake", INTAKE_EXCHANGE, SCHEDULE_KEY, INTAKE_QUEUE, _bodies(_schedule), _stored_messages
     ),
     Target("events", EVENTS_EXCHANGE, EVENT_KEY, EVENTS_QUEUE, _bodies(_event), _stored_events),
+    Target(
+        "receipts",
+        RECEIPTS_EXCHANGE,
+        READ_KEY,
+        RECEIPTS_QUEUE,
+        _bodies(_receipt),
+        _stored_receipts,
+    ),
 ]
 
 
@@ -382,7 +418,7 @@ def _unfinished(engine: Engine, ledger: Ledger) -> list[str]:
 def fuzz_worker(engine: Engine, start_worker: Callable[..., Worker]) -> Worker:
     with engine.begin() as conn:
         templates.add(conn, "welcome", "Hello", "Welcome", None)
-    return start_worker("scheduler", "dispatch", "events")
+    return start_worker("scheduler", "dispatch", "events", "receipts")
 
 
 @pytest.fixture

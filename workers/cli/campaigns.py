@@ -85,7 +85,9 @@ def _announce(
                     contract.build(CampaignControl, campaign_id=cid, action=action, round=round_),
                 )
             if plan is not None:
-                body = contract.encode(PlanCampaign(campaign_id=plan[0], round=plan[1]))
+                body = contract.encode(
+                    PlanCampaign(campaign_id=plan[0], round=plan[1], start_at=start_at)
+                )
                 key = f"plan-{plan[0]}-{plan[1]}"
                 if start_at is None:
                     await publisher.publish(amqp.Outgoing(PLAN_EXCHANGE, PLAN_KEY, body, key))
