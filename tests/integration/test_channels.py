@@ -102,7 +102,7 @@ def test_an_email_arrives_rendered_with_a_signed_unsubscribe_header_on_a_reused_
 def _certificate(directory: Path) -> tuple[str, str]:
     """A self-signed certificate for 127.0.0.1 (the openssl command line makes it)."""
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make a test certificate")
+        pytest.fail("openssl is needed to make a test certificate: apt-get install openssl")
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
         [
