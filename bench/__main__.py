@@ -67,15 +67,24 @@ def delays_command(
 @click.option("--chunk-size", default=250, type=click.IntRange(1, 5000))
 @click.option("--batch-size", default=500, type=click.IntRange(1, 5000))
 @click.option("--pause-at", default=0.3, type=click.FloatRange(0, 1), help="Pause once, here.")
+@click.option(
+    "--channel",
+    default="webhook",
+    type=click.Choice(["webhook", "log"]),
+    help="webhook: batch requests to a local receiver process; log: no network call.",
+)
 def campaign_command(
     contacts: int, workers: int, concurrency: int, chunk_size: int, batch_size: int,
-    pause_at: float,
+    pause_at: float, channel: str,
 ) -> None:  # fmt: skip
-    """Import CONTACTS, send them a campaign (log channel), pause and resume it once."""
+    """Import CONTACTS, send them a campaign through a batch webhook to a local receiver,
+    pause and resume it once."""
     try:
         ok = campaign.run(
             Settings.load(),
-            campaign.Params(contacts, workers, concurrency, chunk_size, batch_size, pause_at),
+            campaign.Params(
+                contacts, workers, concurrency, chunk_size, batch_size, pause_at, channel
+            ),
         )
     except (NudgeError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -308,11 +308,15 @@ async def finish_round(conn: AsyncConnection, campaign_id: int, round_: int) -> 
     )
 
 
+# Looks for an unfinished recipient from the highest contact id down: the planner goes up, so
+# while a campaign sends the first entry is a live one, where NOT EXISTS would walk forward
+# over every recipient finished since the last vacuum (dead index entries) for each batch.
 _COMPLETE = text("""
 UPDATE messages m SET status = 3, finished_at = now()
  WHERE m.kind = 'campaign' AND m.status = 1 AND (:id = 0 OR m.id = :id)
-   AND NOT EXISTS (SELECT 1 FROM message_items mi
-                    WHERE mi.message_id = m.id AND mi.status IN ('planned', 'sending', 'deferred'))
+   AND (SELECT mi.contact_id FROM message_items mi
+         WHERE mi.message_id = m.id AND mi.status IN ('planned', 'sending', 'deferred')
+         ORDER BY mi.message_id DESC, mi.contact_id DESC LIMIT 1) IS NULL
 RETURNING m.id
 """)
 

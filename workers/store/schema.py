@@ -158,9 +158,9 @@ message_items = Table(
     Column("template_version", Integer),
     PrimaryKeyConstraint("message_id", "contact_id"),
     CheckConstraint(f"status IN ({_item_statuses})", name="status"),
-    # window checks: what was sent to this contact lately, and what is being sent now
+    # window checks: what was sent to this contact lately, and what is being sent now (no
+    # partial index of ``sending`` rows: see migration 0007)
     Index(None, "contact_id", "sent_at"),
-    Index("ix_message_items_sending", "contact_id", postgresql_where=text("status = 'sending'")),
     # campaigns: the planner's keyset over recipients still to send, and "is it finished?"
     Index(
         "ix_message_items_unfinished",
