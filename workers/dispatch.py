@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -142,25 +143,27 @@ class DispatchHandler:
             stored = await templates_repo.latest_async(conn, {c.template for c in sends})
         deliveries, sent_records = self._render(sends, stored)
         sent = await self._send_all(deliveries)
+        done_at = datetime.now(UTC)
         for d, send_result in sent:
             c = d.claimed
-            record, retry = self._after_send(c, send_result)
-            sent_records.append(replace(record, template_version=d.delivery.content.version))
+            record, retry = self._after_send(c, send_result, d.delivery.content.version)
+            sent_records.append(record)
             if retry is not None:
                 result[first[(c.message_id, c.contact_id)]] = retry
             if record.status is ItemStatus.SENT:
                 metrics.lateness.labels(c.channel).observe(
-                    max(0.0, (datetime.now(UTC) - c.deliver_at).total_seconds())
+                    max(0.0, (done_at - c.deliver_at).total_seconds())
                 )
         await self._finalise(sent_records)
         records += sent_records
         channel_of = {(c.message_id, c.contact_id): c.channel for c in claimed}
-        for r in records:
-            metrics.outcomes.labels(
-                channel_of[(r.message_id, r.contact_id)],
-                r.status.value,
-                (r.reason or "").split(":", 1)[0],
-            ).inc()
+        counted = Counter(
+            (channel_of[(r.message_id, r.contact_id)], r.status.value,
+             (r.reason or "").split(":", 1)[0])
+            for r in records
+        )  # fmt: skip
+        for labels, n in counted.items():
+            metrics.outcomes.labels(*labels).inc(n)
         return result
 
     def _render(
@@ -192,9 +195,8 @@ class DispatchHandler:
                 )  # fmt: skip
             except InvalidTemplate as exc:
                 failed.append(
-                    replace(self._record(c, ItemStatus.FAILED, exc.reason),
-                            template_version=template.version)
-                )  # fmt: skip
+                    self._record(c, ItemStatus.FAILED, exc.reason, version=template.version)
+                )
                 continue
             deliveries.append(_Delivery(c, self._delivery(c, content)))
         return deliveries, failed
@@ -274,10 +276,12 @@ class DispatchHandler:
         next_at: datetime | None = None,
         *,
         failed: bool = False,
+        version: int | None = None,
     ) -> messages.Outcome:
         return messages.Outcome(
-            c.message_id, c.contact_id, c.attempts, status, reason, error, next_at, failed
-        )
+            c.message_id, c.contact_id, c.attempts, status, reason, error, next_at, failed,
+            version,
+        )  # fmt: skip
 
     async def _check(
         self, conn: AsyncConnection, claimed: Sequence[Claimed], now: datetime
@@ -290,7 +294,11 @@ class DispatchHandler:
         keys = [(c.message_id, c.contact_id) for c in claimed]
         cids = [c.contact_id for c in claimed]
         used = [policies[c.priority] for c in claimed]
-        excluded = await checks_repo.exclusions(conn, keys, self._settings.exclusion_buffer_seconds)
+        excluded = (
+            await checks_repo.exclusions(conn, keys, self._settings.exclusion_buffer_seconds)
+            if any(c.has_exclusions for c in claimed)
+            else {}
+        )
         names = sorted({n for p in used for n in p.interaction_events})
         interactions = await checks_repo.interactions(
             conn, cids, names, max(p.interaction_window_seconds for p in used)
@@ -354,18 +362,22 @@ class DispatchHandler:
         metrics.send_latency.labels(channel.name).observe(time.monotonic() - started)
         return results
 
-    def _after_send(self, c: Claimed, result: SendResult) -> tuple[messages.Outcome, Retry | None]:
+    def _after_send(
+        self, c: Claimed, result: SendResult, version: int
+    ) -> tuple[messages.Outcome, Retry | None]:
+        """The outcome of a send of template ``version``, and when to try again."""
         if result.verdict is Verdict.SENT:
-            return self._record(c, ItemStatus.SENT), None
+            return self._record(c, ItemStatus.SENT, version=version), None
         if result.verdict is Verdict.PERMANENT:
             return self._record(
-                c, ItemStatus.FAILED, "permanent: receiver refused", result.error, failed=True
-            ), None
+                c, ItemStatus.FAILED, "permanent: receiver refused", result.error, failed=True,
+                version=version,
+            ), None  # fmt: skip
         failures = c.failures + 1
         if failures >= self._settings.max_attempts:
             return self._record(
                 c, ItemStatus.FAILED, f"attempts: gave up after {failures} failed sends",
-                result.error, failed=True,
+                result.error, failed=True, version=version,
             ), None  # fmt: skip
         wait = backoff(
             failures,
@@ -377,6 +389,6 @@ class DispatchHandler:
         at = now + timedelta(seconds=wait)
         return (
             self._record(c, ItemStatus.DEFERRED, f"retry: after {failures} failed sends",
-                         result.error, at, failed=True),
+                         result.error, at, failed=True, version=version),
             self._retry_at(c, at, now),
         )  # fmt: skip

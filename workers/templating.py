@@ -134,7 +134,16 @@ class Renderer:
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
             env = self._html_env if part == "html_body" else self._env
-            compiled = self._cache[key] = env.from_string(source)
+            compiled = env.from_string(source)
+            if not any(tag in source for tag in ("{{", "{%", "{#")):
+                # no variable, statement or comment: the same text for everyone, rendered once
+                # (Jinja still normalises newlines and drops a trailing one)
+                compiled = "".join(compiled.generate({}))
+            self._cache[key] = compiled
+        if isinstance(compiled, str):
+            if len(compiled) > self._max:
+                raise SecurityError(f"output larger than {self._max} characters")
+            return compiled
         chunks: list[str] = []
         size = 0
         # Rendering chunk by chunk stops a runaway loop at the bound instead of at the end.

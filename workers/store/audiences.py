@@ -152,28 +152,23 @@ def _freeze(message_id: int, audience: dict[str, Any]) -> Any:
         contacts.c.id,
         literal(ItemStatus.PLANNED.value),
     ).where(matches(audience, message_id))
-    return (
+    inserted = (
         insert(message_items)
         .from_select(["message_id", "contact_id", "status"], chosen)
         .on_conflict_do_nothing()
+        .returning(literal(1))
+        .cte("inserted")
     )
-
-
-def _count(message_id: int) -> Any:
-    return (
-        select(func.count())
-        .select_from(message_items)
-        .where(message_items.c.message_id == message_id)
-    )
+    # counted where they are inserted: a draft has no recipient rows yet, so the rows
+    # inserted are the audience (a count afterwards would read them all again)
+    return select(func.count()).select_from(inserted)
 
 
 def freeze(conn: Connection, message_id: int, audience: dict[str, Any]) -> int:
     """Insert every recipient as ``planned`` in one statement; returns how many."""
-    conn.execute(_freeze(message_id, audience))
-    return int(conn.execute(_count(message_id)).scalar_one())
+    return int(conn.execute(_freeze(message_id, audience)).scalar_one())
 
 
 async def freeze_async(conn: AsyncConnection, message_id: int, audience: dict[str, Any]) -> int:
     """:func:`freeze` for the planner (a scheduled start)."""
-    await conn.execute(_freeze(message_id, audience))
-    return int((await conn.execute(_count(message_id))).scalar_one())
+    return int((await conn.execute(_freeze(message_id, audience))).scalar_one())

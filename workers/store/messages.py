@@ -7,7 +7,7 @@ round trip per recipient.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -55,6 +55,12 @@ class Claimed:
     timezone: str | None
     attributes: dict[str, Any]
     subscribed: bool
+    #: Its message lists exclusion events (when none in a batch does, they are not queried).
+    has_exclusions: bool = True
+
+
+#: The claim query's columns, in the order of :class:`Claimed`'s fields.
+_CLAIMED_COLUMNS = tuple(f.name for f in fields(Claimed))
 
 
 @dataclass(frozen=True)
@@ -177,7 +183,8 @@ WITH wanted AS (
 SELECT c.message_id, c.contact_id, c.attempts, c.failures, m.status AS message_status,
        m.idempotency_key, m.template,
        m.channel, m.category, m.priority, m.data, m.deliver_at, m.expires_at,
-       k.external_id, k.email, k.phone, k.timezone, k.attributes, k.subscribed
+       k.external_id, k.email, k.phone, k.timezone, k.attributes, k.subscribed,
+       jsonb_array_length(m.exclude_events) > 0 AS has_exclusions
   FROM claimed c
   JOIN messages m ON m.id = c.message_id
   JOIN contacts k ON k.id = c.contact_id
@@ -216,7 +223,9 @@ async def claim(
             "lease": lease_seconds,
         },
     )
-    claimed = [Claimed(**row._mapping) for row in result]
+    if tuple(result.keys()) != _CLAIMED_COLUMNS:  # positional below: keep them in step
+        raise AssertionError(f"claim columns {tuple(result.keys())} != {_CLAIMED_COLUMNS}")
+    claimed = [Claimed(*row) for row in result]
     got = {(c.message_id, c.contact_id) for c in claimed}
     rest = [w for w in wanted if (w[0], w[1]) not in got]
     states: dict[Key, ItemState] = {}
