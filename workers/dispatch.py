@@ -30,6 +30,7 @@ from workers import checks, metrics
 from workers.channels import Channel, Delivery, SendResult, Verdict
 from workers.checks import Decision, Defer, Record, Send
 from workers.outcomes import DONE, Outcome, Reject, Retry
+from workers.policy import Policy
 from workers.ratelimit import Limits
 from workers.scheduler import due_message_id
 from workers.store import checks as checks_repo
@@ -37,7 +38,7 @@ from workers.store import messages
 from workers.store import policies as policies_repo
 from workers.store import templates as templates_repo
 from workers.store.checks import Sent
-from workers.store.db import transaction
+from workers.store.db import autocommit, pipeline, transaction
 from workers.store.messages import Claimed, ItemState, Key
 from workers.store.schema import ItemStatus
 from workers.store.templates import StoredTemplate
@@ -115,16 +116,21 @@ class DispatchHandler:
         sends: list[Claimed] = []
         async with transaction(self._engine) as conn:
             # Checks and claims of one contact are serialised across all workers, so caps
-            # hold under concurrency.
-            await checks_repo.lock_contacts(conn, [w[1] for w in wanted])
-            claimed, states = await messages.claim(conn, wanted, self._settings.claim_lease_seconds)
+            # hold under concurrency. Lock, claim and policies go in one round trip.
+            _, claim_rows, policy_rows = await pipeline(conn, [
+                checks_repo.lock_statement([w[1] for w in wanted]),
+                messages.claim_statement(wanted, self._settings.claim_lease_seconds),
+                policies_repo.LOAD_ALL,
+            ])  # fmt: skip
+            claimed = messages.claimed_from(claim_rows)
+            states = await messages.states(conn, wanted, claimed)
             now = datetime.now(UTC)
             claimed_keys = {(c.message_id, c.contact_id) for c in claimed}
             for key, i in first.items():
                 if key not in claimed_keys:
                     result[i] = self._not_claimed(batch[i], states.get(key), now)
             started = time.perf_counter()
-            decisions = await self._check(conn, claimed, now)
+            decisions = await self._check(conn, claimed, policies_repo.from_rows(policy_rows), now)
             metrics.check_seconds.inc(time.perf_counter() - started)
             metrics.checked.inc(len(claimed))
             for c, decision in decisions:
@@ -139,8 +145,11 @@ class DispatchHandler:
                 else:
                     records.append(self._record(c, decision.status, decision.reason))
             # Decisions not to send are final (or deferred) at once, with the claims.
-            await messages.finalise(conn, records)
-            stored = await templates_repo.latest_async(conn, {c.template for c in sends})
+            rows = await pipeline(conn, [
+                *([messages.finalise_statement(records)] if records else []),
+                templates_repo.latest_statement({c.template for c in sends}),
+            ])  # fmt: skip
+            stored = templates_repo.latest_from(rows[-1])
         deliveries, sent_records = self._render(sends, stored)
         sent = await self._send_all(deliveries)
         done_at = datetime.now(UTC)
@@ -229,7 +238,7 @@ class DispatchHandler:
         pause = 0.5
         while True:
             try:
-                async with transaction(self._engine) as conn:
+                async with autocommit(self._engine) as conn:  # one statement
                     await messages.finalise(conn, records)
                 return
             except StoreUnavailable as exc:
@@ -284,27 +293,32 @@ class DispatchHandler:
         )  # fmt: skip
 
     async def _check(
-        self, conn: AsyncConnection, claimed: Sequence[Claimed], now: datetime
+        self,
+        conn: AsyncConnection,
+        claimed: Sequence[Claimed],
+        policies: Mapping[str, Policy],
+        now: datetime,
     ) -> list[tuple[Claimed, Decision]]:
-        """Decide every claimed recipient with the facts of the whole batch, fetched in a
-        constant number of statements."""
+        """Decide every claimed recipient with the facts of the whole batch, fetched in one
+        round trip."""
         if not claimed:
             return []
-        policies = await policies_repo.load_all(conn)
         keys = [(c.message_id, c.contact_id) for c in claimed]
         cids = [c.contact_id for c in claimed]
         used = [policies[c.priority] for c in claimed]
-        excluded = (
-            await checks_repo.exclusions(conn, keys, self._settings.exclusion_buffer_seconds)
-            if any(c.has_exclusions for c in claimed)
-            else {}
-        )
         names = sorted({n for p in used for n in p.interaction_events})
-        interactions = await checks_repo.interactions(
-            conn, cids, names, max(p.interaction_window_seconds for p in used)
-        )
         window = max(max(p.frequency_window_seconds, p.category_window_seconds or 0) for p in used)
-        sent = await checks_repo.history(conn, cids, window, keys)
+        wants_exclusions = any(c.has_exclusions for c in claimed)
+        rows = await pipeline(conn, [
+            checks_repo.history_statement(cids, window, keys),
+            *([checks_repo.interactions_statement(
+                cids, names, max(p.interaction_window_seconds for p in used))] if names else []),
+            *([checks_repo.exclusions_statement(keys, self._settings.exclusion_buffer_seconds)]
+              if wants_exclusions else []),
+        ])  # fmt: skip
+        sent = checks_repo.history_from(rows[0])
+        interactions = checks_repo.interactions_from(rows[1] if names else [])
+        excluded = checks_repo.exclusions_from(rows[-1] if wants_exclusions else [])
         out: list[tuple[Claimed, Decision]] = []
         for c, policy in zip(claimed, used, strict=True):
             key = (c.message_id, c.contact_id)

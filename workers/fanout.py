@@ -33,7 +33,7 @@ from workers.outcomes import DONE, Outcome, Reject, Retry
 from workers.scheduler import due_message_id
 from workers.store import campaigns
 from workers.store.campaigns import Campaign
-from workers.store.db import transaction
+from workers.store.db import autocommit, transaction
 from workers.store.schema import ItemStatus, MessageStatus
 
 log = structlog.get_logger("nudge.fanout")
@@ -101,7 +101,7 @@ class BatchHandler:
             await self._chunk(campaign.id, chunk, since)
             if campaign.auto_pause_threshold is not None and status is MessageStatus.SENDING:
                 await self._watch_failures(campaign, rb.round, [c for c, _ in chunk], since)
-        async with transaction(self._engine) as conn:
+        async with autocommit(self._engine) as conn:  # one statement
             if await campaigns.complete_finished(conn, campaign.id):
                 log.info("campaign completed", campaign_id=campaign.id)
         return DONE

@@ -5,13 +5,15 @@ claims (design section 4: eight workers racing on one contact still send at most
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from workers.store.db import Statement
 from workers.store.messages import Key
 
 _LOCK = text("""
@@ -20,11 +22,16 @@ SELECT count(pg_advisory_xact_lock(1, (c % 2147483647)::int))
 """)
 
 
-async def lock_contacts(conn: AsyncConnection, contact_ids: Sequence[int]) -> None:
+def lock_statement(contact_ids: Sequence[int]) -> Statement:
     """Serialise this transaction with every other one touching these contacts, taking the
     locks in ascending order so that two batches never deadlock. Released at commit."""
     # unnest yields the array in order: the sort here is the lock order
-    await conn.execute(_LOCK, {"cids": sorted(set(contact_ids))})
+    return _LOCK, {"cids": sorted(set(contact_ids))}
+
+
+async def lock_contacts(conn: AsyncConnection, contact_ids: Sequence[int]) -> None:
+    """:func:`lock_statement`, run."""
+    await conn.execute(*lock_statement(contact_ids))
 
 
 @dataclass(frozen=True)
@@ -50,18 +57,26 @@ SELECT DISTINCT ON (w.message_id, w.contact_id) w.message_id, w.contact_id, e.na
 """)
 
 
+def exclusions_statement(keys: Sequence[Key], buffer_seconds: float) -> Statement:
+    """For each recipient whose message lists exclusion events, the first such event in its
+    scope (since scheduling less ``buffer_seconds``, ever, or within a window); read with
+    :func:`exclusions_from`."""
+    return _EXCLUSIONS, {
+        "mids": [k[0] for k in keys], "cids": [k[1] for k in keys], "buffer": buffer_seconds
+    }  # fmt: skip
+
+
+def exclusions_from(rows: Iterable[Any]) -> dict[Key, Event]:
+    return {(r.message_id, r.contact_id): Event(r.name, r.occurred_at) for r in rows}
+
+
 async def exclusions(
     conn: AsyncConnection, keys: Sequence[Key], buffer_seconds: float
 ) -> dict[Key, Event]:
-    """For each recipient whose message lists exclusion events, the first such event in its
-    scope (since scheduling less ``buffer_seconds``, ever, or within a window)."""
+    """:func:`exclusions_statement`, run."""
     if not keys:
         return {}
-    result = await conn.execute(
-        _EXCLUSIONS,
-        {"mids": [k[0] for k in keys], "cids": [k[1] for k in keys], "buffer": buffer_seconds},
-    )
-    return {(r.message_id, r.contact_id): Event(r.name, r.occurred_at) for r in result}
+    return exclusions_from(await conn.execute(*exclusions_statement(keys, buffer_seconds)))
 
 
 _INTERACTIONS = text("""
@@ -73,19 +88,31 @@ SELECT contact_id, name, max(occurred_at) AS occurred_at
 """)
 
 
+def interactions_statement(
+    contact_ids: Sequence[int], names: Sequence[str], window_seconds: float
+) -> Statement:
+    """The latest occurrence of each of ``names`` per contact within the window; read with
+    :func:`interactions_from`."""
+    return _INTERACTIONS, {
+        "cids": list(contact_ids), "names": list(names), "window": window_seconds
+    }  # fmt: skip
+
+
+def interactions_from(rows: Iterable[Any]) -> dict[int, list[Event]]:
+    out: dict[int, list[Event]] = defaultdict(list)
+    for r in rows:
+        out[r.contact_id].append(Event(r.name, r.occurred_at))
+    return out
+
+
 async def interactions(
     conn: AsyncConnection, contact_ids: Sequence[int], names: Sequence[str], window_seconds: float
 ) -> dict[int, list[Event]]:
-    """The latest occurrence of each of ``names`` per contact within the window."""
-    out: dict[int, list[Event]] = defaultdict(list)
+    """:func:`interactions_statement`, run."""
     if not contact_ids or not names:
-        return out
-    result = await conn.execute(
-        _INTERACTIONS, {"cids": list(contact_ids), "names": list(names), "window": window_seconds}
-    )
-    for r in result:
-        out[r.contact_id].append(Event(r.name, r.occurred_at))
-    return out
+        return defaultdict(list)
+    statement = interactions_statement(contact_ids, names, window_seconds)
+    return interactions_from(await conn.execute(*statement))
 
 
 @dataclass(frozen=True)
@@ -109,23 +136,33 @@ SELECT mi.contact_id, coalesce(mi.sent_at, mi.claimed_at) AS at, m.channel, m.ca
 """)
 
 
+def history_statement(
+    contact_ids: Sequence[int], window_seconds: float, exclude: Sequence[Key]
+) -> Statement:
+    """What each contact was sent within the window, plus what other workers are sending to
+    it now (their ``sending`` claims), leaving out the recipients of this batch; read with
+    :func:`history_from`."""
+    return _HISTORY, {
+        "cids": sorted(set(contact_ids)),
+        "window": window_seconds,
+        "mids": [k[0] for k in exclude],
+        "kcids": [k[1] for k in exclude],
+    }
+
+
+def history_from(rows: Iterable[Any]) -> dict[int, list[Sent]]:
+    out: dict[int, list[Sent]] = defaultdict(list)
+    for r in rows:
+        out[r.contact_id].append(Sent(r.at, r.channel, r.category))
+    return out
+
+
 async def history(
     conn: AsyncConnection, contact_ids: Sequence[int], window_seconds: float, exclude: Sequence[Key]
 ) -> dict[int, list[Sent]]:
-    """What each contact was sent within the window, plus what other workers are sending to
-    it now (their ``sending`` claims), leaving out the recipients of this batch."""
-    out: dict[int, list[Sent]] = defaultdict(list)
+    """:func:`history_statement`, run."""
     if not contact_ids:
-        return out
-    result = await conn.execute(
-        _HISTORY,
-        {
-            "cids": sorted(set(contact_ids)),
-            "window": window_seconds,
-            "mids": [k[0] for k in exclude],
-            "kcids": [k[1] for k in exclude],
-        },
+        return defaultdict(list)
+    return history_from(
+        await conn.execute(*history_statement(contact_ids, window_seconds, exclude))
     )
-    for r in result:
-        out[r.contact_id].append(Sent(r.at, r.channel, r.category))
-    return out

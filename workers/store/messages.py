@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.contract import ScheduleMessage
 from workers.store import contacts as contacts_repo
+from workers.store.db import Statement
 from workers.store.schema import ItemStatus, MessageStatus, contacts, message_items, messages
 
 Key = tuple[int, int]  # (message_id, contact_id)
@@ -200,32 +201,46 @@ SELECT mi.message_id, mi.contact_id, mi.status, mi.attempts, mi.claimed_at,
 """)
 
 
-async def claim(
-    conn: AsyncConnection,
-    wanted: Sequence[tuple[int, int, int]],
-    lease_seconds: float,
-) -> tuple[list[Claimed], dict[Key, ItemState]]:
-    """Claim recipient rows for sending, in two statements for the whole batch.
+def claim_statement(wanted: Sequence[tuple[int, int, int]], lease_seconds: float) -> Statement:
+    """Claim recipient rows for sending, in one statement for the whole batch; read with
+    :func:`claimed_from`, then ask :func:`states` about the rest.
 
     ``wanted`` holds (message_id, contact_id, attempt) without duplicates. A row is claimed
     when it does not exist yet, when it is ``deferred`` and this is a later attempt, or when
     it is ``sending`` but its claimer's lease ran out (the claimer crashed between send and
     finalise), or it is a campaign's ``planned`` recipient. Nothing of a paused message is
-    claimed: its recipients wait for resume. Returns the claimed rows and the states of the
-    others; a key with neither names a message or contact that does not exist.
+    claimed: its recipients wait for resume.
     """
-    result = await conn.execute(
-        _CLAIM,
-        {
-            "mids": [w[0] for w in wanted],
-            "cids": [w[1] for w in wanted],
-            "attempts": [w[2] for w in wanted],
-            "lease": lease_seconds,
-        },
-    )
-    if tuple(result.keys()) != _CLAIMED_COLUMNS:  # positional below: keep them in step
-        raise AssertionError(f"claim columns {tuple(result.keys())} != {_CLAIMED_COLUMNS}")
-    claimed = [Claimed(*row) for row in result]
+    return _CLAIM, {
+        "mids": [w[0] for w in wanted],
+        "cids": [w[1] for w in wanted],
+        "attempts": [w[2] for w in wanted],
+        "lease": lease_seconds,
+    }
+
+
+def claimed_from(rows: Sequence[Any]) -> list[Claimed]:
+    if rows and tuple(rows[0]._fields) != _CLAIMED_COLUMNS:  # positional: keep them in step
+        raise AssertionError(f"claim columns {rows[0]._fields} != {_CLAIMED_COLUMNS}")
+    return [Claimed(*row) for row in rows]
+
+
+async def claim(
+    conn: AsyncConnection,
+    wanted: Sequence[tuple[int, int, int]],
+    lease_seconds: float,
+) -> tuple[list[Claimed], dict[Key, ItemState]]:
+    """:func:`claim_statement` and :func:`states`, run: the claimed rows and the states of
+    the others; a key with neither names a message or contact that does not exist."""
+    claimed = claimed_from((await conn.execute(*claim_statement(wanted, lease_seconds))).all())
+    return claimed, await states(conn, wanted, claimed)
+
+
+async def states(
+    conn: AsyncConnection, wanted: Sequence[tuple[int, int, int]], claimed: Sequence[Claimed]
+) -> dict[Key, ItemState]:
+    """The states of the ``wanted`` rows that were not claimed (one statement, none when all
+    were)."""
     got = {(c.message_id, c.contact_id) for c in claimed}
     rest = [w for w in wanted if (w[0], w[1]) not in got]
     states: dict[Key, ItemState] = {}
@@ -241,7 +256,7 @@ async def claim(
                 row.next_attempt_at,
                 row.paused,
             )
-    return claimed, states
+    return states
 
 
 # ``mi.status || ''`` on purpose: with a plain ``mi.status = 'sending'`` the planner may read
@@ -249,34 +264,43 @@ async def claim(
 # claims, say almost no row is ``sending``), dead entries and all, once per batch. Hiding the
 # predicate leaves the primary key probe per recipient, whatever the statistics say.
 _FINALISE = text("""
-UPDATE message_items AS mi
-   SET status = v.status, reason = v.reason, last_error = coalesce(v.error, mi.last_error),
-       next_attempt_at = v.next_attempt_at, failures = mi.failures + v.failed,
-       sent_at = CASE WHEN v.status = 'sent' THEN now() ELSE mi.sent_at END,
-       template_version = coalesce(v.template_version, mi.template_version),
-       updated_at = now()
-  FROM unnest(CAST(:mids AS bigint[]), CAST(:cids AS bigint[]), CAST(:attempts AS int[]),
-              CAST(:statuses AS text[]), CAST(:reasons AS text[]), CAST(:errors AS text[]),
-              CAST(:nexts AS timestamptz[]), CAST(:failed AS int[]),
-              CAST(:versions AS int[]))
-       AS v(message_id, contact_id, attempts, status, reason, error, next_attempt_at, failed,
-            template_version)
- WHERE mi.message_id = v.message_id AND mi.contact_id = v.contact_id
-   AND mi.status || '' = 'sending' AND mi.attempts = v.attempts
-""")
-
-_COMPLETE_SINGLES = text("""
-UPDATE messages SET status = :completed
- WHERE id = ANY(CAST(:mids AS bigint[])) AND kind = 'single' AND status IN (0, 1)
+WITH finalised AS (
+    UPDATE message_items AS mi
+       SET status = v.status, reason = v.reason, last_error = coalesce(v.error, mi.last_error),
+           next_attempt_at = v.next_attempt_at, failures = mi.failures + v.failed,
+           sent_at = CASE WHEN v.status = 'sent' THEN now() ELSE mi.sent_at END,
+           template_version = coalesce(v.template_version, mi.template_version),
+           updated_at = now()
+      FROM unnest(CAST(:mids AS bigint[]), CAST(:cids AS bigint[]), CAST(:attempts AS int[]),
+                  CAST(:statuses AS text[]), CAST(:reasons AS text[]), CAST(:errors AS text[]),
+                  CAST(:nexts AS timestamptz[]), CAST(:failed AS int[]),
+                  CAST(:versions AS int[]))
+           AS v(message_id, contact_id, attempts, status, reason, error, next_attempt_at,
+                failed, template_version)
+     WHERE mi.message_id = v.message_id AND mi.contact_id = v.contact_id
+       AND mi.status || '' = 'sending' AND mi.attempts = v.attempts
+    RETURNING mi.message_id, mi.status
+), completed AS (
+    UPDATE messages SET status = :completed
+     WHERE id IN (SELECT message_id FROM finalised
+                   WHERE status NOT IN ('sending', 'deferred', 'planned'))
+       AND kind = 'single' AND status IN (0, 1)
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM finalised) AS finalised, (SELECT count(*) FROM completed)
 """)
 
 
 async def finalise(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> None:
-    """Record the outcome of claimed rows in one statement (plus one for completed
-    single-recipient messages)."""
-    if not outcomes:
-        return
-    await conn.execute(
+    """:func:`finalise_statement`, run (nothing to run without outcomes)."""
+    if outcomes:
+        await conn.execute(*finalise_statement(outcomes))
+
+
+def finalise_statement(outcomes: Sequence[Outcome]) -> Statement:
+    """Record the outcome of claimed rows, and complete the single-recipient messages among
+    them, in one statement (safe to run in autocommit: it commits whole or not at all)."""
+    return (
         _FINALISE,
         {
             "mids": [o.message_id for o in outcomes],
@@ -288,13 +312,9 @@ async def finalise(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> None:
             "nexts": [o.next_attempt_at for o in outcomes],
             "failed": [int(o.failed) for o in outcomes],
             "versions": [o.template_version for o in outcomes],
+            "completed": int(MessageStatus.COMPLETED),
         },
     )
-    done = sorted({o.message_id for o in outcomes if o.status.final})
-    if done:
-        await conn.execute(
-            _COMPLETE_SINGLES, {"mids": done, "completed": int(MessageStatus.COMPLETED)}
-        )
 
 
 def cancel(conn: Connection, message_id: int) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import structlog
 from pydantic import ValidationError
 from sqlalchemy import Connection, select, text
@@ -10,15 +13,25 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.contract import Priority
 from workers.policy import DEFAULTS, Policy
+from workers.store.db import Statement
 from workers.store.schema import policies
 
 log = structlog.get_logger("nudge.policies")
 
 
+#: Every stored policy; read with :func:`from_rows`.
+LOAD_ALL: Statement = (text("SELECT name, settings FROM policies"), {})
+
+
 async def load_all(conn: AsyncConnection) -> dict[str, Policy]:
     """The policy of every priority class: stored, or the default."""
+    return from_rows(await conn.execute(*LOAD_ALL))
+
+
+def from_rows(rows: Iterable[Any]) -> dict[str, Policy]:
+    """The policy of every priority class from the stored rows: stored, or the default."""
     stored: dict[str, Policy] = {}
-    for row in await conn.execute(select(policies)):
+    for row in rows:
         try:
             stored[row.name] = Policy.model_validate(row.settings)
         except ValidationError as exc:

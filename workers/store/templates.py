@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Select, func, select
+from sqlalchemy import Connection, Select, func, select, text
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from workers.store.db import Statement
 from workers.store.schema import templates
 
 
@@ -56,10 +57,25 @@ def latest(conn: Connection, names: Iterable[str]) -> dict[str, StoredTemplate]:
     return {r.name: StoredTemplate(**r._mapping) for r in conn.execute(_latest(names))}
 
 
+_LATEST = text("""
+SELECT DISTINCT ON (name) name, version, subject, text_body, html_body, created_at
+  FROM templates WHERE name = ANY(CAST(:names AS text[]))
+ ORDER BY name, version DESC
+""")
+
+
+def latest_statement(names: Iterable[str]) -> Statement:
+    """:func:`latest` for workers, as a statement; read with :func:`latest_from`."""
+    return _LATEST, {"names": sorted(set(names))}
+
+
+def latest_from(rows: Iterable[Any]) -> dict[str, StoredTemplate]:
+    return {r.name: StoredTemplate(*r) for r in rows}
+
+
 async def latest_async(conn: AsyncConnection, names: Iterable[str]) -> dict[str, StoredTemplate]:
     """:func:`latest` for workers."""
-    result = await conn.execute(_latest(names))
-    return {r.name: StoredTemplate(**r._mapping) for r in result}
+    return latest_from(await conn.execute(*latest_statement(names)))
 
 
 def get(conn: Connection, name: str, version: int | None = None) -> StoredTemplate | None:
