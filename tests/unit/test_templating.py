@@ -109,3 +109,23 @@ def test_output_just_under_the_bound_renders() -> None:
     source = "{% for i in range(256) %}{% for j in range(n) %}x{% endfor %}{% endfor %}"
     out = render(source, {"n": MAX_OUTPUT_CHARS // 256})
     assert len(out) == MAX_OUTPUT_CHARS
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["Plain text, no tags.", "ends with a newline\n", "windows\r\nlines\r\n", "braces { } alone"],
+)
+def test_a_part_without_tags_reads_as_jinja_renders_it(source: str) -> None:
+    # rendered once per version and reused: it must be what Jinja itself would produce
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    expected = ImmutableSandboxedEnvironment().from_string(source).render()
+    renderer = Renderer()
+    first = renderer.render("t", 1, {"text_body": source}, CONTACT, {}).text
+    again = renderer.render("t", 1, {"text_body": source}, CONTACT, {}).text
+    assert first == again == expected
+
+
+def test_a_constant_part_over_the_output_bound_still_fails() -> None:
+    with pytest.raises(InvalidTemplate, match="output larger than 100 characters"):
+        Renderer(max_output_chars=100).render("t", 1, {"text_body": "x" * 101}, CONTACT, {})

@@ -1,0 +1,90 @@
+"""The statements run per batch keep cheap plans when Postgres's statistics are stale, as they
+are while a campaign sends: rows go planned -> sending -> final by the thousand between two
+ANALYZEs, and a prepared statement is planned once (generic) for the life of a connection.
+
+Session 3 found the finalise reading the whole partial index of ``sending`` rows, dead entries
+included, for every batch (its statistics said almost no row was ``sending``), and the
+completion check walking over every finished recipient: a million-recipient campaign slowed
+down as it went. These tests look at the plans, not at a clock: the finalise must find each
+recipient by key (at 100,000 rows; on a small table a scan is rightly cheaper), completion
+must read the unfinished recipients from the top (the old NOT EXISTS read from the bottom).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import Engine, TextClause, text
+
+from workers.store.campaigns import _COMPLETE
+from workers.store.messages import _FINALISE
+
+pytestmark = pytest.mark.integration
+
+N = 100_000
+
+
+def _plan(engine: Engine, clause: TextClause, params: dict[str, Any]) -> str:
+    sql = str(clause.compile(dialect=engine.dialect))
+    dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        rows = conn.execute(f"EXPLAIN {sql}", params, prepare=True).fetchall()
+        conn.rollback()
+    return "\n".join(r[0] for r in rows)
+
+
+@pytest.fixture
+def campaign_midway(engine: Engine) -> int:
+    """A campaign of N recipients, analyzed when all were planned, three quarters sent since."""
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE message_items SET (autovacuum_enabled = false)"))
+        conn.execute(text("INSERT INTO contacts (external_id) "
+                          "SELECT 'c-' || g FROM generate_series(1, :n) g"), {"n": N})  # fmt: skip
+        mid = conn.execute(text(
+            "INSERT INTO messages (kind, idempotency_key, template, channel, priority, "
+            "scheduled_at, deliver_at, status) VALUES ('campaign', 'campaign:plans', 'tip', "
+            "'log', 'campaign', now(), now(), 1) RETURNING id"
+        )).scalar_one()  # fmt: skip
+        conn.execute(text("INSERT INTO message_items (message_id, contact_id, status) "
+                          "SELECT :m, id, 'planned' FROM contacts"), {"m": mid})  # fmt: skip
+    with engine.connect() as conn:
+        conn.execute(text("ANALYZE message_items"))
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE message_items SET status = 'sending', attempts = 1, "
+                "claimed_at = now() WHERE contact_id <= :k"
+            ),
+            {"k": N * 3 // 4},
+        )
+        conn.execute(text("UPDATE message_items SET status = 'sent', sent_at = now() "
+                          "WHERE contact_id < :k"), {"k": N * 3 // 4 - 250})  # fmt: skip
+    return int(mid)
+
+
+def test_the_finalise_probes_each_recipient_by_key_whatever_the_statistics_say(
+    engine: Engine, campaign_midway: int
+) -> None:
+    n = 250
+    first = N * 3 // 4 - n + 1
+    plan = _plan(engine, _FINALISE, {
+        "mids": [campaign_midway] * n, "cids": list(range(first, first + n)),
+        "attempts": [1] * n, "statuses": ["sent"] * n, "reasons": [None] * n,
+        "errors": [None] * n, "nexts": [None] * n, "failed": [0] * n, "versions": [None] * n,
+        "completed": 3,
+    })  # fmt: skip
+    # one index probe per recipient, not a scan of every row or index entry then a hash
+    assert "Index Cond: ((message_id = v.message_id) AND (contact_id = v.contact_id))" in plan
+    assert "Hash Join" not in plan, plan
+    assert "Seq Scan on message_items" not in plan, plan
+    assert "Bitmap" not in plan, plan
+
+
+def test_completion_looks_for_an_unfinished_recipient_from_the_top(
+    engine: Engine, campaign_midway: int
+) -> None:
+    plan = _plan(engine, _COMPLETE, {"id": campaign_midway})
+    assert "Index Only Scan Backward using ix_message_items_unfinished" in plan, plan
