@@ -266,16 +266,23 @@ class Mail:
     recipients: list[str]
     message: Any  # email.message.EmailMessage
     login: str | None
+    #: The session was encrypted (STARTTLS or implicit TLS) when the message arrived.
+    encrypted: bool = False
 
 
 class MailServer:
     """A real SMTP server (aiosmtpd) on a free port that records what arrives. ``refuse``
     maps a recipient address to the reply its RCPT gets (``"550 no such user"``). With
-    ``tls`` (certificate and key files) it requires STARTTLS; with ``login`` it requires
+    ``tls`` (certificate and key files) it requires STARTTLS, or with ``implicit_tls`` too it
+    speaks TLS from the first byte (SMTPS, port 465 style); with ``login`` it requires
     authentication (over TLS only)."""
 
     def __init__(
-        self, *, login: tuple[str, str] | None = None, tls: tuple[str, str] | None = None
+        self,
+        *,
+        login: tuple[str, str] | None = None,
+        tls: tuple[str, str] | None = None,
+        implicit_tls: bool = False,
     ) -> None:
         from aiosmtpd.controller import Controller
         from aiosmtpd.smtp import AuthResult, LoginPassword
@@ -302,8 +309,9 @@ class MailServer:
                 message = email.message_from_bytes(envelope.content, policy=email.policy.default)
                 login = session.auth_data.login.decode() if session.auth_data else None
                 server.received.append(
-                    Mail(session.peer, envelope.mail_from, list(envelope.rcpt_tos), message, login)
-                )
+                    Mail(session.peer, envelope.mail_from, list(envelope.rcpt_tos), message, login,
+                         srv.transport.get_extra_info("ssl_object") is not None)
+                )  # fmt: skip
                 return "250 Message accepted"
 
         def authenticate(
@@ -321,7 +329,12 @@ class MailServer:
         if tls is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(*tls)
-            kwargs |= {"tls_context": context, "require_starttls": True}
+            if implicit_tls:
+                # aiosmtpd advertises AUTH only after STARTTLS unless told the connection
+                # itself is trusted; here it is TLS from the first byte
+                kwargs |= {"ssl_context": context, "auth_require_tls": False}
+            else:
+                kwargs |= {"tls_context": context, "require_starttls": True}
         if login is not None:
             kwargs |= {"authenticator": authenticate, "auth_required": True}
         self._controller = Controller(Handler(), hostname="127.0.0.1", port=self.port, **kwargs)

@@ -175,7 +175,46 @@ def test_smtp_upgrades_with_starttls_authenticates_fails_a_5xx_at_once_and_retri
     assert busy["reason"] == "attempts: gave up after 2 failed sends"
     assert busy["last_error"].startswith("SMTP 451")
     assert _final(engine, "ok")["status"] == "sent"
-    assert [(m.recipients, m.login) for m in server.received] == [(["ok@example.com"], "nudge")]
+    assert [(m.recipients, m.login, m.encrypted) for m in server.received] == [
+        (["ok@example.com"], "nudge", True)
+    ]
+
+
+@pytest.fixture
+def implicit_tls_mail_server(tmp_path: Path) -> Iterator[tuple[MailServer, str]]:
+    """An SMTP server speaking TLS from the first byte and requiring a login, and its
+    certificate; requested before ``start_worker`` for the same reason as above."""
+    cert, key = _certificate(tmp_path)
+    server = MailServer(login=("nudge", "s3cret"), tls=(cert, key), implicit_tls=True).start()
+    yield server, cert
+    server.stop()
+
+
+# aiosmtpd's warning assumes plain text before STARTTLS; this server is TLS from the first byte
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
+def test_smtp_with_implicit_tls_authenticates_and_delivers(
+    implicit_tls_mail_server: tuple[MailServer, str],
+    settings: Settings,
+    engine: Engine,
+    start_worker: Callable[..., Worker],
+) -> None:
+    server, cert = implicit_tls_mail_server
+    start_worker(
+        smtp_host="127.0.0.1",
+        smtp_port=server.port,
+        smtp_security="tls",
+        smtp_cert_bundle=cert,
+        smtp_username="nudge",
+        smtp_password="s3cret",
+    )
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule(
+            {"id": "tls", "email": "tls@example.com"}, "welcome", "email", idempotency_key="tls"
+        )
+    assert _final(engine, "tls")["status"] == "sent"
+    assert [(m.recipients, m.login, m.encrypted) for m in server.received] == [
+        (["tls@example.com"], "nudge", True)
+    ]
 
 
 def test_a_webhook_answering_503_twice_gets_the_message_on_the_third_attempt_after_backoff(
