@@ -25,7 +25,10 @@ _IDS = text("""
 SELECT id, external_id FROM contacts WHERE external_id = ANY(CAST(:ids AS text[]))
 """)
 
-# Fields a reference leaves out (None) keep their stored value; attributes merge.
+# Fields a reference leaves out (None) keep their stored value; attributes merge. A row
+# that would not change is not written: most references repeat what is stored (a contact
+# created a moment ago by this very batch), and a rewrite costs a new row version, an entry
+# in every index and its WAL.
 _UPDATE = text("""
 UPDATE contacts AS c
    SET email = coalesce(t.email, c.email), phone = coalesce(t.phone, c.phone),
@@ -36,6 +39,11 @@ UPDATE contacts AS c
               CAST(:subscribed AS boolean[]))
        AS t(external_id, email, phone, timezone, attributes, subscribed)
  WHERE c.external_id = t.external_id
+   AND (c.email IS DISTINCT FROM coalesce(t.email, c.email)
+        OR c.phone IS DISTINCT FROM coalesce(t.phone, c.phone)
+        OR c.timezone IS DISTINCT FROM coalesce(t.timezone, c.timezone)
+        OR (c.attributes || t.attributes) <> c.attributes
+        OR c.subscribed IS DISTINCT FROM coalesce(t.subscribed, c.subscribed))
 """)
 
 
