@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -129,14 +130,37 @@ def _certificate(directory: Path) -> tuple[str, str]:
     return str(cert), str(key)
 
 
+@contextmanager
+def _tls_mail_server(tmp_path: Path, *, implicit: bool) -> Iterator[tuple[MailServer, str]]:
+    """An SMTP server requiring TLS (STARTTLS, or from the first byte) and a login, and its
+    certificate."""
+    cert, key = _certificate(tmp_path)
+    server = MailServer(login=("nudge", "s3cret"), tls=(cert, key), implicit_tls=implicit)
+    server.start()
+    try:
+        yield server, cert
+    finally:
+        server.stop()
+
+
+def _smtp_settings(server: MailServer, cert: str, security: str) -> dict[str, Any]:
+    """Worker settings for ``server``: trusting ``cert``, logging in as it expects."""
+    return {
+        "smtp_host": "127.0.0.1",
+        "smtp_port": server.port,
+        "smtp_security": security,
+        "smtp_cert_bundle": cert,
+        "smtp_username": "nudge",
+        "smtp_password": "s3cret",
+    }
+
+
 @pytest.fixture
 def secure_mail_server(tmp_path: Path) -> Iterator[tuple[MailServer, str]]:
     """An SMTP server requiring STARTTLS and a login, and its certificate. Requested before
     ``start_worker``, so it stops after the workers closed their connections."""
-    cert, key = _certificate(tmp_path)
-    server = MailServer(login=("nudge", "s3cret"), tls=(cert, key)).start()
-    yield server, cert
-    server.stop()
+    with _tls_mail_server(tmp_path, implicit=False) as served:
+        yield served
 
 
 def test_smtp_upgrades_with_starttls_authenticates_fails_a_5xx_at_once_and_retries_a_4xx(
@@ -150,15 +174,7 @@ def test_smtp_upgrades_with_starttls_authenticates_fails_a_5xx_at_once_and_retri
         "gone@example.com": "550 5.1.1 no such user",
         "busy@example.com": "451 4.3.0 try again later",
     }
-    start_worker(
-        smtp_host="127.0.0.1",
-        smtp_port=server.port,
-        smtp_security="starttls",
-        smtp_cert_bundle=cert,
-        smtp_username="nudge",
-        smtp_password="s3cret",
-        max_attempts=2,
-    )
+    start_worker(**_smtp_settings(server, cert, "starttls"), max_attempts=2)
     with Producer(settings.amqp_url) as producer:
         for who in ("ok", "gone", "busy"):
             producer.schedule(
@@ -184,10 +200,8 @@ def test_smtp_upgrades_with_starttls_authenticates_fails_a_5xx_at_once_and_retri
 def implicit_tls_mail_server(tmp_path: Path) -> Iterator[tuple[MailServer, str]]:
     """An SMTP server speaking TLS from the first byte and requiring a login, and its
     certificate; requested before ``start_worker`` for the same reason as above."""
-    cert, key = _certificate(tmp_path)
-    server = MailServer(login=("nudge", "s3cret"), tls=(cert, key), implicit_tls=True).start()
-    yield server, cert
-    server.stop()
+    with _tls_mail_server(tmp_path, implicit=True) as served:
+        yield served
 
 
 # aiosmtpd's warning assumes plain text before STARTTLS; this server is TLS from the first byte
@@ -199,14 +213,7 @@ def test_smtp_with_implicit_tls_authenticates_and_delivers(
     start_worker: Callable[..., Worker],
 ) -> None:
     server, cert = implicit_tls_mail_server
-    start_worker(
-        smtp_host="127.0.0.1",
-        smtp_port=server.port,
-        smtp_security="tls",
-        smtp_cert_bundle=cert,
-        smtp_username="nudge",
-        smtp_password="s3cret",
-    )
+    start_worker(**_smtp_settings(server, cert, "tls"))
     with Producer(settings.amqp_url) as producer:
         producer.schedule(
             {"id": "tls", "email": "tls@example.com"}, "welcome", "email", idempotency_key="tls"
