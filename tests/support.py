@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pika
+from sqlalchemy import Engine, select
 
 from shared.config import Settings
 from shared.topology import (
@@ -28,6 +29,7 @@ from shared.topology import (
     PLAN_QUEUE,
     RECEIPTS_QUEUE,
 )
+from workers.store.schema import message_items, messages
 
 T = TypeVar("T")
 
@@ -148,6 +150,17 @@ def settings_env(settings: Settings) -> dict[str, str]:
             text = json.dumps(value) if isinstance(value, dict | list) else str(value)
             env[f"NUDGE_{name.upper()}"] = text
     return env
+
+
+def nudge(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the ``nudge`` CLI with ``args`` in a subprocess configured by ``settings``."""
+    return subprocess.run(
+        [sys.executable, "-m", "workers", *args],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @dataclass
@@ -345,3 +358,28 @@ class MailServer:
 
     def stop(self) -> None:
         self._controller.stop()
+
+
+def recipient_row(engine: Engine, key: str) -> dict[str, Any] | None:
+    """The message_items row of the single-recipient message with idempotency key ``key``."""
+    with engine.connect() as conn:
+        row = (
+            conn.execute(
+                select(message_items)
+                .join(messages, messages.c.id == message_items.c.message_id)
+                .where(messages.c.idempotency_key == key)
+            )
+            .mappings()
+            .first()
+        )
+    return dict(row) if row is not None else None
+
+
+def final_row(engine: Engine, key: str, timeout: float = 20) -> dict[str, Any]:
+    """:func:`recipient_row` once it is final (neither sending nor deferred), waited for."""
+
+    def done() -> dict[str, Any]:
+        item = recipient_row(engine, key)
+        return item if item and item["status"] not in ("sending", "deferred") else {}
+
+    return wait_for(done, timeout=timeout, message=f"{key} to reach a final status")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -20,23 +18,13 @@ from sqlalchemy import Engine, text
 
 from producer import Producer
 from shared.config import Settings
-from tests.support import Worker, settings_env, wait_for
+from tests.support import Worker, nudge, wait_for
 from workers.sink import Sink
 from workers.store import templates
 
 pytestmark = pytest.mark.acceptance
 
 FINAL = ("sent", "failed", "excluded", "suppressed", "expired", "cancelled")
-
-
-def nudge(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "workers", *args],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def ok(settings: Settings, *args: str) -> str:

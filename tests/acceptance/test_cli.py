@@ -9,20 +9,10 @@ import sys
 import pytest
 
 from shared.config import Settings
-from tests.support import settings_env
+from tests.support import nudge, settings_env
 from workers.sink import Sink
 
 pytestmark = pytest.mark.acceptance
-
-
-def nudge(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "workers", *args],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def test_an_operator_schedules_runs_a_burst_worker_and_reads_the_outcomes(

@@ -4,15 +4,13 @@ and on, and ask what a rule would do for a contact; a bad file is refused with t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
 from shared.config import Settings
-from tests.support import settings_env
+from tests.support import nudge
 from workers.store import templates
 from workers.store.schema import contact_events, contacts
 
@@ -21,16 +19,6 @@ pytestmark = pytest.mark.acceptance
 ROOT = Path(__file__).resolve().parents[2]
 MATRIX = ROOT / "examples/rules/service-matrix.yaml"
 TEMPLATES = ("usage-guide", "shipping-status", "satisfaction-survey", "churn-offer")
-
-
-def nudge(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "workers", *args],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def add_templates(engine: Engine, *names: str) -> None:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from shared.config import Settings
-from tests.acceptance.test_cli import nudge
+from tests.support import nudge
 
 pytestmark = pytest.mark.acceptance
 

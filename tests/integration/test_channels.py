@@ -15,34 +15,12 @@ from sqlalchemy import Engine, select
 
 from producer import Producer, scheduled
 from shared.config import Settings
-from tests.support import MailServer, Worker, wait_for
+from tests.support import MailServer, Worker, final_row, wait_for
 from workers import unsubscribe
 from workers.sink import Sink
-from workers.store.schema import message_items, messages
+from workers.store.schema import message_items
 
 pytestmark = pytest.mark.integration
-
-
-def _item(engine: Engine, key: str) -> dict[str, Any] | None:
-    with engine.connect() as conn:
-        row = (
-            conn.execute(
-                select(message_items)
-                .join(messages, messages.c.id == message_items.c.message_id)
-                .where(messages.c.idempotency_key == key)
-            )
-            .mappings()
-            .first()
-        )
-    return dict(row) if row is not None else None
-
-
-def _final(engine: Engine, key: str, timeout: float = 20) -> dict[str, Any]:
-    def done() -> dict[str, Any]:
-        item = _item(engine, key)
-        return item if item and item["status"] not in ("sending", "deferred") else {}
-
-    return wait_for(done, timeout=timeout, message=f"{key} to reach a final status")
 
 
 def test_an_email_arrives_rendered_with_a_signed_unsubscribe_header_on_a_reused_connection(
@@ -96,7 +74,7 @@ def test_an_email_arrives_rendered_with_a_signed_unsubscribe_header_on_a_reused_
     assert mail.message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     # connections are reused: at most the configured two for eight messages
     assert len({m.peer for m in mail_server.received}) <= 2
-    item = _final(engine, "mail-3")
+    item = final_row(engine, "mail-3")
     assert (item["status"], item["template_version"]) == ("sent", version)
 
 
@@ -183,14 +161,14 @@ def test_smtp_upgrades_with_starttls_authenticates_fails_a_5xx_at_once_and_retri
                 "email",
                 idempotency_key=who,
             )
-    gone = _final(engine, "gone")
+    gone = final_row(engine, "gone")
     assert (gone["status"], gone["failures"]) == ("failed", 1)
     assert gone["last_error"].startswith("SMTP 550")
-    busy = _final(engine, "busy")
+    busy = final_row(engine, "busy")
     assert (busy["status"], busy["failures"]) == ("failed", 2)
     assert busy["reason"] == "attempts: gave up after 2 failed sends"
     assert busy["last_error"].startswith("SMTP 451")
-    assert _final(engine, "ok")["status"] == "sent"
+    assert final_row(engine, "ok")["status"] == "sent"
     assert [(m.recipients, m.login, m.encrypted) for m in server.received] == [
         (["ok@example.com"], "nudge", True)
     ]
@@ -218,7 +196,7 @@ def test_smtp_with_implicit_tls_authenticates_and_delivers(
         producer.schedule(
             {"id": "tls", "email": "tls@example.com"}, "welcome", "email", idempotency_key="tls"
         )
-    assert _final(engine, "tls")["status"] == "sent"
+    assert final_row(engine, "tls")["status"] == "sent"
     assert [(m.recipients, m.login, m.encrypted) for m in server.received] == [
         (["tls@example.com"], "nudge", True)
     ]
@@ -231,7 +209,7 @@ def test_a_webhook_answering_503_twice_gets_the_message_on_the_third_attempt_aft
     start_worker()  # retry_base_seconds is 0.5: waits of 0.25-0.5 s, then 0.5-1 s
     with Producer(settings.amqp_url) as producer:
         producer.schedule("c-1", "welcome", "webhook", idempotency_key="flaky")
-    item = _final(engine, "flaky")
+    item = final_row(engine, "flaky")
     assert [r.status for r in sink.requests] == [503, 503, 200]
     gaps = [b.at - a.at for a, b in zip(sink.requests, sink.requests[1:], strict=False)]
     assert gaps[0] >= 0.25, gaps
@@ -248,7 +226,7 @@ def test_a_webhook_answering_400_fails_at_once_with_the_error(
     start_worker()
     with Producer(settings.amqp_url) as producer:
         producer.schedule("c-1", "welcome", "webhook", idempotency_key="refused")
-    item = _final(engine, "refused")
+    item = final_row(engine, "refused")
     assert (item["status"], item["attempts"], item["failures"]) == ("failed", 1, 1)
     assert item["reason"] == "permanent: receiver refused"
     assert item["last_error"].startswith("HTTP 400")
@@ -262,7 +240,7 @@ def test_a_webhook_answering_429_with_retry_after_is_retried_no_sooner_than_aske
     start_worker()  # our own backoff would wait at most 0.5 s
     with Producer(settings.amqp_url) as producer:
         producer.schedule("c-1", "welcome", "webhook", idempotency_key="throttled")
-    item = _final(engine, "throttled")
+    item = final_row(engine, "throttled")
     assert [r.status for r in sink.requests] == [429, 200]
     waited = sink.requests[1].at - sink.requests[0].at
     assert 2.0 <= waited < 4.0, waited
@@ -276,7 +254,7 @@ def test_a_webhook_that_times_out_is_retried_then_failed_with_the_timeout(
     start_worker(webhook_timeout_seconds=0.3, max_attempts=2)
     with Producer(settings.amqp_url) as producer:
         producer.schedule("c-1", "welcome", "webhook", idempotency_key="slow")
-    item = _final(engine, "slow")
+    item = final_row(engine, "slow")
     assert (item["status"], item["failures"]) == ("failed", 2)
     assert item["last_error"].startswith("timeout:")
 

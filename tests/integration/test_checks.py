@@ -4,8 +4,6 @@ today because several workers decided at the same moment."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -17,7 +15,7 @@ from sqlalchemy import Engine, select
 from producer import Producer, scheduled
 from shared.config import Settings
 from shared.topology import DEAD_QUEUE, EVENT_KEY, EVENTS_EXCHANGE
-from tests.support import Management, Worker, raw_publish, settings_env, wait_for
+from tests.support import Management, Worker, nudge, raw_publish, wait_for
 from workers.sink import Sink
 from workers.store.schema import contacts, message_items, messages
 
@@ -40,16 +38,6 @@ def final(engine: Engine, n: int) -> Callable[[], bool]:
         return sum(s not in ("sending", "deferred") for s, _ in outcomes(engine).values()) >= n
 
     return check
-
-
-def nudge(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "workers", *args],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_the_trial_reminder_skips_a_contact_who_upgraded_before_it_fell_due(

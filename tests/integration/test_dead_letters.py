@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -20,22 +18,11 @@ from shared import amqp, contract, delay
 from shared.config import Settings
 from shared.contract import DueMessage
 from shared.topology import DEAD_QUEUE, DUE_QUEUE
-from tests.integration.test_channels import _final
-from tests.support import Management, Worker, ready_count, settings_env, wait_for
+from tests.support import Management, Worker, final_row, nudge, ready_count, wait_for
 from workers.sink import Sink
 from workers.store.schema import messages
 
 pytestmark = pytest.mark.integration
-
-
-def nudge(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "workers", *args],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_a_message_crashing_its_handler_on_every_delivery_is_parked_then_replayed_once_fixed(
@@ -79,7 +66,7 @@ def test_a_message_crashing_its_handler_on_every_delivery_is_parked_then_replaye
         timeout=60,
         message="the poison message parked",
     )
-    assert _final(engine, "healthy")["status"] == "sent"
+    assert final_row(engine, "healthy")["status"] == "sent"
     assert dispatch.process is not None
     assert dispatch.process.poll() is None
     assert ready_count(settings.amqp_url, DUE_QUEUE) == 0
@@ -105,7 +92,7 @@ def test_a_message_crashing_its_handler_on_every_delivery_is_parked_then_replaye
         f"replayed {parked['message_id']} to nudge.due",
         "1 message(s) replayed",
     ]
-    assert _final(engine, "poison")["status"] == "sent"
+    assert final_row(engine, "poison")["status"] == "sent"
     assert sorted(r.body["contact"]["id"] for r in sink.accepted()) == ["c-1", "c-2"]
     assert ready_count(settings.amqp_url, DEAD_QUEUE) == 0
     assert nudge(settings, "dead", "list").stdout.strip() == "nudge.dead is empty"

@@ -11,8 +11,7 @@ from sqlalchemy import Engine, func, select
 from producer import Producer
 from shared.config import Settings
 from shared.topology import DEAD_QUEUE
-from tests.integration.test_channels import _final
-from tests.support import Management, Worker, wait_for
+from tests.support import Management, Worker, final_row, wait_for
 from workers.sink import Sink
 from workers.store.schema import messages
 
@@ -33,10 +32,10 @@ def test_a_missing_variable_fails_that_recipient_with_the_reason_and_sends_nothi
         producer.schedule(
             "c-2", "trial", "webhook", idempotency_key="with-plan", data={"plan": "pro"}
         )
-    bad = _final(engine, "no-plan")
+    bad = final_row(engine, "no-plan")
     assert (bad["status"], bad["template_version"]) == ("failed", 1)
     assert bad["reason"] == "template: trial v1 subject: UndefinedError: 'plan' is undefined"
-    assert _final(engine, "with-plan")["status"] == "sent"
+    assert final_row(engine, "with-plan")["status"] == "sent"
     [arrived] = sink.accepted()
     assert (arrived.body["subject"], arrived.body["text"]) == ("pro", "Your pro trial ends, c-2")
     assert arrived.body["template_version"] == 1
@@ -53,7 +52,7 @@ def test_a_sandbox_escape_in_a_stored_template_fails_the_recipient_and_sends_not
     start_worker()
     with Producer(settings.amqp_url) as producer:
         producer.schedule("c-1", "evil", "webhook", idempotency_key="evil")
-    item = _final(engine, "evil")
+    item = final_row(engine, "evil")
     assert item["status"] == "failed"
     assert item["reason"].startswith("template: evil v1 text_body: SecurityError: ")
     assert sink.requests == []
@@ -70,10 +69,10 @@ def test_a_new_version_is_used_for_later_messages_and_recorded_on_each(
     start_worker()
     with Producer(settings.amqp_url) as producer:
         producer.schedule("c-1", "news", "webhook", idempotency_key="n1")
-        assert _final(engine, "n1")["template_version"] == 1
+        assert final_row(engine, "n1")["template_version"] == 1
         assert add_template("news", "second") == 2
         producer.schedule("c-1", "news", "webhook", idempotency_key="n2")
-    assert _final(engine, "n2")["template_version"] == 2
+    assert final_row(engine, "n2")["template_version"] == 2
     assert [r.body["text"] for r in sink.accepted()] == ["first", "second"]
 
 
