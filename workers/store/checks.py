@@ -29,11 +29,6 @@ def lock_statement(contact_ids: Sequence[int]) -> Statement:
     return _LOCK, {"cids": sorted(set(contact_ids))}
 
 
-async def lock_contacts(conn: AsyncConnection, contact_ids: Sequence[int]) -> None:
-    """:func:`lock_statement`, run."""
-    await conn.execute(*lock_statement(contact_ids))
-
-
 @dataclass(frozen=True)
 class Event:
     name: str
@@ -68,15 +63,6 @@ def exclusions_statement(keys: Sequence[Key], buffer_seconds: float) -> Statemen
 
 def exclusions_from(rows: Iterable[Any]) -> dict[Key, Event]:
     return {(r.message_id, r.contact_id): Event(r.name, r.occurred_at) for r in rows}
-
-
-async def exclusions(
-    conn: AsyncConnection, keys: Sequence[Key], buffer_seconds: float
-) -> dict[Key, Event]:
-    """:func:`exclusions_statement`, run."""
-    if not keys:
-        return {}
-    return exclusions_from(await conn.execute(*exclusions_statement(keys, buffer_seconds)))
 
 
 _INTERACTIONS = text("""

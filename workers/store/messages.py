@@ -203,7 +203,8 @@ SELECT mi.message_id, mi.contact_id, mi.status, mi.attempts, mi.claimed_at,
 
 def claim_statement(wanted: Sequence[tuple[int, int, int]], lease_seconds: float) -> Statement:
     """Claim recipient rows for sending, in one statement for the whole batch; read with
-    :func:`claimed_from`, then ask :func:`states` about the rest.
+    :func:`claimed_from`, then ask :func:`states` about the rest (a key with neither names a
+    message or contact that does not exist).
 
     ``wanted`` holds (message_id, contact_id, attempt) without duplicates. A row is claimed
     when it does not exist yet, when it is ``deferred`` and this is a later attempt, or when
@@ -225,17 +226,6 @@ def claimed_from(rows: Sequence[Any]) -> list[Claimed]:
     return [Claimed(*row) for row in rows]
 
 
-async def claim(
-    conn: AsyncConnection,
-    wanted: Sequence[tuple[int, int, int]],
-    lease_seconds: float,
-) -> tuple[list[Claimed], dict[Key, ItemState]]:
-    """:func:`claim_statement` and :func:`states`, run: the claimed rows and the states of
-    the others; a key with neither names a message or contact that does not exist."""
-    claimed = claimed_from((await conn.execute(*claim_statement(wanted, lease_seconds))).all())
-    return claimed, await states(conn, wanted, claimed)
-
-
 async def states(
     conn: AsyncConnection, wanted: Sequence[tuple[int, int, int]], claimed: Sequence[Claimed]
 ) -> dict[Key, ItemState]:
@@ -243,20 +233,20 @@ async def states(
     were)."""
     got = {(c.message_id, c.contact_id) for c in claimed}
     rest = [w for w in wanted if (w[0], w[1]) not in got]
-    states: dict[Key, ItemState] = {}
+    found: dict[Key, ItemState] = {}
     if rest:
         result = await conn.execute(
             _STATES, {"mids": [w[0] for w in rest], "cids": [w[1] for w in rest]}
         )
         for row in result:
-            states[(row.message_id, row.contact_id)] = ItemState(
+            found[(row.message_id, row.contact_id)] = ItemState(
                 ItemStatus(row.status),
                 row.attempts,
                 row.claimed_at,
                 row.next_attempt_at,
                 row.paused,
             )
-    return states
+    return found
 
 
 # ``mi.status || ''`` on purpose: with a plain ``mi.status = 'sending'`` the planner may read
