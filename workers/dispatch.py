@@ -16,10 +16,11 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract
 from shared.config import Settings
@@ -38,7 +39,7 @@ from workers.store import messages
 from workers.store import policies as policies_repo
 from workers.store import templates as templates_repo
 from workers.store.checks import Sent
-from workers.store.db import autocommit, pipeline, transaction
+from workers.store.db import Statement, autocommit, pipelined
 from workers.store.messages import Claimed, ItemState, Key
 from workers.store.schema import ItemStatus
 from workers.store.templates import StoredTemplate
@@ -73,6 +74,36 @@ class _Delivery:
     delivery: Delivery
 
 
+@dataclass(frozen=True)
+class _Facts:
+    """How far back the checks look, over every policy: the send history's window, and the
+    interaction events with theirs. Asked for with the claim, before the batch's policies are
+    read, so the dispatch asks with those of the batch before; :meth:`covers` says whether
+    that was enough."""
+
+    window: float = 0.0
+    names: tuple[str, ...] = ()
+    interaction_window: float = 0.0
+
+    @classmethod
+    def of(cls, policies: Mapping[str, Policy]) -> _Facts:
+        used = policies.values()
+        return cls(
+            window=max(max(p.frequency_window_seconds, p.category_window_seconds or 0)
+                       for p in used),
+            names=tuple(sorted({n for p in used for n in p.interaction_events})),
+            interaction_window=max(p.interaction_window_seconds for p in used),
+        )  # fmt: skip
+
+    def covers(self, other: _Facts) -> bool:
+        """Facts fetched as ``self`` include all that ``other`` needs."""
+        return (
+            self.window >= other.window
+            and set(other.names) <= set(self.names)
+            and (not other.names or self.interaction_window >= other.interaction_window)
+        )
+
+
 class DispatchHandler:
     """Claims, checks, renders, delivers and records due messages from one due queue.
 
@@ -97,6 +128,9 @@ class DispatchHandler:
         self._renderer = renderer or Renderer()
         self.queue = queue
         self.destination = destination
+        #: What the last batch's policies asked the checks to look at (nothing before the
+        #: first batch: it asks a second time).
+        self._facts = _Facts()
 
     def decode(self, message: AbstractIncomingMessage) -> DueMessage:
         return contract.decode(DueMessage, message.body, content_type=message.content_type)
@@ -110,27 +144,48 @@ class DispatchHandler:
             first.setdefault((due.message_id, due.contact_id), i)
         wanted = [(batch[i].message_id, batch[i].contact_id, batch[i].attempt)
                   for i in first.values()]  # fmt: skip
+        keys = list(first)
         # A second copy in the same batch is dropped: the first copy carries the work.
         result: list[Outcome] = [DONE] * len(batch)
         records: list[messages.Outcome] = []
         sends: list[Claimed] = []
-        async with transaction(self._engine) as conn:
-            # Checks and claims of one contact are serialised across all workers, so caps
-            # hold under concurrency. Lock, claim and policies go in one round trip.
-            _, claim_rows, policy_rows = await pipeline(conn, [
-                checks_repo.lock_statement([w[1] for w in wanted]),
+        async with pipelined(self._engine) as tx:
+            # One round trip: lock (checks and claims of one contact are serialised across
+            # all workers, so caps hold under concurrency), claim, and every fact the checks
+            # and the rendering need, asked for every recipient before knowing which are
+            # claimed. The checks' windows are those of the policies seen last.
+            asked = self._facts
+            rows = await tx.run([
+                checks_repo.lock_statement([k[1] for k in keys]),
                 messages.claim_statement(wanted, self._settings.claim_lease_seconds),
                 policies_repo.LOAD_ALL,
+                templates_repo.latest_of_messages_statement(k[0] for k in keys),
+                *self._fact_statements(asked, keys, keys),
             ])  # fmt: skip
-            claimed = messages.claimed_from(claim_rows)
-            states = await messages.states(conn, wanted, claimed)
-            now = datetime.now(UTC)
-            claimed_keys = {(c.message_id, c.contact_id) for c in claimed}
-            for key, i in first.items():
-                if key not in claimed_keys:
-                    result[i] = self._not_claimed(batch[i], states.get(key), now)
+            claimed = messages.claimed_from(rows[1])
+            policies = policies_repo.from_rows(rows[2])
+            stored = templates_repo.latest_from(rows[3])
+            facts = rows[4:]
             started = time.perf_counter()
-            decisions = await self._check(conn, claimed, policies_repo.from_rows(policy_rows), now)
+            self._facts = _Facts.of(policies)
+            claimed_keys = {(c.message_id, c.contact_id) for c in claimed}
+            rest = [k for k in keys if k not in claimed_keys]
+            if rest or not asked.covers(self._facts):
+                # Rare: a redelivery or a race left rows unclaimed (their state decides
+                # the outcome, and their sends count in the history), or the policies
+                # changed. Ask again, exactly.
+                got = await tx.run([
+                    *([messages.states_statement(rest)] if rest else []),
+                    *self._fact_statements(self._facts, keys, sorted(claimed_keys)),
+                ])  # fmt: skip
+                states = messages.states_from(got[0]) if rest else {}
+                facts = got[1:] if rest else got
+                now = datetime.now(UTC)
+                for key in rest:
+                    i = first[key]
+                    result[i] = self._not_claimed(batch[i], states.get(key), now)
+            now = datetime.now(UTC)
+            decisions = self._decide(claimed, policies, self._facts, facts, now)
             metrics.check_seconds.inc(time.perf_counter() - started)
             metrics.checked.inc(len(claimed))
             for c, decision in decisions:
@@ -145,11 +200,7 @@ class DispatchHandler:
                 else:
                     records.append(self._record(c, decision.status, decision.reason))
             # Decisions not to send are final (or deferred) at once, with the claims.
-            rows = await pipeline(conn, [
-                *([messages.finalise_statement(records)] if records else []),
-                templates_repo.latest_statement({c.template for c in sends}),
-            ])  # fmt: skip
-            stored = templates_repo.latest_from(rows[-1])
+            await tx.run([messages.finalise_statement(records)] if records else [], commit=True)
         deliveries, sent_records = self._render(sends, stored)
         sent = await self._send_all(deliveries)
         done_at = datetime.now(UTC)
@@ -292,37 +343,38 @@ class DispatchHandler:
             version,
         )  # fmt: skip
 
-    async def _check(
+    def _fact_statements(
+        self, facts: _Facts, keys: Sequence[Key], mine: Sequence[Key]
+    ) -> list[Statement]:
+        """The statements that fetch the checks' facts about the contacts of ``keys``: what
+        they were sent (``mine``, this batch's claims, left out), their interactions when a
+        policy looks at any, and the exclusion events of their messages. Read by
+        :meth:`_decide` in this order."""
+        cids = [k[1] for k in keys]
+        return [
+            checks_repo.history_statement(cids, facts.window, mine),
+            *([checks_repo.interactions_statement(cids, facts.names, facts.interaction_window)]
+              if facts.names else []),
+            checks_repo.exclusions_statement(keys, self._settings.exclusion_buffer_seconds),
+        ]  # fmt: skip
+
+    def _decide(
         self,
-        conn: AsyncConnection,
         claimed: Sequence[Claimed],
         policies: Mapping[str, Policy],
+        facts: _Facts,
+        rows: Sequence[Sequence[Any]],
         now: datetime,
     ) -> list[tuple[Claimed, Decision]]:
-        """Decide every claimed recipient with the facts of the whole batch, fetched in one
-        round trip."""
-        if not claimed:
-            return []
-        keys = [(c.message_id, c.contact_id) for c in claimed]
-        cids = [c.contact_id for c in claimed]
-        used = [policies[c.priority] for c in claimed]
-        names = sorted({n for p in used for n in p.interaction_events})
-        window = max(max(p.frequency_window_seconds, p.category_window_seconds or 0) for p in used)
-        wants_exclusions = any(c.has_exclusions for c in claimed)
-        rows = await pipeline(conn, [
-            checks_repo.history_statement(cids, window, keys),
-            *([checks_repo.interactions_statement(
-                cids, names, max(p.interaction_window_seconds for p in used))] if names else []),
-            *([checks_repo.exclusions_statement(keys, self._settings.exclusion_buffer_seconds)]
-              if wants_exclusions else []),
-        ])  # fmt: skip
+        """Decide every claimed recipient with the facts of the whole batch (``rows``, as
+        :meth:`_fact_statements` asked for them)."""
         sent = checks_repo.history_from(rows[0])
-        interactions = checks_repo.interactions_from(rows[1] if names else [])
-        excluded = checks_repo.exclusions_from(rows[-1] if wants_exclusions else [])
+        interactions = checks_repo.interactions_from(rows[1] if facts.names else [])
+        excluded = checks_repo.exclusions_from(rows[-1])
         out: list[tuple[Claimed, Decision]] = []
-        for c, policy in zip(claimed, used, strict=True):
+        for c in claimed:
             key = (c.message_id, c.contact_id)
-            d = checks.decide(c, policy, now, excluded_by=excluded.get(key),
+            d = checks.decide(c, policies[c.priority], now, excluded_by=excluded.get(key),
                               interactions=interactions[c.contact_id],
                               sent=sent[c.contact_id])  # fmt: skip
             if isinstance(d, Send) and c.channel not in self._channels:

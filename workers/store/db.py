@@ -14,7 +14,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from psycopg.rows import namedtuple_row
-from sqlalchemy import Engine, TextClause, create_engine
+from sqlalchemy import Engine, TextClause, create_engine, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from shared.errors import StoreError, StoreUnavailable
@@ -108,6 +108,58 @@ async def pipeline(conn: AsyncConnection, statements: Sequence[Statement]) -> li
             await cursor.execute(_sql(conn, clause), dict(params))
             cursors.append(cursor)
     return [await c.fetchall() if c.description is not None else [] for c in cursors]
+
+
+_BEGIN: Statement = (text("BEGIN"), {})
+_COMMIT: Statement = (text("COMMIT"), {})
+
+
+class Pipelined:
+    """A transaction whose statements travel in pipelines: ``BEGIN`` goes with the first
+    pipeline and ``COMMIT`` with the last, so a transaction of two pipelines costs two round
+    trips. (Left to psycopg, ``BEGIN`` is a round trip of its own and so is ``COMMIT``.)"""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+        self._open = False
+        self._done = False
+
+    async def run(
+        self, statements: Sequence[Statement], *, commit: bool = False
+    ) -> list[list[Any]]:
+        """:func:`pipeline` inside the transaction; ``commit`` ends it with the same round
+        trip. Returns the rows of ``statements`` only."""
+        if self._done:
+            raise RuntimeError("the transaction is over")
+        head = [] if self._open else [_BEGIN]
+        tail = [_COMMIT] if commit else []
+        self._open = True
+        rows = await pipeline(self._conn, [*head, *statements, *tail])
+        self._done = commit
+        return rows[len(head) : len(rows) - len(tail)]
+
+    async def close(self) -> None:
+        """Roll back what was not committed (an error, a cancellation, no ``commit=True``)."""
+        if self._open and not self._done:
+            self._done = True
+            raw = await self._conn.get_raw_connection()
+            await cast(psycopg.AsyncConnection[Any], raw.driver_connection).rollback()
+
+
+@asynccontextmanager
+async def pipelined(engine: AsyncEngine) -> AsyncIterator[Pipelined]:
+    """A transaction for latency-bound work that is a few pipelines of statements (the
+    dispatch's batch): see :class:`Pipelined`. Driver errors leave as :class:`StoreError`;
+    an uncommitted transaction is rolled back on the way out."""
+    async with autocommit(engine) as conn:
+        tx = Pipelined(conn)
+        try:
+            yield tx
+        finally:
+            try:
+                await tx.close()
+            except _DRIVER_ERRORS as exc:
+                raise translate(exc) from exc
 
 
 @contextmanager

@@ -56,8 +56,6 @@ class Claimed:
     timezone: str | None
     attributes: dict[str, Any]
     subscribed: bool
-    #: Its message lists exclusion events (when none in a batch does, they are not queried).
-    has_exclusions: bool = True
 
 
 #: The claim query's columns, in the order of :class:`Claimed`'s fields.
@@ -184,8 +182,7 @@ WITH wanted AS (
 SELECT c.message_id, c.contact_id, c.attempts, c.failures, m.status AS message_status,
        m.idempotency_key, m.template,
        m.channel, m.category, m.priority, m.data, m.deliver_at, m.expires_at,
-       k.external_id, k.email, k.phone, k.timezone, k.attributes, k.subscribed,
-       jsonb_array_length(m.exclude_events) > 0 AS has_exclusions
+       k.external_id, k.email, k.phone, k.timezone, k.attributes, k.subscribed
   FROM claimed c
   JOIN messages m ON m.id = c.message_id
   JOIN contacts k ON k.id = c.contact_id
@@ -203,8 +200,7 @@ SELECT mi.message_id, mi.contact_id, mi.status, mi.attempts, mi.claimed_at,
 
 def claim_statement(wanted: Sequence[tuple[int, int, int]], lease_seconds: float) -> Statement:
     """Claim recipient rows for sending, in one statement for the whole batch; read with
-    :func:`claimed_from`, then ask :func:`states` about the rest (a key with neither names a
-    message or contact that does not exist).
+    :func:`claimed_from`, then ask :func:`states_statement` about the rest.
 
     ``wanted`` holds (message_id, contact_id, attempt) without duplicates. A row is claimed
     when it does not exist yet, when it is ``deferred`` and this is a later attempt, or when
@@ -226,27 +222,19 @@ def claimed_from(rows: Sequence[Any]) -> list[Claimed]:
     return [Claimed(*row) for row in rows]
 
 
-async def states(
-    conn: AsyncConnection, wanted: Sequence[tuple[int, int, int]], claimed: Sequence[Claimed]
-) -> dict[Key, ItemState]:
-    """The states of the ``wanted`` rows that were not claimed (one statement, none when all
-    were)."""
-    got = {(c.message_id, c.contact_id) for c in claimed}
-    rest = [w for w in wanted if (w[0], w[1]) not in got]
-    found: dict[Key, ItemState] = {}
-    if rest:
-        result = await conn.execute(
-            _STATES, {"mids": [w[0] for w in rest], "cids": [w[1] for w in rest]}
+def states_statement(rest: Sequence[Key]) -> Statement:
+    """The states of recipient rows this worker did not claim; read with
+    :func:`states_from` (a key with no row names a message or contact that does not exist)."""
+    return _STATES, {"mids": [k[0] for k in rest], "cids": [k[1] for k in rest]}
+
+
+def states_from(rows: Sequence[Any]) -> dict[Key, ItemState]:
+    return {
+        (r.message_id, r.contact_id): ItemState(
+            ItemStatus(r.status), r.attempts, r.claimed_at, r.next_attempt_at, r.paused
         )
-        for row in result:
-            found[(row.message_id, row.contact_id)] = ItemState(
-                ItemStatus(row.status),
-                row.attempts,
-                row.claimed_at,
-                row.next_attempt_at,
-                row.paused,
-            )
-    return found
+        for r in rows
+    }
 
 
 # ``mi.status || ''`` on purpose: with a plain ``mi.status = 'sending'`` the planner may read

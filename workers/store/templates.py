@@ -69,6 +69,20 @@ def latest_statement(names: Iterable[str]) -> Statement:
     return _LATEST, {"names": sorted(set(names))}
 
 
+_LATEST_OF_MESSAGES = text("""
+SELECT DISTINCT ON (name) name, version, subject, text_body, html_body, created_at
+  FROM templates
+ WHERE name IN (SELECT template FROM messages WHERE id = ANY(CAST(:mids AS bigint[])))
+ ORDER BY name, version DESC
+""")
+
+
+def latest_of_messages_statement(message_ids: Iterable[int]) -> Statement:
+    """The newest version of the templates these messages name, as a statement that needs
+    no earlier result (it goes with the claim); read with :func:`latest_from`."""
+    return _LATEST_OF_MESSAGES, {"mids": sorted(set(message_ids))}
+
+
 def latest_from(rows: Iterable[Any]) -> dict[str, StoredTemplate]:
     return {r.name: StoredTemplate(*r) for r in rows}
 
