@@ -25,6 +25,7 @@ from shared.contract import (
     MAX_BODY_BYTES,
     MAX_DELAY,
     CampaignControl,
+    DueBatch,
     DueMessage,
     PlanCampaign,
     ReadReceipt,
@@ -58,6 +59,7 @@ PUBLIC_MODELS: tuple[type[BaseModel], ...] = (ScheduleMessage, TrackEvent, ReadR
 #: Models only the workers exchange; exported for reference, marked internal.
 INTERNAL_MODELS: tuple[type[BaseModel], ...] = (
     DueMessage,
+    DueBatch,
     PlanCampaign,
     RecipientBatch,
     CampaignControl,

@@ -172,6 +172,20 @@ class DueMessage(_Model):
     attempt: int = Field(default=1, ge=1, le=2**31 - 1)
 
 
+#: The most recipients one :class:`DueBatch` carries.
+MAX_DUE_BATCH = 500
+
+
+class DueBatch(_Model):
+    """``nudge.due`` (through the delay exchange): several recipients that leave the delay
+    together, in one AMQP message. The scheduler bundles the messages of a batch that the
+    delay carries alike; a dispatch worker holds and handles each one as if it had come alone
+    and acks the bundle once every one is settled. Internal to the workers."""
+
+    v: Literal[1] = 1
+    due: list[DueMessage] = Field(min_length=2, max_length=MAX_DUE_BATCH)
+
+
 class ReadReceipt(_Model):
     """``nudge.receipts``, routing key ``read``: ``contact`` read message ``message_id`` (the
     ``message_id`` of the webhook payload) at ``read_at``. Recorded once: a second receipt for
@@ -267,6 +281,19 @@ def decode(
 ) -> M:
     """Parse and validate a received body, raising :class:`InvalidMessage` with a reason that
     names the field. Never raises anything else, whatever the bytes."""
+    return _validate(model, _parse(body, content_type))
+
+
+def decode_due(body: bytes, *, content_type: str | None) -> DueMessage | DueBatch:
+    """:func:`decode` for ``nudge.due``, which carries a :class:`DueMessage` or, with a
+    ``due`` list, a :class:`DueBatch`."""
+    raw = _parse(body, content_type)
+    if "due" in raw:
+        return _validate(DueBatch, raw)
+    return _validate(DueMessage, raw)
+
+
+def _parse(body: bytes, content_type: str | None) -> dict[str, Any]:
     if content_type not in (None, CONTENT_TYPE):
         raise InvalidMessage(f"content_type: {content_type!r}, expected {CONTENT_TYPE!r}")
     if len(body) > MAX_BODY_BYTES:
@@ -279,6 +306,10 @@ def decode(
         raise InvalidMessage("body: nested too deeply") from exc
     if not isinstance(raw, dict):
         raise InvalidMessage("body: must be a JSON object")
+    return raw
+
+
+def _validate(model: type[M], raw: dict[str, Any]) -> M:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

@@ -120,6 +120,15 @@ def route(backend: BackendName, destination: str, delay_ms: int) -> Route:
     return Route(exchange, key, {"x-delay": delay_ms}, mandatory=True)
 
 
+def leaves_with(backend: BackendName, delay_ms: int) -> int:
+    """Delays with the same value here leave the delay together, so their messages can travel
+    as one (a :class:`~shared.contract.DueBatch` published with the smallest of the delays):
+    on the ladder, the whole units it carries; with the plugin, the second. Each message then
+    waits in the consumer's hold for the rest, less than :data:`HOLD_LIMIT`."""
+    delay_ms = max(0, delay_ms)
+    return ladder_units(delay_ms) if backend == "tiers" else delay_ms // UNIT_MS
+
+
 def delay_until(deliver_at: datetime, now: datetime) -> int:
     """Milliseconds from ``now`` to ``deliver_at``, never negative."""
     return max(0, round((deliver_at - now).total_seconds() * 1000))

@@ -5,6 +5,11 @@ field), held in memory if they arrived a little early, gathered into batches and
 role's handler, whose :mod:`~workers.outcomes` are mapped to ack / republish / dead-letter.
 Acks come only after the handler's Postgres work committed and every republish was confirmed:
 a crash at any point leaves the message unacked, and RabbitMQ redelivers it.
+
+A delivery may carry several items (a :class:`Bundle`: the scheduler's ``DueBatch``). Each is
+held, batched and handled on its own; one that must travel again (a retry, a rejection) goes
+alone, with its own body; the delivery is acked once every item is settled, or given back to
+the queue whole when one could not be (its items already done are found done again).
 """
 
 from __future__ import annotations
@@ -13,10 +18,10 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import aio_pika
 import aiormq
@@ -38,6 +43,16 @@ T = TypeVar("T")
 HOLD_TICK = 0.02
 
 
+@dataclass(frozen=True)
+class Bundle(Generic[T]):
+    """Several items decoded from one delivery, with how each travels alone."""
+
+    items: Sequence[T]
+    #: An item's own body and AMQP message_id, for a retry or a rejection of it alone.
+    body: Callable[[T], bytes]
+    message_id: Callable[[T], str]
+
+
 class Handler(Protocol[T]):
     """A worker role's logic for one queue."""
 
@@ -45,7 +60,7 @@ class Handler(Protocol[T]):
     #: The delay destination that leads back to ``queue`` (for retries), if any.
     destination: str | None
 
-    def decode(self, message: AbstractIncomingMessage) -> T:
+    def decode(self, message: AbstractIncomingMessage) -> T | Bundle[T]:
         """Parse a delivery; raise :class:`InvalidMessage` naming the field."""
         ...
 
@@ -58,12 +73,36 @@ class Handler(Protocol[T]):
         ...
 
 
-@dataclass
+@dataclass(eq=False)
+class _Delivery:
+    """One AMQP delivery and how many of its items are not settled yet."""
+
+    message: AbstractIncomingMessage
+    pending: int
+    #: An item could not be settled (a republish not confirmed, a worker stopping): the
+    #: delivery goes back to the queue instead of being acked.
+    give_back: bool = False
+
+
+@dataclass(eq=False)
 class _Inbound(Generic[T]):
     item: T
-    message: AbstractIncomingMessage
+    delivery: _Delivery
+    bundle: Bundle[T] | None = None
     #: Released from the hold: its tick came as a whole, waiting for more adds lateness only.
     held: bool = False
+
+    @property
+    def message(self) -> AbstractIncomingMessage:
+        return self.delivery.message
+
+    @property
+    def body(self) -> bytes:
+        return self.bundle.body(self.item) if self.bundle else self.message.body
+
+    @property
+    def message_id(self) -> str | None:
+        return self.bundle.message_id(self.item) if self.bundle else self.message.message_id
 
 
 _ACK_ERRORS = (
@@ -95,6 +134,7 @@ class Consumer(Generic[T]):
         self._batch_size = batch_size
         self._batch_wait = batch_wait
         self._ready: asyncio.Queue[_Inbound[T]] = asyncio.Queue()
+        self._gathering = asyncio.Lock()
         #: Early messages by the tick they fall due in; one timer per tick releases them
         #: together, so they are handled as one batch.
         self._held: dict[int, list[_Inbound[T]]] = {}
@@ -138,30 +178,44 @@ class Consumer(Generic[T]):
         self.last_activity = time.monotonic()
         metrics.received.labels(self.handler.queue).inc()
         try:
-            item = self.handler.decode(message)
+            decoded = self.handler.decode(message)
         except InvalidMessage as exc:
-            await self._settle(message, Reject(exc.reason))
+            await self._settle_batch([_Inbound(None, _Delivery(message, 1))], [Reject(exc.reason)])
             return
-        due = self.handler.due_at(item)
-        wait = (due - datetime.now(UTC)).total_seconds() if due else 0.0
-        if wait <= 0:
-            self._ready.put_nowait(_Inbound(item, message))
-        elif wait * 1000 > delay.HOLD_LIMIT.total_seconds() * 1000 or self._stopping:
-            # Too early to hold (the plugin caps x-delay at ~49.7 days, a re-delay may be
-            # long): back into the delay for the rest.
-            await self._settle(message, Retry(int(wait * 1000)))
-        else:
-            # Rounded up to a tick: never before it is due, at most one tick late.
-            tick = math.ceil((time.time() + wait) / HOLD_TICK)
-            bucket = self._held.get(tick)
-            if bucket is None:
-                bucket = self._held[tick] = []
-                asyncio.get_running_loop().call_later(
-                    tick * HOLD_TICK - time.time(), self._release, tick
-                )
-            bucket.append(_Inbound(item, message))
-            self._held_count += 1
-            metrics.held.labels(self.handler.queue).set(self._held_count)
+        bundle = decoded if isinstance(decoded, Bundle) else None
+        items: Sequence[T] = bundle.items if bundle else [cast(T, decoded)]
+        delivery = _Delivery(message, len(items))
+        early: list[_Inbound[T]] = []
+        retries: list[Outcome] = []
+        now = datetime.now(UTC)
+        for item in items:
+            inbound = _Inbound(item, delivery, bundle)
+            due = self.handler.due_at(item)
+            wait = (due - now).total_seconds() if due else 0.0
+            if wait <= 0:
+                self._ready.put_nowait(inbound)
+            elif wait * 1000 > delay.HOLD_LIMIT.total_seconds() * 1000 or self._stopping:
+                # Too early to hold (the plugin caps x-delay at ~49.7 days, a re-delay may be
+                # long): back into the delay for the rest.
+                early.append(inbound)
+                retries.append(Retry(int(wait * 1000)))
+            else:
+                self._hold(inbound, wait)
+        if early:
+            await self._settle_batch(early, retries)
+
+    def _hold(self, inbound: _Inbound[T], wait: float) -> None:
+        # Rounded up to a tick: never before it is due, at most one tick late.
+        tick = math.ceil((time.time() + wait) / HOLD_TICK)
+        bucket = self._held.get(tick)
+        if bucket is None:
+            bucket = self._held[tick] = []
+            asyncio.get_running_loop().call_later(
+                tick * HOLD_TICK - time.time(), self._release, tick
+            )
+        bucket.append(inbound)
+        self._held_count += 1
+        metrics.held.labels(self.handler.queue).set(self._held_count)
 
     def _release(self, tick: int) -> None:
         bucket = self._held.pop(tick, [])
@@ -173,30 +227,43 @@ class Consumer(Generic[T]):
 
     async def _batches(self) -> None:
         while True:
-            first = await self._ready.get()
-            self._busy += 1
+            # One task fills its batch at a time while the others handle theirs: two tasks
+            # waiting on the queue together would deal the messages out between them.
+            async with self._gathering:
+                first = await self._ready.get()
+                self._busy += 1
+                try:
+                    batch = await self._gather(first)
+                except BaseException:
+                    self._busy -= 1
+                    raise
             try:
-                batch = [first]
-                deadline = time.monotonic() + self._batch_wait
-                while len(batch) < self._batch_size:
-                    try:
-                        batch.append(self._ready.get_nowait())
-                        continue
-                    except asyncio.QueueEmpty:
-                        pass
-                    if batch[-1].held:
-                        break
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    try:
-                        batch.append(await asyncio.wait_for(self._ready.get(), remaining))
-                    except TimeoutError:
-                        break
                 await self._handle(batch)
             finally:
                 self._busy -= 1
                 self.last_activity = time.monotonic()
+
+    async def _gather(self, first: _Inbound[T]) -> list[_Inbound[T]]:
+        """``first`` and what follows it within the batch wait, up to the batch size; a
+        released tick is handled at once, as a whole."""
+        batch = [first]
+        deadline = time.monotonic() + self._batch_wait
+        while len(batch) < self._batch_size:
+            try:
+                batch.append(self._ready.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            if batch[-1].held:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._ready.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
 
     async def _handle(self, batch: list[_Inbound[T]]) -> None:
         metrics.batch_size.labels(self.handler.queue).observe(len(batch))
@@ -210,7 +277,7 @@ class Consumer(Generic[T]):
                 # (unacked) and try again, rather than burning their delivery count.
                 metrics.store_unavailable.labels(self.handler.queue).inc()
                 if self._stopping:  # give the messages back; another worker will take them
-                    await asyncio.gather(*(self._nack(b.message) for b in batch))
+                    await self._give_back(batch)
                     return
                 log.warning(
                     "infrastructure unavailable, retrying batch",
@@ -225,71 +292,100 @@ class Consumer(Generic[T]):
                     for inbound in batch:
                         await self._handle([inbound])
                     return
+                inbound = batch[0]
+                if inbound.bundle is not None and self.handler.destination is not None:
+                    # Out of its bundle, alone: the queue's delivery limit parks it after
+                    # a few crashes without taking the bundle's other items along.
+                    log.exception(
+                        "handler crashed; item sent on alone",
+                        queue=self.handler.queue,
+                        message_id=inbound.message_id,
+                    )
+                    await self._settle_batch(batch, [Retry(0)])
+                    return
                 log.exception(
                     "handler crashed; message returned to the queue",
                     queue=self.handler.queue,
-                    message_id=batch[0].message.message_id,
+                    message_id=inbound.message_id,
                 )
-                await self._nack(batch[0].message)
+                await self._give_back(batch)
                 return
-        await self._settle_batch([b.message for b in batch], outcomes)
+        await self._settle_batch(batch, outcomes)
 
     async def _settle_batch(
-        self, batch: Sequence[AbstractIncomingMessage], outcomes: Sequence[Outcome]
+        self, batch: Sequence[_Inbound[Any]], outcomes: Sequence[Outcome]
     ) -> None:
         """Map a batch's outcomes to broker operations with one burst of republishes (retries
         and rejects together, confirmed before anything is acked) and one burst of acks."""
         outgoing: list[Outgoing] = []
-        published: list[AbstractIncomingMessage] = []
-        acks: list[AbstractIncomingMessage] = []
-        for message, outcome in zip(batch, outcomes, strict=True):
+        published: list[_Inbound[Any]] = []
+        settled: list[_Inbound[Any]] = []
+        for inbound, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Retry):
-                outgoing.append(self._retry(message, outcome))
-                published.append(message)
+                outgoing.append(self._retry(inbound, outcome))
+                published.append(inbound)
                 metrics.retries.labels(self.handler.queue).inc()
             elif isinstance(outcome, Reject):
-                outgoing.append(self._parked(message, outcome.reason))
-                published.append(message)
+                outgoing.append(self._parked(inbound, outcome.reason))
+                published.append(inbound)
             else:
                 assert isinstance(outcome, Done)
-                acks.append(message)
+                settled.append(inbound)
         if outgoing:
             try:
                 await self._publisher.publish_many(outgoing)
-                acks += published
             except PublishNotConfirmed as exc:
                 # Handled again on redelivery; the claims in Postgres make that harmless.
                 log.warning("republish not confirmed; messages returned to the queue",
                             error=str(exc), count=len(published))  # fmt: skip
-                await asyncio.gather(*(self._nack(m) for m in published))
+                for inbound in published:
+                    inbound.delivery.give_back = True
+            settled += published
+        await self._finish(settled)
+
+    async def _give_back(self, batch: Sequence[_Inbound[Any]]) -> None:
+        """Return these items' deliveries to the queue (once all their items are settled)."""
+        for inbound in batch:
+            inbound.delivery.give_back = True
+        await self._finish(batch)
+
+    async def _finish(self, settled: Sequence[_Inbound[Any]]) -> None:
+        """Count items settled; ack each delivery whose items are all settled, or return it to
+        the queue if one of them could not be."""
+        acks: list[AbstractIncomingMessage] = []
+        for inbound in settled:
+            delivery = inbound.delivery
+            delivery.pending -= 1
+            if delivery.pending == 0:
+                if delivery.give_back:
+                    await self._nack(delivery.message)
+                else:
+                    acks.append(delivery.message)
         try:
             await ack_many(acks)
         except _ACK_ERRORS as exc:
             log.info("ack failed, messages will be redelivered", error=repr(exc))
 
-    def _retry(self, message: AbstractIncomingMessage, outcome: Retry) -> Outgoing:
+    def _retry(self, inbound: _Inbound[Any], outcome: Retry) -> Outgoing:
         if self.handler.destination is None:
             raise RuntimeError(f"{self.handler.queue} cannot retry: no destination")
         return Publisher.delayed(
             self._backend,
             self.handler.destination,
             outcome.delay_ms,
-            outcome.body if outcome.body is not None else message.body,
-            outcome.message_id or message.message_id or "",
-            message.headers,
+            outcome.body if outcome.body is not None else inbound.body,
+            outcome.message_id or inbound.message_id or "",
+            inbound.message.headers,
         )
 
-    def _parked(self, message: AbstractIncomingMessage, reason: str) -> Outgoing:
+    def _parked(self, inbound: _Inbound[Any], reason: str) -> Outgoing:
         field = reason.split(":", 1)[0]
         metrics.dead_lettered.labels(self.handler.queue, field).inc()
         log.warning("rejected to nudge.dead", queue=self.handler.queue, reason=reason,
-                    message_id=message.message_id)  # fmt: skip
+                    message_id=inbound.message_id)  # fmt: skip
         return Publisher.parked(
-            message.body, message.message_id, reason, self.handler.queue, message.headers
+            inbound.body, inbound.message_id, reason, self.handler.queue, inbound.message.headers
         )
-
-    async def _settle(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
-        await self._settle_batch([message], [outcome])
 
     async def _nack(self, message: AbstractIncomingMessage) -> None:
         try:

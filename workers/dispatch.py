@@ -24,12 +24,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract
 from shared.config import Settings
-from shared.contract import DueMessage, Priority
+from shared.contract import DueBatch, DueMessage, Priority
 from shared.errors import InvalidTemplate, StoreUnavailable
 from shared.topology import DUE_DESTINATION, DUE_QUEUE
 from workers import checks, metrics
 from workers.channels import Channel, Delivery, SendResult, Verdict
 from workers.checks import Decision, Defer, Record, Send
+from workers.consumer import Bundle
 from workers.outcomes import DONE, Outcome, Reject, Retry
 from workers.policy import Policy
 from workers.ratelimit import Limits
@@ -72,6 +73,10 @@ class _Delivery:
 
     claimed: Claimed
     delivery: Delivery
+
+
+def _due_message_id(due: DueMessage) -> str:
+    return due_message_id(due.message_id, due.contact_id, due.attempt)
 
 
 @dataclass(frozen=True)
@@ -132,8 +137,11 @@ class DispatchHandler:
         #: first batch: it asks a second time).
         self._facts = _Facts()
 
-    def decode(self, message: AbstractIncomingMessage) -> DueMessage:
-        return contract.decode(DueMessage, message.body, content_type=message.content_type)
+    def decode(self, message: AbstractIncomingMessage) -> DueMessage | Bundle[DueMessage]:
+        due = contract.decode_due(message.body, content_type=message.content_type)
+        if isinstance(due, DueBatch):
+            return Bundle(due.due, contract.encode, _due_message_id)
+        return due
 
     def due_at(self, item: DueMessage) -> datetime | None:
         return item.deliver_at

@@ -18,6 +18,11 @@ batch_size = Histogram(
     ["queue"],
     buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
 )
+due_batch_size = Histogram(
+    "nudge_due_batch_size",
+    "Recipients per due message the scheduler publishes (several: a DueBatch)",
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500),
+)
 lateness = Histogram(
     "nudge_delivery_lateness_seconds",
     "Time between deliver_at and the send",

@@ -2,7 +2,8 @@
 
 For each: validate again (a raw-AMQP producer may not have), store the ``messages`` row keyed
 by the idempotency key, publish the due message into the delay exchange with confirms, and
-only then ack. A redelivered or re-published request finds its row and publishes again; the
+only then ack. The due messages of a batch that leave the delay together travel as one
+``DueBatch`` (docs/delays.md, "Bundles"). A redelivered or re-published request finds its row and publishes again; the
 dispatch claim makes the duplicate harmless.
 """
 
@@ -16,12 +17,14 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract, delay
-from shared.amqp import Publisher
-from shared.contract import DueMessage, ScheduleMessage
+from shared.amqp import Outgoing, Publisher
+from shared.contract import DueBatch, DueMessage, ScheduleMessage
 from shared.topology import INTAKE_QUEUE, due_destination
+from workers import metrics
 from workers.outcomes import DONE, Outcome, Reject
 from workers.store import messages, templates
 from workers.store.db import transaction
+from workers.store.messages import StoredMessage
 
 
 @dataclass(frozen=True)
@@ -69,19 +72,7 @@ class SchedulerHandler:
                     conn, [(i.key, i.request) for i in accepted], now
                 )
         priority = {i.key: i.request.priority.value for i in accepted}
-        now = datetime.now(UTC)
-        await self._publisher.publish_many(
-            Publisher.delayed(
-                self._backend,
-                due_destination(priority[s.idempotency_key]),
-                delay.delay_until(s.deliver_at, now),
-                contract.encode(
-                    DueMessage(message_id=s.id, contact_id=s.contact_id, deliver_at=s.deliver_at)
-                ),
-                due_message_id(s.id, s.contact_id, 1),
-            )
-            for s in stored
-        )
+        await self._publisher.publish_many(self._due(stored, priority, datetime.now(UTC)))
         return [
             Reject(
                 f"template: no template named {i.request.template!r} "
@@ -91,3 +82,31 @@ class SchedulerHandler:
             else DONE
             for i in batch
         ]
+
+    def _due(
+        self, stored: Sequence[StoredMessage], priority: dict[str, str], now: datetime
+    ) -> list[Outgoing]:
+        """The due messages of ``stored``, those that leave the delay together bundled into
+        one :class:`DueBatch` (on the ladder, one set of hops and one dead-lettering per
+        bundle instead of per message, and one delivery to dispatch)."""
+        groups: dict[tuple[str, int], list[StoredMessage]] = {}
+        for s in stored:
+            destination = due_destination(priority[s.idempotency_key])
+            wait = delay.delay_until(s.deliver_at, now)
+            groups.setdefault((destination, delay.leaves_with(self._backend, wait)), []).append(s)
+        out = []
+        for (destination, _), group in groups.items():
+            for i in range(0, len(group), contract.MAX_DUE_BATCH):
+                chunk = group[i : i + contract.MAX_DUE_BATCH]
+                due = [DueMessage(message_id=s.id, contact_id=s.contact_id,
+                                  deliver_at=s.deliver_at) for s in chunk]  # fmt: skip
+                wait = delay.delay_until(min(s.deliver_at for s in chunk), now)
+                if len(due) == 1:
+                    body = contract.encode(due[0])
+                    message_id = due_message_id(chunk[0].id, chunk[0].contact_id, 1)
+                else:
+                    body = contract.encode(DueBatch(due=due))
+                    message_id = f"due-batch-{chunk[0].id}-{len(chunk)}"
+                metrics.due_batch_size.observe(len(due))
+                out.append(Publisher.delayed(self._backend, destination, wait, body, message_id))
+        return out

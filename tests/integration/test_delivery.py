@@ -3,6 +3,7 @@ time, once."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -13,8 +14,9 @@ from sqlalchemy import Engine, func, select
 from producer import Producer, scheduled
 from shared import contract, delay
 from shared.config import Settings
-from shared.contract import DueMessage
-from tests.support import Management, Worker, raw_publish, wait_for
+from shared.contract import DueBatch, DueMessage
+from shared.topology import DEAD_QUEUE, DUE_QUEUE
+from tests.support import Management, Worker, raw_publish, ready_count, wait_for
 from workers.sink import Sink
 from workers.store.schema import message_items, messages
 
@@ -133,6 +135,103 @@ def test_the_same_due_message_delivered_twice_calls_the_webhook_once(
     wait_for(
         lambda: time.time() - sink.requests[-1].at > 1.0, timeout=10, message="the sink to go quiet"
     )
+    assert len(sink.requests) == 1
+
+
+def _stored_ids(engine: Engine, count: int) -> list[tuple[int, int]]:
+    query = select(messages.c.id, messages.c.contact_id).order_by(messages.c.id)
+
+    def stored() -> list[tuple[int, int]] | None:
+        with engine.connect() as conn:
+            rows = [(r.id, r.contact_id) for r in conn.execute(query)]
+        return rows if len(rows) == count else None
+
+    found = wait_for(stored, timeout=15, message=f"{count} stored messages")
+    assert found is not None
+    return found
+
+
+def test_messages_leaving_the_delay_together_travel_as_one_bundle_each_sent_once(
+    settings: Settings,
+    vhost: str,
+    management: Management,
+    sink: Sink,
+    engine: Engine,
+    start_worker: Callable[..., Worker],
+) -> None:
+    # One scheduler batch (a long batch wait gathers the five), due at the same time: one
+    # AMQP message on the ladder instead of five.
+    scheduler = start_worker("scheduler", batch_wait_seconds=1.0)
+    at = datetime.now(UTC) + timedelta(hours=1)
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule_many(
+            scheduled(f"c-{i}", "welcome", "webhook", idempotency_key=f"b-{i}", deliver_at=at)
+            for i in range(5)
+        )  # fmt: skip
+    stored = _stored_ids(engine, 5)
+    first = delay.level_name(delay.levels_visited(delay.ladder_units(3_590_000))[0])
+    wait_for(lambda: management.queue(vhost, first).get("messages") == 1, timeout=15,
+             message=f"one bundle parked in {first}")  # fmt: skip
+    [parked] = management.get_messages(vhost, first)
+    bundle = contract.decode_due(parked["payload"].encode(), content_type="application/json")
+    assert isinstance(bundle, DueBatch)
+    assert [(d.message_id, d.contact_id) for d in bundle.due] == stored
+    assert scheduler.metric("nudge_due_batch_size_count") == 1
+    scheduler.stop()
+
+    # Due now, and delivered twice (a redelivery after a lost ack): each recipient is sent
+    # once, and the bundle is acked once every recipient is settled.
+    now = datetime.now(UTC)
+    due = DueBatch(due=[d.model_copy(update={"deliver_at": now}) for d in bundle.due])
+    raw_publish(settings.amqp_url, "nudge.delay.out", "0." * delay.LEVELS + "due",
+                contract.encode(due), copies=2)  # fmt: skip
+    start_worker("dispatch")
+    wait_for(
+        lambda: sorted(_items(engine)) == [(f"b-{i}", "sent", 1) for i in range(5)],
+        timeout=15,
+        message="five sent rows",
+    )
+    wait_for(lambda: ready_count(settings.amqp_url, DUE_QUEUE) == 0
+             and management.queue(vhost, DUE_QUEUE).get("messages_unacknowledged") == 0,
+             timeout=15, message="both copies acked")  # fmt: skip
+    assert sorted(r.body["contact"]["id"] for r in sink.requests) == [f"c-{i}" for i in range(5)]
+
+
+def test_a_bundled_recipient_that_cannot_be_sent_is_parked_alone(
+    settings: Settings,
+    vhost: str,
+    management: Management,
+    sink: Sink,
+    engine: Engine,
+    start_worker: Callable[..., Worker],
+) -> None:
+    scheduler = start_worker("scheduler")
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule("c-1", "welcome", "webhook", delay=3600, idempotency_key="real")
+    [(mid, cid)] = _stored_ids(engine, 1)
+    scheduler.stop()
+    now = datetime.now(UTC)
+    unknown = mid + 1000
+    bundle = DueBatch(
+        due=[
+            DueMessage(message_id=mid, contact_id=cid, deliver_at=now),
+            DueMessage(message_id=unknown, contact_id=cid, deliver_at=now),
+        ]
+    )
+    raw_publish(settings.amqp_url, "nudge.delay.out", "0." * delay.LEVELS + "due",
+                contract.encode(bundle))  # fmt: skip
+    start_worker("dispatch")
+    wait_for(lambda: _items(engine) == [("real", "sent", 1)], timeout=15, message="sent")
+    wait_for(lambda: management.queue(vhost, DEAD_QUEUE).get("messages") == 1, timeout=15,
+             message="the unknown recipient parked")  # fmt: skip
+    [parked] = management.get_messages(vhost, DEAD_QUEUE)
+    assert json.loads(parked["payload"])["message_id"] == unknown, "parked alone"
+    assert parked["properties"]["message_id"] == f"due-{unknown}-{cid}-1"
+    assert parked["properties"]["headers"]["x-nudge-reason"] == (
+        f"message_id: no message {unknown} for contact {cid}"
+    )
+    wait_for(lambda: management.queue(vhost, DUE_QUEUE).get("messages") == 0, timeout=15,
+             message="the bundle acked")  # fmt: skip
     assert len(sink.requests) == 1
 
 

@@ -3,13 +3,20 @@ declared topology, over every delay from 0 ms to a year."""
 
 from __future__ import annotations
 
+import json
 import re
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared import delay, topology
+from shared import contract, delay, topology
+from shared.contract import DueBatch
+from shared.errors import InvalidMessage
+from workers.scheduler import SchedulerHandler
+from workers.store.messages import StoredMessage
 
 pytestmark = pytest.mark.unit
 
@@ -117,3 +124,53 @@ def test_level_queues_are_quorum_queues_dead_lettering_at_least_once() -> None:
         assert args["x-dead-letter-strategy"] == "at-least-once"
         assert args["x-overflow"] == "reject-publish"
         assert args["x-message-ttl"] == 1000 * 2**level
+
+
+@given(
+    st.sampled_from(["tiers", "plugin"]),
+    st.lists(st.integers(min_value=0, max_value=YEAR_MS), min_size=1, max_size=600),
+)
+def test_due_messages_are_bundled_only_with_those_leaving_the_delay_with_them(
+    backend: delay.BackendName, delays: list[int]
+) -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    stored = [
+        StoredMessage(i + 1, 100 + i, now + timedelta(milliseconds=ms), f"k{i}")
+        for i, ms in enumerate(delays)
+    ]
+    handler = SchedulerHandler(cast(Any, None), cast(Any, None), backend)
+    out = handler._due(stored, {s.idempotency_key: "automation" for s in stored}, now)
+    seen: list[int] = []
+    for o in out:
+        due = contract.decode_due(o.body, content_type=contract.CONTENT_TYPE)
+        items = due.due if isinstance(due, DueBatch) else [due]
+        seen += [d.message_id for d in items]
+        waits = [delay.delay_until(d.deliver_at, now) for d in items]
+        assert len({delay.leaves_with(backend, w) for w in waits}) == 1
+        # published with the smallest delay: it leaves the delay before any of its items is
+        # due, and each waits in the consumer's hold less than the hold allows
+        cap = delay.PLUGIN_MAX_DELAY_MS if backend == "plugin" else YEAR_MS
+        assert o.headers["x-delay"] == min(*waits, cap)
+        if backend == "tiers":
+            leaves = delay.ladder_units(min(waits)) * delay.UNIT_MS
+            assert all(0 < w - leaves < delay.HOLD_LIMIT.total_seconds() * 1000 for w in waits
+                       if w > delay.MARGIN_MS)  # fmt: skip
+        assert len(items) <= contract.MAX_DUE_BATCH
+        if len(items) == 1:
+            assert o.message_id == f"due-{items[0].message_id}-{items[0].contact_id}-1"
+    assert sorted(seen) == [s.id for s in stored], "every message exactly once"
+    groups = {delay.leaves_with(backend, ms) for ms in delays}
+    assert len(out) >= len(groups)
+    assert len(out) <= len(groups) + len(delays) // contract.MAX_DUE_BATCH
+
+
+def test_a_bundle_that_is_not_valid_names_the_recipient_and_field() -> None:
+    body = json.dumps({"v": 1, "due": [
+        {"message_id": 1, "contact_id": 2, "deliver_at": "2026-01-01T00:00:00Z"},
+        {"message_id": 1, "contact_id": 0, "deliver_at": "2026-01-01T00:00:00Z"},
+    ]}).encode()  # fmt: skip
+    with pytest.raises(InvalidMessage, match=r"^due\.1\.contact_id: Input should be greater"):
+        contract.decode_due(body, content_type=contract.CONTENT_TYPE)
+    single = json.dumps({"v": 1, "message_id": 1, "contact_id": 2}).encode()
+    with pytest.raises(InvalidMessage, match=r"^deliver_at: Field required"):
+        contract.decode_due(single, content_type=contract.CONTENT_TYPE)
