@@ -3,8 +3,8 @@
 For each: validate again (a raw-AMQP producer may not have), store the ``messages`` row keyed
 by the idempotency key, publish the due message into the delay exchange with confirms, and
 only then ack. The due messages of a batch that leave the delay together travel as one
-``DueBatch`` (docs/delays.md, "Bundles"). A redelivered or re-published request finds its row and publishes again; the
-dispatch claim makes the duplicate harmless.
+``DueBatch`` (docs/delays.md, "Bundles"). A redelivered or re-published request finds its row
+and publishes again; the dispatch claim makes the duplicate harmless.
 """
 
 from __future__ import annotations
