@@ -91,6 +91,8 @@ class _Inbound(Generic[T]):
     bundle: Bundle[T] | None = None
     #: Released from the hold: its tick came as a whole, waiting for more adds lateness only.
     held: bool = False
+    #: When it was put in the ready queue (monotonic).
+    ready_at: float = 0.0
 
     @property
     def message(self) -> AbstractIncomingMessage:
@@ -193,6 +195,7 @@ class Consumer(Generic[T]):
             due = self.handler.due_at(item)
             wait = (due - now).total_seconds() if due else 0.0
             if wait <= 0:
+                inbound.ready_at = time.monotonic()
                 self._ready.put_nowait(inbound)
             elif wait * 1000 > delay.HOLD_LIMIT.total_seconds() * 1000 or self._stopping:
                 # Too early to hold (the plugin caps x-delay at ~49.7 days, a re-delay may be
@@ -218,11 +221,15 @@ class Consumer(Generic[T]):
         metrics.held.labels(self.handler.queue).set(self._held_count)
 
     def _release(self, tick: int) -> None:
+        now = time.time()
+        metrics.release_lag.labels(self.handler.queue).observe(max(0.0, now - tick * HOLD_TICK))
         bucket = self._held.pop(tick, [])
         self._held_count -= len(bucket)
         metrics.held.labels(self.handler.queue).set(self._held_count)
+        ready_at = time.monotonic()
         for inbound in bucket:
             inbound.held = True
+            inbound.ready_at = ready_at
             self._ready.put_nowait(inbound)
 
     async def _batches(self) -> None:
@@ -237,6 +244,9 @@ class Consumer(Generic[T]):
                 except BaseException:
                     self._busy -= 1
                     raise
+            metrics.wait_for_batch.labels(self.handler.queue).observe(
+                time.monotonic() - first.ready_at
+            )
             try:
                 await self._handle(batch)
             finally:

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from typing import Any
 
 import structlog
@@ -47,6 +48,9 @@ from workers.store.templates import StoredTemplate
 from workers.templating import Rendered, Renderer, contact_variables
 
 log = structlog.get_logger("nudge.dispatch")
+
+#: A batch that takes longer than this from its start to its sends is logged, phase by phase.
+SLOW_BATCH_SECONDS = 0.25
 
 
 def backoff(
@@ -157,6 +161,7 @@ class DispatchHandler:
         result: list[Outcome] = [DONE] * len(batch)
         records: list[messages.Outcome] = []
         sends: list[Claimed] = []
+        marks = [("start", time.perf_counter())]
         async with pipelined(self._engine) as tx:
             # One round trip: lock (checks and claims of one contact are serialised across
             # all workers, so caps hold under concurrency), claim, and every fact the checks
@@ -170,6 +175,7 @@ class DispatchHandler:
                 templates_repo.latest_of_messages_statement(k[0] for k in keys),
                 *self._fact_statements(asked, keys, keys),
             ])  # fmt: skip
+            marks.append(("claim", time.perf_counter()))
             claimed = messages.claimed_from(rows[1])
             policies = policies_repo.from_rows(rows[2])
             stored = templates_repo.latest_from(rows[3])
@@ -192,8 +198,10 @@ class DispatchHandler:
                 for key in rest:
                     i = first[key]
                     result[i] = self._not_claimed(batch[i], states.get(key), now)
+                marks.append(("recheck", time.perf_counter()))
             now = datetime.now(UTC)
             decisions = self._decide(claimed, policies, self._facts, facts, now)
+            marks.append(("decide", time.perf_counter()))
             metrics.check_seconds.inc(time.perf_counter() - started)
             metrics.checked.inc(len(claimed))
             for c, decision in decisions:
@@ -207,10 +215,19 @@ class DispatchHandler:
                     )
                 else:
                     records.append(self._record(c, decision.status, decision.reason))
-            # Decisions not to send are final (or deferred) at once, with the claims.
-            await tx.run([messages.finalise_statement(records)] if records else [], commit=True)
+            # Decisions not to send are final (or deferred) at once, with the claims. With
+            # sends to come, the commit does not wait for the disk (a stall there is the
+            # largest part of the batch's tail): the finalise after the sends commits
+            # synchronously, and repairs what a Postgres crash in between lost.
+            await tx.run(
+                [messages.finalise_statement(records)] if records else [],
+                commit=True,
+                durable=not sends,
+            )
+        marks.append(("commit", time.perf_counter()))
         deliveries, sent_records = self._render(sends, stored)
         sent = await self._send_all(deliveries)
+        marks.append(("send", time.perf_counter()))
         done_at = datetime.now(UTC)
         for d, send_result in sent:
             c = d.claimed
@@ -222,7 +239,9 @@ class DispatchHandler:
                 metrics.lateness.labels(c.channel).observe(
                     max(0.0, (done_at - c.deliver_at).total_seconds())
                 )
-        await self._finalise(sent_records)
+        await self._finalise(sent_records, records)
+        marks.append(("finalise", time.perf_counter()))
+        self._observe(marks, len(batch))
         records += sent_records
         channel_of = {(c.message_id, c.contact_id): c.channel for c in claimed}
         counted = Counter(
@@ -233,6 +252,17 @@ class DispatchHandler:
         for labels, n in counted.items():
             metrics.outcomes.labels(*labels).inc(n)
         return result
+
+    @staticmethod
+    def _observe(marks: Sequence[tuple[str, float]], size: int) -> None:
+        """Time each phase of a batch; a batch slow before its sends is logged with them."""
+        phases = {phase: at - before for (_, before), (phase, at) in pairwise(marks)}
+        for phase, seconds in phases.items():
+            metrics.dispatch_phase.labels(phase).observe(seconds)
+        before_send = sum(v for k, v in phases.items() if k not in ("send", "finalise"))
+        if before_send > SLOW_BATCH_SECONDS:
+            log.warning("slow batch", size=size,
+                        **{f"{k}_ms": round(v * 1000, 1) for k, v in phases.items()})  # fmt: skip
 
     def _render(
         self, sends: Sequence[Claimed], stored: Mapping[str, StoredTemplate]
@@ -291,14 +321,24 @@ class DispatchHandler:
             for d, r in zip(chunk, rs, strict=True)
         ]
 
-    async def _finalise(self, records: Sequence[messages.Outcome]) -> None:
-        """Record outcomes, retrying while Postgres is unavailable: the sends happened, and
-        handling the batch again would only wait out the lease and send them twice."""
+    async def _finalise(
+        self, records: Sequence[messages.Outcome], decided: Sequence[messages.Outcome]
+    ) -> None:
+        """Record the sends' outcomes, retrying while Postgres is unavailable: the sends
+        happened, and handling the batch again would only wait out the lease and send them
+        twice. This commit is synchronous, and makes the claim's durable with it. If a row
+        was not found claimed by us, Postgres may have lost the claim's transaction in a
+        crash (it commits without waiting for the disk): the outcomes of the batch, those
+        ``decided`` with the claims included, are written again where they were lost."""
         pause = 0.5
         while True:
             try:
-                async with autocommit(self._engine) as conn:  # one statement
-                    await messages.finalise(conn, records)
+                async with autocommit(self._engine) as conn:  # one statement, usually
+                    if await messages.finalise(conn, records) < len(records):
+                        lost = await messages.repair(conn, [*records, *decided])
+                        if lost:
+                            log.warning("claims lost by Postgres, outcomes written again",
+                                        count=lost)  # fmt: skip
                 return
             except StoreUnavailable as exc:
                 metrics.store_unavailable.labels(self.queue).inc()

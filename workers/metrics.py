@@ -30,6 +30,26 @@ lateness = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60),
 )
 send_latency = Histogram("nudge_send_latency_seconds", "Time a channel took to send", ["channel"])
+_STEPS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+dispatch_phase = Histogram(
+    "nudge_dispatch_phase_seconds",
+    "Time a dispatch batch spent in each phase: claim (lock, claim, facts: one round trip), "
+    "recheck (facts asked again), decide, commit, send, finalise",
+    ["phase"],
+    buckets=_STEPS,
+)
+release_lag = Histogram(
+    "nudge_release_lag_seconds",
+    "How late the event loop ran a held tick's timer (a busy loop or a starved process)",
+    ["queue"],
+    buckets=_STEPS,
+)
+wait_for_batch = Histogram(
+    "nudge_wait_for_batch_seconds",
+    "From a batch's first message being ready to the batch gathered (a free task, the wait)",
+    ["queue"],
+    buckets=_STEPS,
+)
 held = Gauge("nudge_held_messages", "Messages held in memory until they fall due", ["queue"])
 store_unavailable = Counter(
     "nudge_store_unavailable_total",

@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
@@ -16,7 +17,15 @@ from shared import contract, delay
 from shared.config import Settings
 from shared.contract import DueBatch, DueMessage
 from shared.topology import DEAD_QUEUE, DUE_QUEUE
-from tests.support import Management, Worker, raw_publish, ready_count, wait_for
+from tests.support import (
+    Management,
+    Worker,
+    final_row,
+    raw_publish,
+    ready_count,
+    recipient_row,
+    wait_for,
+)
 from workers.sink import Sink
 from workers.store.schema import message_items, messages
 
@@ -233,6 +242,56 @@ def test_a_bundled_recipient_that_cannot_be_sent_is_parked_alone(
     wait_for(lambda: management.queue(vhost, DUE_QUEUE).get("messages") == 0, timeout=15,
              message="the bundle acked")  # fmt: skip
     assert len(sink.requests) == 1
+
+
+def test_a_claim_postgres_lost_before_the_send_is_written_at_the_finalise(
+    settings: Settings, sink: Sink, engine: Engine, start_worker: Callable[..., Worker]
+) -> None:
+    # The claim commits without waiting for the disk. What a Postgres crash between that
+    # commit and the WAL flush leaves, played by the receiver: the claimed row is gone when
+    # the send completes. The finalise finds nothing claimed, and writes the outcome.
+    def lose_the_claim(body: dict[str, Any], n: int) -> tuple[int, dict[str, str]]:
+        with engine.begin() as conn:
+            conn.execute(message_items.delete())
+        return 200, {}
+
+    sink.respond = lose_the_claim
+    worker = start_worker()
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule("c-1", "welcome", "webhook", idempotency_key="lost")
+    row = final_row(engine, "lost")
+    assert (row["status"], row["attempts"], row["failures"]) == ("sent", 1, 0)
+    assert row["sent_at"] is not None
+    with engine.connect() as conn:
+        status = conn.scalar(select(messages.c.status).where(messages.c.idempotency_key == "lost"))
+    assert status == 3, "the single-recipient message is completed"
+    wait_for(lambda: "claims lost by Postgres" in worker.log(), timeout=10, message="the warning")
+    wait_for(
+        lambda: time.time() - sink.requests[-1].at > 1.0, timeout=10, message="the sink to go quiet"
+    )
+    assert len(sink.requests) == 1
+
+
+def test_a_claim_taken_over_by_another_worker_is_not_overwritten_by_the_late_finalise(
+    settings: Settings, sink: Sink, engine: Engine, start_worker: Callable[..., Worker]
+) -> None:
+    # While the send is in flight the lease runs out and another worker claims the row (the
+    # next attempt): the first worker's finalise must leave that claim alone.
+    def taken_over(body: dict[str, Any], n: int) -> tuple[int, dict[str, str]]:
+        with engine.begin() as conn:
+            conn.execute(message_items.update().values(attempts=message_items.c.attempts + 1))
+        return 200, {}
+
+    sink.respond = taken_over
+    worker = start_worker()
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule("c-1", "welcome", "webhook", idempotency_key="taken")
+    wait_for(lambda: worker.metric("nudge_outcomes_total", status="sent") == 1, timeout=15,
+             message="the first worker's finalise")  # fmt: skip
+    row = recipient_row(engine, "taken")
+    assert row is not None
+    assert (row["status"], row["attempts"], row["sent_at"]) == ("sending", 2, None)
+    assert "claims lost by Postgres" not in worker.log()
 
 
 def test_an_expired_message_is_recorded_expired_and_never_sent(

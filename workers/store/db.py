@@ -112,6 +112,7 @@ async def pipeline(conn: AsyncConnection, statements: Sequence[Statement]) -> li
 
 _BEGIN: Statement = (text("BEGIN"), {})
 _COMMIT: Statement = (text("COMMIT"), {})
+_NOT_DURABLE: Statement = (text("SET LOCAL synchronous_commit TO off"), {})
 
 
 class Pipelined:
@@ -125,14 +126,20 @@ class Pipelined:
         self._done = False
 
     async def run(
-        self, statements: Sequence[Statement], *, commit: bool = False
+        self, statements: Sequence[Statement], *, commit: bool = False, durable: bool = True
     ) -> list[list[Any]]:
         """:func:`pipeline` inside the transaction; ``commit`` ends it with the same round
-        trip. Returns the rows of ``statements`` only."""
+        trip. Returns the rows of ``statements`` only.
+
+        ``durable=False`` commits without waiting for the WAL to reach the disk
+        (``synchronous_commit = off`` for this transaction): it is visible at once and durable
+        as soon as any later synchronous commit on the server is, but a Postgres crash in
+        between loses it. Only for a transaction whose effect a synchronous commit of the
+        same worker will confirm or repair (the dispatch's claim, see ``messages.repair``)."""
         if self._done:
             raise RuntimeError("the transaction is over")
         head = [] if self._open else [_BEGIN]
-        tail = [_COMMIT] if commit else []
+        tail = ([] if durable else [_NOT_DURABLE]) + [_COMMIT] if commit else []
         self._open = True
         rows = await pipeline(self._conn, [*head, *statements, *tail])
         self._done = commit

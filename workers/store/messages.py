@@ -269,10 +269,61 @@ SELECT (SELECT count(*) FROM finalised) AS finalised, (SELECT count(*) FROM comp
 """)
 
 
-async def finalise(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> None:
-    """:func:`finalise_statement`, run (nothing to run without outcomes)."""
-    if outcomes:
-        await conn.execute(*finalise_statement(outcomes))
+async def finalise(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> int:
+    """:func:`finalise_statement`, run (nothing to run without outcomes); how many rows it
+    finalised (fewer than ``outcomes``: a row was taken over, or its claim was lost)."""
+    if not outcomes:
+        return 0
+    return int((await conn.execute(*finalise_statement(outcomes))).scalar_one())
+
+
+# The claim commits without waiting for the disk (the sends need it visible, not durable: the
+# finalise commits synchronously after them, and the WAL reaches the disk in order). If
+# Postgres crashed in between, the claim is gone: the row is missing, or still holds the
+# attempt before ours. Then, and only then, the outcome is written here. A row whose attempts
+# passed ours was taken over by another worker after our lease: it is left alone.
+_REPAIR = text("""
+WITH v AS (
+    SELECT * FROM unnest(
+        CAST(:mids AS bigint[]), CAST(:cids AS bigint[]), CAST(:attempts AS int[]),
+        CAST(:statuses AS text[]), CAST(:reasons AS text[]), CAST(:errors AS text[]),
+        CAST(:nexts AS timestamptz[]), CAST(:failed AS int[]), CAST(:versions AS int[]))
+      AS v(message_id, contact_id, attempts, status, reason, error, next_attempt_at, failed,
+           template_version)
+), repaired AS (
+    INSERT INTO message_items AS mi (message_id, contact_id, status, attempts, reason,
+                                     last_error, next_attempt_at, failures, sent_at,
+                                     template_version, claimed_at, updated_at)
+    SELECT message_id, contact_id, status, attempts, reason, error, next_attempt_at, failed,
+           CASE WHEN status = 'sent' THEN now() END, template_version, now(), now()
+      FROM v ORDER BY message_id, contact_id
+    ON CONFLICT (message_id, contact_id) DO UPDATE
+       SET status = excluded.status, attempts = excluded.attempts, reason = excluded.reason,
+           last_error = coalesce(excluded.last_error, mi.last_error),
+           next_attempt_at = excluded.next_attempt_at,
+           failures = mi.failures + excluded.failures,
+           sent_at = CASE WHEN excluded.status = 'sent' THEN now() ELSE mi.sent_at END,
+           template_version = coalesce(excluded.template_version, mi.template_version),
+           claimed_at = now(), updated_at = now()
+     WHERE mi.attempts < excluded.attempts
+    RETURNING mi.message_id, mi.status
+), completed AS (
+    UPDATE messages SET status = :completed
+     WHERE id IN (SELECT message_id FROM repaired
+                   WHERE status NOT IN ('sending', 'deferred', 'planned'))
+       AND kind = 'single' AND status IN (0, 1)
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM repaired) AS repaired, (SELECT count(*) FROM completed)
+""")
+
+
+async def repair(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> int:
+    """Write the outcomes whose claim was lost (see ``_REPAIR``); how many there were."""
+    if not outcomes:
+        return 0
+    _, params = finalise_statement(outcomes)
+    return int((await conn.execute(_REPAIR, params)).scalar_one())
 
 
 def finalise_statement(outcomes: Sequence[Outcome]) -> Statement:
