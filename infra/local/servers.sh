@@ -5,7 +5,7 @@
 # <checkout>/.local), listen on 127.0.0.1 only and use non-default ports, so
 # they never collide with system services. See infra/local/README.md.
 #
-# Usage: servers.sh up|down|status|logs [-f]|env|restart-rabbitmq|restart-postgres|ctl TOOL ARGS
+# Usage: servers.sh up|down|status|logs [-f]|env|restart-rabbitmq|restart-postgres|crash-postgres|ctl TOOL ARGS
 #
 # Progress goes to stderr; `up` and `env` print only KEY=value lines on stdout.
 set -euo pipefail
@@ -75,6 +75,8 @@ usage: $(basename "$0") COMMAND
   env                print the NUDGE_* variables clients need
   restart-rabbitmq   stop and start RabbitMQ, keeping its data
   restart-postgres   stop and start PostgreSQL, keeping its data
+  crash-postgres     kill PostgreSQL as a crash would (immediate shutdown: no checkpoint, WAL
+                     still in memory is lost), then start it (it recovers from its WAL)
   ctl TOOL ARGS...   run rabbitmqctl, rabbitmq-diagnostics, rabbitmq-plugins or
                      rabbitmq-queues against the local node (same cookie and node name)
 
@@ -664,6 +666,22 @@ pg_down() {
   log "postgres: down"
 }
 
+pg_crash() {
+  local pid
+  if ! pg_running; then
+    log "postgres: not running"
+    return 0
+  fi
+  pid=$(pg_postmaster_pid)
+  log "postgres: crashing (SIGQUIT to pid $pid: immediate shutdown)"
+  kill -QUIT "$pid" 2>/dev/null || true
+  if ! wait_gone "$pid" 10; then
+    kill -KILL "$pid" 2>/dev/null || true
+    wait_gone "$pid" 10 || die "postgres: could not kill pid $pid"
+  fi
+  log "postgres: down (crashed)"
+}
+
 pg_status() {
   PG_BIN=$(find_pg_bin) || PG_BIN=''
   if pg_running; then
@@ -748,6 +766,11 @@ main() {
     restart-postgres)
       take_lock
       pg_down
+      pg_up
+      ;;
+    crash-postgres)
+      take_lock
+      pg_crash
       pg_up
       ;;
     help | -h | --help) usage ;;

@@ -1,5 +1,7 @@
 """Faults injected while a campaign, delayed messages and events are in flight: workers
-SIGKILLed at random moments (planner included), RabbitMQ restarted, PostgreSQL restarted.
+SIGKILLed at random moments (planner included), RabbitMQ restarted, PostgreSQL restarted,
+PostgreSQL crashed (immediate shutdown: the claims committed without waiting for the disk may
+be lost, and the finalise must write their outcomes again).
 After each, every confirmed request and every campaign recipient has exactly one final
 outcome, the sink saw nothing twice beyond the in-flight bound (and then with the same
 Idempotency-Key), and producers and workers reconnected by themselves.
@@ -189,4 +191,19 @@ def test_a_postgres_restart_mid_stream_loses_no_confirmed_message(
     finally:
         stream.stop()
     _judge("PostgreSQL restarted", f"restart-postgres ({took:.0f} s)", stream, engine, sink,
+           _in_flight_bound(settings, 1), problems)  # fmt: skip
+
+
+def test_a_postgres_crash_mid_stream_loses_no_confirmed_message(
+    settings: Settings, sink: Sink, engine: Engine, run: str, fleet: dict[str, Worker]
+) -> None:
+    stream = Stream(settings.amqp_url, _flows(run, settings, engine)).start()
+    try:
+        wait_for(lambda: stream.confirmed() >= 100, timeout=30, message="a stream in flight")
+        took = _servers("crash-postgres")
+        engine.dispose()  # the test's own pooled connections died with the server
+        problems = _reconnected(fleet, stream)
+    finally:
+        stream.stop()
+    _judge("PostgreSQL crashed", f"crash-postgres ({took:.0f} s)", stream, engine, sink,
            _in_flight_bound(settings, 1), problems)  # fmt: skip
