@@ -41,6 +41,10 @@ T = TypeVar("T")
 #: Held messages are released in ticks of this many seconds: a message is handled at most one
 #: tick after it falls due, and the messages of one tick make one batch.
 HOLD_TICK = 0.02
+#: A held tick released this late, or released messages waiting this long for a batch task,
+#: are logged (at most once every WARN_EVERY seconds per consumer).
+LATE = 0.1
+WARN_EVERY = 10.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,7 @@ class Consumer(Generic[T]):
         self._batch_wait = batch_wait
         self._ready: asyncio.Queue[_Inbound[T]] = asyncio.Queue()
         self._gathering = asyncio.Lock()
+        self._warned = -math.inf
         #: Early messages by the tick they fall due in; one timer per tick releases them
         #: together, so they are handled as one batch.
         self._held: dict[int, list[_Inbound[T]]] = {}
@@ -222,7 +227,11 @@ class Consumer(Generic[T]):
 
     def _release(self, tick: int) -> None:
         now = time.time()
-        metrics.release_lag.labels(self.handler.queue).observe(max(0.0, now - tick * HOLD_TICK))
+        lag = max(0.0, now - tick * HOLD_TICK)
+        metrics.release_lag.labels(self.handler.queue).observe(lag)
+        if lag > LATE and self._may_warn():
+            log.warning("held messages released late: the process is starved or its loop busy",
+                        queue=self.handler.queue, lag_ms=round(lag * 1000))  # fmt: skip
         bucket = self._held.pop(tick, [])
         self._held_count -= len(bucket)
         metrics.held.labels(self.handler.queue).set(self._held_count)
@@ -244,14 +253,25 @@ class Consumer(Generic[T]):
                 except BaseException:
                     self._busy -= 1
                     raise
-            metrics.wait_for_batch.labels(self.handler.queue).observe(
-                time.monotonic() - first.ready_at
-            )
+            waited = time.monotonic() - first.ready_at
+            metrics.wait_for_batch.labels(self.handler.queue).observe(waited)
+            if first.held and waited > LATE and self._may_warn():
+                log.warning("due messages waited for a free batch task",
+                            queue=self.handler.queue, waited_ms=round(waited * 1000),
+                            concurrency=self._concurrency)  # fmt: skip
             try:
                 await self._handle(batch)
             finally:
                 self._busy -= 1
                 self.last_activity = time.monotonic()
+
+    def _may_warn(self) -> bool:
+        """At most one lateness warning per consumer every :data:`WARN_EVERY` seconds."""
+        now = time.monotonic()
+        if now - self._warned < WARN_EVERY:
+            return False
+        self._warned = now
+        return True
 
     async def _gather(self, first: _Inbound[T]) -> list[_Inbound[T]]:
         """``first`` and what follows it within the batch wait, up to the batch size; a
