@@ -9,8 +9,8 @@ import sys
 import click
 
 from bench import campaign, celery_compare, delays
-from shared.config import Settings
 from shared.errors import NudgeError
+from workers.config import Settings
 
 DEFAULT_SCENARIO = "delays"
 
@@ -74,9 +74,14 @@ def delays_command(
     help="webhook: batch requests to a local receiver process; log: no network call.",
 )
 def campaign_command(
-    contacts: int, workers: int, concurrency: int, chunk_size: int, batch_size: int,
-    pause_at: float, channel: str,
-) -> None:  # fmt: skip
+    contacts: int,
+    workers: int,
+    concurrency: int,
+    chunk_size: int,
+    batch_size: int,
+    pause_at: float,
+    channel: str,
+) -> None:
     """Import CONTACTS, send them a campaign through a batch webhook to a local receiver,
     pause and resume it once."""
     try:

@@ -32,9 +32,9 @@ from sqlalchemy import Engine, create_engine, text
 
 from bench import report
 from bench.report import Figure
-from shared.config import Settings
 from shared.topology import BATCHES_QUEUE, PLAN_QUEUE
 from workers.cli.campaigns import pause as pause_campaign
+from workers.config import Settings
 from workers.store import templates
 from workers.store.db import upgrade
 
@@ -234,8 +234,18 @@ def run(settings: Settings, p: Params) -> bool:
         peak = _Peak(pids, port)
 
         sizes = ["--batch-size", str(p.batch_size), "--chunk-size", str(p.chunk_size)]
-        _nudge(env, "campaign", "create", "bench", "--template", "promo", "--channel", p.channel,
-               "--all", *sizes)  # fmt: skip
+        _nudge(
+            env,
+            "campaign",
+            "create",
+            "bench",
+            "--template",
+            "promo",
+            "--channel",
+            p.channel,
+            "--all",
+            *sizes,
+        )
         t_start = time.time()
         print(_nudge(env, "campaign", "start", "bench"), flush=True)
         frozen = time.time() - t_start
@@ -268,14 +278,16 @@ def run(settings: Settings, p: Params) -> bool:
                     ),
                     "last_send_after_return_s": _count(
                         engine, "SELECT extract(epoch FROM max(sent_at)) FROM message_items"
-                    ) - returned,
-                }  # fmt: skip
+                    )
+                    - returned,
+                }
                 print(f"  paused: {pause}", flush=True)
                 _nudge(env, "campaign", "resume", "bench")
             if state == 3 or time.time() - t_start > 1800:
                 break
-        finished = _count(engine, "SELECT extract(epoch FROM finished_at) FROM messages "
-                          "WHERE name = 'bench'")  # fmt: skip
+        finished = _count(
+            engine, "SELECT extract(epoch FROM finished_at) FROM messages WHERE name = 'bench'"
+        )
         elapsed = finished - t_start - 3.0  # the pause's settling is not sending time
         peak.stop()
         rows = _count(engine, "SELECT count(*) FROM message_items")

@@ -40,8 +40,8 @@ from bench import delays, report
 from bench.fleet import Fleet
 from producer import Producer, scheduled
 from shared import amqp, topology
-from shared.config import Settings
 from shared.topology import INTAKE_QUEUE
+from workers.config import Settings
 
 CELERY_DB = "nudge_bench_celery"
 

@@ -28,8 +28,8 @@ from bench import report, store
 from bench.fleet import Fleet, cpu_busy
 from bench.report import Figure
 from producer import AsyncProducer, Producer, Scheduled, scheduled
-from shared.config import Settings
-from workers.runner import resolve_backend
+from shared import amqp
+from workers.config import Settings
 from workers.store import templates
 from workers.store.db import sync_engine
 
@@ -107,7 +107,7 @@ def run(settings: Settings, p: Params) -> bool:
     with engine.begin() as conn:  # the scheduler parks messages naming an unknown template
         if templates.missing(conn, ["bench"]):
             templates.add(conn, "bench", "bench for {{ contact.id }}", None, None)
-    backend = asyncio.run(resolve_backend(settings))
+    backend = asyncio.run(amqp.resolve_backend(settings.delay_backend, settings.amqp_url))
     fleet = Fleet(p.workers, p.concurrency, report.RESULTS, p.split)
     click.echo(
         f"run {run_id}: {p.n} messages due over {p.spread:g} s; {p.workers} worker(s), "

@@ -44,8 +44,11 @@ class Worker:
     def metric(self, name: str) -> float:
         """The sum of a Prometheus metric's samples on this worker (0 when absent)."""
         text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.split("{")[0].split(" ")[0] == name)  # fmt: skip
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.split("{")[0].split(" ")[0] == name
+        )
 
 
 @dataclass

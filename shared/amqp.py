@@ -9,7 +9,7 @@ import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import aio_pika
 import aiormq
@@ -83,6 +83,15 @@ async def declare(connection: AbstractRobustConnection, topology: Topology) -> N
     finally:
         if not channel.is_closed:
             await channel.close()
+
+
+async def resolve_backend(
+    configured: Literal["auto", "plugin", "tiers"], url: str
+) -> delay.BackendName:
+    """The delay backend to use: ``configured`` unless it is ``auto``, which asks the broker."""
+    if configured == "auto":
+        return await detect_backend(url)
+    return configured
 
 
 async def detect_backend(url: str) -> delay.BackendName:

@@ -172,6 +172,11 @@ class DueMessage(_Model):
     attempt: int = Field(default=1, ge=1, le=2**31 - 1)
 
 
+def due_message_id(message_id: int, contact_id: int, attempt: int) -> str:
+    """The AMQP ``message_id`` of a :class:`DueMessage`: unique per recipient and attempt."""
+    return f"due-{message_id}-{contact_id}-{attempt}"
+
+
 #: The most recipients one :class:`DueBatch` carries.
 MAX_DUE_BATCH = 500
 

@@ -4,6 +4,7 @@ not running), a fresh vhost and a database cloned from a migrated template for e
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import subprocess
 import urllib.parse
 import uuid
@@ -15,9 +16,9 @@ import pytest
 from sqlalchemy import Engine, create_engine
 
 from shared import amqp, topology
-from shared.config import Settings
 from tests.support import MailServer, Management, Worker
-from workers.sink import Sink
+from workers.config import Settings
+from workers.demo.sink import Sink
 from workers.store import templates
 from workers.store.db import upgrade
 from workers.templating import Renderer
@@ -25,7 +26,8 @@ from workers.templating import Renderer
 ROOT = Path(__file__).resolve().parent.parent
 BASE = Settings.load()
 SECRET = "test-secret-0123456789"
-TEMPLATE_DB = "nudge_test_template"
+#: Per checkout, so that two checkouts may share one server without dropping each other's.
+TEMPLATE_DB = f"nudge_test_template_{hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]}"
 #: Templates every test database starts with (a message naming an unknown template is parked
 #: by the scheduler), each a one-line text naming the contact.
 STOCK_TEMPLATES = ("welcome", "reminder", "renewal", "flash_sale", "trial_end", "digest", "tip")

@@ -20,7 +20,6 @@ import httpx
 import pika
 from sqlalchemy import Engine, select
 
-from shared.config import Settings
 from shared.topology import (
     BATCHES_QUEUE,
     DUE_QUEUE,
@@ -29,6 +28,7 @@ from shared.topology import (
     PLAN_QUEUE,
     RECEIPTS_QUEUE,
 )
+from workers.config import Settings
 from workers.store.schema import message_items, messages
 
 T = TypeVar("T")
@@ -322,9 +322,15 @@ class MailServer:
                 message = email.message_from_bytes(envelope.content, policy=email.policy.default)
                 login = session.auth_data.login.decode() if session.auth_data else None
                 server.received.append(
-                    Mail(session.peer, envelope.mail_from, list(envelope.rcpt_tos), message, login,
-                         srv.transport.get_extra_info("ssl_object") is not None)
-                )  # fmt: skip
+                    Mail(
+                        session.peer,
+                        envelope.mail_from,
+                        list(envelope.rcpt_tos),
+                        message,
+                        login,
+                        srv.transport.get_extra_info("ssl_object") is not None,
+                    )
+                )
                 return "250 Message accepted"
 
         def authenticate(

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from shared.durations import format_duration
-from workers.policy import Policy
+from workers.durations import format_duration
+from workers.policies import Policy
 from workers.store.checks import Event, Sent
 from workers.store.messages import Claimed
 from workers.store.schema import ItemStatus, MessageStatus

@@ -17,9 +17,9 @@ import pytest
 from sqlalchemy import Engine, text
 
 from producer import Producer
-from shared.config import Settings
 from tests.support import Worker, nudge, wait_for
-from workers.sink import Sink
+from workers.config import Settings
+from workers.demo.sink import Sink
 from workers.store import templates
 
 pytestmark = pytest.mark.acceptance
@@ -48,8 +48,18 @@ def seed(engine: Engine, n: int, *, template: str = "promo") -> None:
 
 
 def create(settings: Settings, name: str, *extra: str) -> None:
-    ok(settings, "campaign", "create", name, "--template", "promo", "--channel", "webhook",
-       "--all", *extra)  # fmt: skip
+    ok(
+        settings,
+        "campaign",
+        "create",
+        name,
+        "--template",
+        "promo",
+        "--channel",
+        "webhook",
+        "--all",
+        *extra,
+    )
 
 
 def status(settings: Settings, name: str) -> dict[str, Any]:
@@ -208,8 +218,16 @@ def test_a_campaign_pauses_itself_when_the_receiver_fails_every_call(
     seed(engine, 3000)
     sink.respond = lambda doc, attempt: (503, {})
     workers(start_worker)
-    create(settings, "down", "--chunk-size", "20", "--auto-pause-threshold", "0.5",
-           "--auto-pause-window", "40")  # fmt: skip
+    create(
+        settings,
+        "down",
+        "--chunk-size",
+        "20",
+        "--auto-pause-threshold",
+        "0.5",
+        "--auto-pause-window",
+        "40",
+    )
     ok(settings, "campaign", "start", "down")
     s = wait_for(
         lambda: (s := status(settings, "down"))["state"] == "paused" and s,
@@ -271,9 +289,11 @@ def test_read_receipts_are_recorded_once_and_unknown_ones_are_parked(
     wait_for(lambda: ready_count(settings.amqp_url, "nudge.dead") == 1, message="1 parked")
     with engine.connect() as conn:
         read_at = conn.execute(
-            text("SELECT read_at FROM message_items mi JOIN contacts c ON c.id = mi.contact_id "
-                 "WHERE c.external_id = 'c-1'")
-        ).scalar_one()  # fmt: skip
+            text(
+                "SELECT read_at FROM message_items mi JOIN contacts c ON c.id = mi.contact_id "
+                "WHERE c.external_id = 'c-1'"
+            )
+        ).scalar_one()
     assert abs((read_at - first).total_seconds()) < 0.01
 
 
@@ -301,20 +321,51 @@ def test_cli_errors_name_the_problem_and_exit_non_zero(settings: Settings, engin
     missing = nudge(settings, "campaign", "status", "nope")
     assert missing.returncode == 4
     assert "error: no campaign 'nope'" in missing.stderr
-    bad_filter = nudge(settings, "campaign", "create", "x", "--template", "promo",
-                       "--channel", "webhook", "--where", "tier~vip")  # fmt: skip
+    bad_filter = nudge(
+        settings,
+        "campaign",
+        "create",
+        "x",
+        "--template",
+        "promo",
+        "--channel",
+        "webhook",
+        "--where",
+        "tier~vip",
+    )
     assert bad_filter.returncode == 2
     assert "audience: bad filter 'tier~vip': expected ATTRIBUTE=VALUE" in bad_filter.stderr
-    no_template = nudge(settings, "campaign", "create", "x", "--template", "ghost",
-                        "--channel", "webhook", "--all")  # fmt: skip
+    no_template = nudge(
+        settings, "campaign", "create", "x", "--template", "ghost", "--channel", "webhook", "--all"
+    )
     assert no_template.returncode == 2
     assert "template: no template named 'ghost'" in no_template.stderr
-    unknown = nudge(settings, "campaign", "create", "x", "--template", "promo",
-                    "--channel", "webhook", "--ids", "c-1,who")  # fmt: skip
+    unknown = nudge(
+        settings,
+        "campaign",
+        "create",
+        "x",
+        "--template",
+        "promo",
+        "--channel",
+        "webhook",
+        "--ids",
+        "c-1,who",
+    )
     assert unknown.returncode == 2
     assert "audience: 1 external ids are not contacts (e.g. 'who')" in unknown.stderr
-    out = ok(settings, "campaign", "create", "vips", "--template", "promo", "--channel",
-             "webhook", "--where", "tier=vip")  # fmt: skip
+    out = ok(
+        settings,
+        "campaign",
+        "create",
+        "vips",
+        "--template",
+        "promo",
+        "--channel",
+        "webhook",
+        "--where",
+        "tier=vip",
+    )
     assert "contacts where tier=vip, 1 matching now" in out
     invalid = nudge(settings, "campaign", "pause", "vips")
     assert invalid.returncode == 2
@@ -337,8 +388,13 @@ def test_a_transactional_message_arrives_within_a_second_during_a_20000_recipien
     wait_for(lambda: len(sink.accepted()) >= 1000, timeout=90, message="the campaign sending")
     with Producer(settings.amqp_url) as producer:
         published = time.time()
-        producer.schedule("vip-1", "welcome", "webhook", idempotency_key="password-reset",
-                          priority="transactional")  # fmt: skip
+        producer.schedule(
+            "vip-1",
+            "welcome",
+            "webhook",
+            idempotency_key="password-reset",
+            priority="transactional",
+        )
     [arrived] = wait_for(
         lambda: [r for r in sink.accepted() if r.body.get("template") == "welcome"],
         timeout=30,

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from shared.config import Settings
 from tests.support import nudge, settings_env
-from workers.sink import Sink
+from workers.config import Settings
+from workers.demo.sink import Sink
 
 pytestmark = pytest.mark.acceptance
 

@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import Engine
 
 from producer import Producer
-from shared.config import Settings
 from tests.support import Worker, settings_env, wait_for
-from workers.sink import Sink
+from workers.config import Settings
+from workers.demo.sink import Sink
 from workers.store import templates
 
 pytestmark = pytest.mark.acceptance
@@ -39,8 +39,11 @@ def test_a_worker_answers_liveness_and_readiness_next_to_its_metrics(
         "not stopping": True,
         "consuming": True,
     }
-    wait_for(lambda: 'nudge_queue_depth{queue="nudge.due"}' in _get(worker, "/metrics").text,
-             timeout=20, message="the queue depth gauge")  # fmt: skip
+    wait_for(
+        lambda: 'nudge_queue_depth{queue="nudge.due"}' in _get(worker, "/metrics").text,
+        timeout=20,
+        message="the queue depth gauge",
+    )
     assert _get(worker, "/nope").status_code == 404
 
 
@@ -54,16 +57,35 @@ def test_nudge_status_summarises_queues_and_outcomes_as_json(
         producer.schedule("c-1", "welcome", "webhook", idempotency_key="now")
         producer.schedule("c-2", "welcome", "webhook", idempotency_key="later", delay=3600)
     wait_for(lambda: len(sink.accepted()) == 1, timeout=30, message="one delivery")
-    drafted = subprocess.run([sys.executable, "-m", "workers", "campaign", "create", "autumn",
-                              "--template", "welcome", "--channel", "webhook", "--all"],
-                             env=settings_env(settings), capture_output=True, text=True,
-                             timeout=60)  # fmt: skip
+    drafted = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workers",
+            "campaign",
+            "create",
+            "autumn",
+            "--template",
+            "welcome",
+            "--channel",
+            "webhook",
+            "--all",
+        ],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert drafted.returncode == 0, drafted.stderr
 
     def status() -> dict[str, Any]:
-        done = subprocess.run([sys.executable, "-m", "workers", "status", "--json"],
-                              env=settings_env(settings), capture_output=True, text=True,
-                              timeout=60)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "workers", "status", "--json"],
+            env=settings_env(settings),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stderr
         doc: dict[str, Any] = json.loads(done.stdout)
         return doc
@@ -79,9 +101,13 @@ def test_nudge_status_summarises_queues_and_outcomes_as_json(
     assert doc["outcomes"]["total"] == {"sent": 1}
     assert doc["outcomes"]["scheduled_not_due"] == 1
     assert [(c["name"], c["state"]) for c in doc["campaigns"]] == [("autumn", "draft")]
-    text = subprocess.run([sys.executable, "-m", "workers", "status"],
-                          env=settings_env(settings), capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    text = subprocess.run(
+        [sys.executable, "-m", "workers", "status"],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "nudge.due" in text.stdout
     assert "sent" in text.stdout
     assert "campaign 'autumn' draft: " in text.stdout
@@ -89,7 +115,12 @@ def test_nudge_status_summarises_queues_and_outcomes_as_json(
 
 def test_nudge_status_names_an_unreachable_management_api(settings: Settings) -> None:
     env = {**settings_env(settings), "NUDGE_RABBITMQ_MGMT_URL": "http://guest:guest@127.0.0.1:9"}
-    done = subprocess.run([sys.executable, "-m", "workers", "status"], env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "workers", "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1
     assert done.stderr.startswith("error: RabbitMQ management API")

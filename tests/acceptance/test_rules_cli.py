@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from shared.config import Settings
 from tests.support import nudge
+from workers.config import Settings
 from workers.store import templates
 from workers.store.schema import contact_events, contacts
 
@@ -128,7 +128,7 @@ def test_explain_prints_the_delay_the_contact_would_get_and_the_checks_now(
     template: follow-up
     channel: webhook
     unless: [order_paid]
-""")  # fmt: skip
+""")
     assert nudge(settings, "rules", "load", str(path)).returncode == 0
     with engine.begin() as conn:
         [vip] = conn.execute(
@@ -139,10 +139,12 @@ def test_explain_prints_the_delay_the_contact_would_get_and_the_checks_now(
         conn.execute(contacts.insert().values(external_id="bob", attributes={"tier": "gold"}))
         conn.execute(
             contact_events.insert().values(
-                contact_id=vip, name="login", event_id="e-1",
+                contact_id=vip,
+                name="login",
+                event_id="e-1",
                 occurred_at=conn.exec_driver_sql("SELECT now() - interval '2 hours'").scalar(),
             )
-        )  # fmt: skip
+        )
 
     ann = nudge(settings, "rules", "explain", "follow-up", "--contact", "ann")
     assert ann.returncode == 0, ann.stderr
@@ -150,8 +152,15 @@ def test_explain_prints_the_delay_the_contact_would_get_and_the_checks_now(
     assert lines[0] == "rule follow-up for contact ann"
     assert lines[1].startswith("delay: 36m (tier=vip: 1h; active at ")
     assert lines[1].endswith("(within 1d): x0.6 = 36m)")
-    assert lines[4].split() == ["subscription", "fail", "suppressed:", "unsubscribed:", "the",
-                                "contact", "unsubscribed"]  # fmt: skip
+    assert lines[4].split() == [
+        "subscription",
+        "fail",
+        "suppressed:",
+        "unsubscribed:",
+        "the",
+        "contact",
+        "unsubscribed",
+    ]
     assert lines[5].startswith("  exclusion     pass  only events after the trigger exclude")
     assert lines[-1] == "decision now: fail  suppressed: unsubscribed: the contact unsubscribed"
 
@@ -161,9 +170,13 @@ def test_explain_prints_the_delay_the_contact_would_get_and_the_checks_now(
     assert bob["delay_seconds"] == 24 * 3600
     assert bob["why"] == "tier=gold, not in base: otherwise 1d; not active within 1d"
     assert {c["check"]: c["verdict"] for c in bob["checks"]} == {
-        "subscription": "pass", "exclusion": "pass", "interaction": "pass",
-        "category": "pass", "frequency": "pass", "quiet_hours": "pass",
-    }  # fmt: skip
+        "subscription": "pass",
+        "exclusion": "pass",
+        "interaction": "pass",
+        "category": "pass",
+        "frequency": "pass",
+        "quiet_hours": "pass",
+    }
     assert bob["decision"]["verdict"] == "pass"
 
     nobody = nudge(settings, "rules", "explain", "follow-up", "--contact", "zed")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from shared.config import Settings
 from tests.support import nudge
+from workers.config import Settings
 
 pytestmark = pytest.mark.acceptance
 

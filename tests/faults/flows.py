@@ -27,9 +27,9 @@ from typing import Protocol
 from sqlalchemy import Engine, func, select, text
 
 from producer import NudgeError, Producer, Request, scheduled, tracked
-from shared.config import Settings
 from tests.support import settings_env
-from workers.sink import Sink
+from workers.config import Settings
+from workers.demo.sink import Sink
 from workers.store.schema import (
     ItemStatus,
     MessageStatus,
@@ -152,14 +152,20 @@ class DelayedMessages:
             problems.append(f"{len(lost)} confirmed but never stored, e.g. {sorted(lost)[:3]}")
         not_one = {k: r for k, r in items.items() if len(r) != 1 or r[0][0] not in FINAL}
         if not_one:
-            problems.append(f"{len(not_one)} without exactly one final outcome: "
-                            f"{dict(list(not_one.items())[:3])}")  # fmt: skip
+            problems.append(
+                f"{len(not_one)} without exactly one final outcome: "
+                f"{dict(list(not_one.items())[:3])}"
+            )
         unexpected = items.keys() - self.tally.confirmed - self.tally.raised
         if unexpected:
             problems.append(f"{len(unexpected)} stored that nobody published")
         sent = {f"nudge-{mid}-{cid}" for r in items.values() for s, mid, cid in r if s == "sent"}
-        ours = [r for r in sink.requests if r.idempotency_key in sent or
-                str(r.body.get("message_key", "")).startswith(self._prefix())]  # fmt: skip
+        ours = [
+            r
+            for r in sink.requests
+            if r.idempotency_key in sent
+            or str(r.body.get("message_key", "")).startswith(self._prefix())
+        ]
         accepted = {r.idempotency_key for r in ours if 200 <= r.status < 300}
         if accepted != sent:
             problems.append(
@@ -181,8 +187,16 @@ class DelayedMessages:
         if mixed:
             problems.append(f"one Idempotency-Key for different recipients: {mixed[:3]}")
         final = sum(1 for r in items.values() if len(r) == 1 and r[0][0] in FINAL)
-        return Verdict(self.name, len(self.tally.confirmed), len(self.tally.raised), final,
-                       len(lost), duplicates, bound, tuple(problems))  # fmt: skip
+        return Verdict(
+            self.name,
+            len(self.tally.confirmed),
+            len(self.tally.raised),
+            final,
+            len(lost),
+            duplicates,
+            bound,
+            tuple(problems),
+        )
 
 
 class Events:
@@ -227,8 +241,16 @@ class Events:
         unexpected = recorded.keys() - self.tally.confirmed - self.tally.raised
         if unexpected:
             problems.append(f"{len(unexpected)} recorded that nobody published")
-        return Verdict(self.name, len(self.tally.confirmed), len(self.tally.raised),
-                       len(recorded), len(lost), 0, 0, tuple(problems))  # fmt: skip
+        return Verdict(
+            self.name,
+            len(self.tally.confirmed),
+            len(self.tally.raised),
+            len(recorded),
+            len(lost),
+            0,
+            0,
+            tuple(problems),
+        )
 
 
 class Stream:
@@ -297,19 +319,34 @@ class Campaign:
     def start(self, settings: Settings, engine: Engine) -> Campaign:
         with engine.begin() as conn:
             conn.execute(
-                text("INSERT INTO contacts (external_id) SELECT :p || g "
-                     "FROM generate_series(1, :n) g"),
+                text(
+                    "INSERT INTO contacts (external_id) SELECT :p || g "
+                    "FROM generate_series(1, :n) g"
+                ),
                 {"p": f"{self._run}-k-", "n": self._size},
-            )  # fmt: skip
+            )
         name = f"{self._run}-campaign"
         for args in (
-            ("campaign", "create", name, "--template", "welcome", "--channel", "webhook",
-             "--ids", ",".join(f"{self._run}-k-{i}" for i in range(1, self._size + 1))),
+            (
+                "campaign",
+                "create",
+                name,
+                "--template",
+                "welcome",
+                "--channel",
+                "webhook",
+                "--ids",
+                ",".join(f"{self._run}-k-{i}" for i in range(1, self._size + 1)),
+            ),
             ("campaign", "start", name),
-        ):  # fmt: skip
-            done = subprocess.run([sys.executable, "-m", "workers", *args],
-                                  env=settings_env(settings), capture_output=True, text=True,
-                                  timeout=120)  # fmt: skip
+        ):
+            done = subprocess.run(
+                [sys.executable, "-m", "workers", *args],
+                env=settings_env(settings),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert done.returncode == 0, f"nudge {args[:3]}: {done.stdout}{done.stderr}"
         with engine.connect() as conn:
             self._id = conn.scalar(select(messages.c.id).where(messages.c.name == name))
@@ -321,9 +358,14 @@ class Campaign:
 
     def _items(self, engine: Engine) -> list[tuple[int, str]]:
         with engine.connect() as conn:
-            return [(cid, status) for cid, status in conn.execute(
-                select(message_items.c.contact_id, message_items.c.status)
-                .where(message_items.c.message_id == self._id))]  # fmt: skip
+            return [
+                (cid, status)
+                for cid, status in conn.execute(
+                    select(message_items.c.contact_id, message_items.c.status).where(
+                        message_items.c.message_id == self._id
+                    )
+                )
+            ]
 
     def _state(self, engine: Engine) -> int | None:
         with engine.connect() as conn:
@@ -352,8 +394,9 @@ class Campaign:
         ours = [r for r in sink.requests if r.body.get("message_id") == self._id]
         accepted = {r.idempotency_key for r in ours if 200 <= r.status < 300}
         if accepted != sent:
-            problems.append(f"sink accepted {len(accepted)} recipients, Postgres says "
-                            f"{len(sent)} sent")  # fmt: skip
+            problems.append(
+                f"sink accepted {len(accepted)} recipients, Postgres says {len(sent)} sent"
+            )
         duplicates = len(ours) - len({r.idempotency_key for r in ours})
         if duplicates > bound:
             problems.append(f"{duplicates} duplicates at the sink, more than the bound {bound}")
@@ -364,5 +407,6 @@ class Campaign:
         if mixed:
             problems.append(f"one Idempotency-Key for different recipients: {mixed[:3]}")
         final = sum(1 for _, s in items if s in FINAL)
-        return Verdict(self.name, self._size, 0, final, self._size - final, duplicates, bound,
-                       tuple(problems))  # fmt: skip
+        return Verdict(
+            self.name, self._size, 0, final, self._size - final, duplicates, bound, tuple(problems)
+        )

@@ -24,13 +24,13 @@ from collections.abc import Callable, Sequence
 import pytest
 from sqlalchemy import Engine
 
-from shared.config import Settings
 from shared.topology import DUE_QUEUE, EVENTS_QUEUE, INTAKE_QUEUE, PLAN_QUEUE
 from tests.conftest import ROOT
 from tests.faults import report
 from tests.faults.flows import Campaign, DelayedMessages, Events, Flow, Stream
 from tests.support import Worker, wait_for
-from workers.sink import Sink
+from workers.config import Settings
+from workers.demo.sink import Sink
 from workers.store import templates
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -76,8 +76,12 @@ def _flows(run: str, settings: Settings, engine: Engine) -> list[Flow]:
 def _servers(command: str) -> float:
     """Run ``servers.sh COMMAND``; returns the seconds it took."""
     started = time.monotonic()
-    subprocess.run(["bash", str(ROOT / "infra/local/servers.sh"), command], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        ["bash", str(ROOT / "infra/local/servers.sh"), command],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.monotonic() - started
 
 
@@ -95,8 +99,11 @@ def _reconnected(fleet: dict[str, Worker], stream: Stream) -> list[str]:
     deadline = time.monotonic() + 45
     for role, worker in fleet.items():
         try:
-            wait_for(lambda w=worker, q=QUEUES[role]: w.consuming([q]),  # type: ignore[misc]
-                     timeout=max(1.0, deadline - time.monotonic()), interval=0.5)  # fmt: skip
+            wait_for(
+                lambda w=worker, q=QUEUES[role]: w.consuming([q]),  # type: ignore[misc]
+                timeout=max(1.0, deadline - time.monotonic()),
+                interval=0.5,
+            )
         except AssertionError:
             problems.append(f"the {role} worker does not consume {QUEUES[role]} again")
     before = stream.confirmed()
@@ -119,9 +126,12 @@ def _judge(
     """Wait until every flow settled (or a deadline), add the scenario's row to the table,
     print it, and fail with the problems found."""
     with contextlib.suppress(AssertionError):  # the verdicts say what did not settle
-        wait_for(lambda: all(f.settled(engine) for f in stream.flows),
-                 timeout=10 if reconnect_problems else 120,
-                 interval=0.5, message="every flow to settle")  # fmt: skip
+        wait_for(
+            lambda: all(f.settled(engine) for f in stream.flows),
+            timeout=10 if reconnect_problems else 120,
+            interval=0.5,
+            message="every flow to settle",
+        )
     errors: Counter[str] = Counter()
     for f in stream.flows:
         errors.update(f.tally.errors)
@@ -161,8 +171,14 @@ def test_workers_sigkilled_at_random_moments_lose_nothing_and_send_nothing_twice
     finally:
         stream.stop()
     injected = "SIGKILL " + ", ".join(f"{role} x{n}" for role, n in sorted(kills.items()))
-    _judge("workers SIGKILLed", injected, stream, engine, sink,
-           _in_flight_bound(settings, kills["dispatch"]))  # fmt: skip
+    _judge(
+        "workers SIGKILLed",
+        injected,
+        stream,
+        engine,
+        sink,
+        _in_flight_bound(settings, kills["dispatch"]),
+    )
 
 
 def test_a_rabbitmq_restart_mid_stream_loses_no_confirmed_message(
@@ -175,8 +191,15 @@ def test_a_rabbitmq_restart_mid_stream_loses_no_confirmed_message(
         problems = _reconnected(fleet, stream)
     finally:
         stream.stop()
-    _judge("RabbitMQ restarted", f"restart-rabbitmq ({took:.0f} s)", stream, engine, sink,
-           _in_flight_bound(settings, 1), problems)  # fmt: skip
+    _judge(
+        "RabbitMQ restarted",
+        f"restart-rabbitmq ({took:.0f} s)",
+        stream,
+        engine,
+        sink,
+        _in_flight_bound(settings, 1),
+        problems,
+    )
 
 
 @pytest.mark.parametrize(
@@ -203,5 +226,12 @@ def test_postgres_going_down_mid_stream_loses_no_confirmed_message(
         problems = _reconnected(fleet, stream)
     finally:
         stream.stop()
-    _judge(scenario, f"{command} ({took:.0f} s)", stream, engine, sink,
-           _in_flight_bound(settings, 1), problems)  # fmt: skip
+    _judge(
+        scenario,
+        f"{command} ({took:.0f} s)",
+        stream,
+        engine,
+        sink,
+        _in_flight_bound(settings, 1),
+        problems,
+    )

@@ -14,10 +14,10 @@ import pytest
 from sqlalchemy import Engine, select
 
 from producer import Producer, scheduled
-from shared.config import Settings
 from tests.support import MailServer, Worker, final_row, wait_for
 from workers import unsubscribe
-from workers.sink import Sink
+from workers.config import Settings
+from workers.demo.sink import Sink
 from workers.store.schema import message_items
 
 pytestmark = pytest.mark.integration

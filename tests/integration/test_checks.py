@@ -13,10 +13,10 @@ import pytest
 from sqlalchemy import Engine, select
 
 from producer import Producer, scheduled
-from shared.config import Settings
 from shared.topology import DEAD_QUEUE, EVENT_KEY, EVENTS_EXCHANGE
 from tests.support import Management, Worker, nudge, raw_publish, wait_for
-from workers.sink import Sink
+from workers.config import Settings
+from workers.demo.sink import Sink
 from workers.store.schema import contacts, message_items, messages
 
 pytestmark = pytest.mark.integration
@@ -228,8 +228,9 @@ def test_many_contacts_at_once_under_eight_workers_never_deadlock(
     due = datetime.now(UTC) + timedelta(seconds=6)
     with Producer(settings.amqp_url) as producer:
         producer.schedule_many(
-            scheduled(f"c-{i % contacts_n}", "tip", "log", deliver_at=due,
-                      idempotency_key=f"m-{i}") for i in range(contacts_n * per))  # fmt: skip
+            scheduled(f"c-{i % contacts_n}", "tip", "log", deliver_at=due, idempotency_key=f"m-{i}")
+            for i in range(contacts_n * per)
+        )
     wait_for(final(engine, contacts_n * per), timeout=90, message="every outcome")
     with engine.connect() as conn:
         sent = Counter(

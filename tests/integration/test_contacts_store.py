@@ -31,8 +31,10 @@ def _apply(database_url: str, *refs: ContactRef) -> None:
 
 
 def _row(engine: Engine) -> dict[str, Any]:
-    query = text("SELECT email, phone, attributes, subscribed, updated_at, xmin "
-                 "FROM contacts WHERE external_id = 'u-1'")  # fmt: skip
+    query = text(
+        "SELECT email, phone, attributes, subscribed, updated_at, xmin "
+        "FROM contacts WHERE external_id = 'u-1'"
+    )
     with engine.connect() as conn:
         return dict(conn.execute(query).mappings().one())
 
@@ -48,8 +50,10 @@ def test_a_reference_changes_what_it_names_and_repeating_it_writes_nothing(
     _apply(database_url, ContactRef(id="u-1"))
     assert _row(engine) == created  # same row version: nothing rewritten
 
-    _apply(database_url, ContactRef(id="u-1", phone="+33100000000", attributes={"lang": "fr"},
-                                    subscribed=False))  # fmt: skip
+    _apply(
+        database_url,
+        ContactRef(id="u-1", phone="+33100000000", attributes={"lang": "fr"}, subscribed=False),
+    )
     changed = _row(engine)
     assert changed["email"] == "a@example.com"  # left out: kept
     assert changed["phone"] == "+33100000000"

@@ -15,11 +15,11 @@ from sqlalchemy import Engine, select, text
 
 from producer import Producer
 from shared import amqp, contract, delay
-from shared.config import Settings
 from shared.contract import DueMessage
 from shared.topology import DEAD_QUEUE, DUE_QUEUE
 from tests.support import Management, Worker, final_row, nudge, ready_count, wait_for
-from workers.sink import Sink
+from workers.config import Settings
+from workers.demo.sink import Sink
 from workers.store.schema import messages
 
 pytestmark = pytest.mark.integration

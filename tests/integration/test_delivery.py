@@ -14,7 +14,6 @@ from sqlalchemy import Engine, func, select
 
 from producer import Producer, scheduled
 from shared import contract, delay
-from shared.config import Settings
 from shared.contract import DueBatch, DueMessage
 from shared.topology import DEAD_QUEUE, DUE_QUEUE
 from tests.support import (
@@ -26,7 +25,8 @@ from tests.support import (
     recipient_row,
     wait_for,
 )
-from workers.sink import Sink
+from workers.config import Settings
+from workers.demo.sink import Sink
 from workers.store.schema import message_items, messages
 
 pytestmark = pytest.mark.integration
@@ -137,8 +137,13 @@ def test_the_same_due_message_delivered_twice_calls_the_webhook_once(
     scheduler.stop()
     assert row is not None
     due = DueMessage(message_id=row.id, contact_id=row.contact_id, deliver_at=datetime.now(UTC))
-    raw_publish(settings.amqp_url, "nudge.delay.out", "0." * delay.LEVELS + "due",
-                contract.encode(due), copies=2)  # fmt: skip
+    raw_publish(
+        settings.amqp_url,
+        "nudge.delay.out",
+        "0." * delay.LEVELS + "due",
+        contract.encode(due),
+        copies=2,
+    )
     start_worker("dispatch")
     wait_for(lambda: _items(engine) == [("dup", "sent", 1)], timeout=15, message="sent once")
     wait_for(
@@ -176,11 +181,14 @@ def test_messages_leaving_the_delay_together_travel_as_one_bundle_each_sent_once
         producer.schedule_many(
             scheduled(f"c-{i}", "welcome", "webhook", idempotency_key=f"b-{i}", deliver_at=at)
             for i in range(5)
-        )  # fmt: skip
+        )
     stored = _stored_ids(engine, 5)
     first = delay.level_name(delay.levels_visited(delay.ladder_units(3_590_000))[0])
-    wait_for(lambda: management.queue(vhost, first).get("messages") == 1, timeout=15,
-             message=f"one bundle parked in {first}")  # fmt: skip
+    wait_for(
+        lambda: management.queue(vhost, first).get("messages") == 1,
+        timeout=15,
+        message=f"one bundle parked in {first}",
+    )
     [parked] = management.get_messages(vhost, first)
     bundle = contract.decode_due(parked["payload"].encode(), content_type="application/json")
     assert isinstance(bundle, DueBatch)
@@ -192,17 +200,27 @@ def test_messages_leaving_the_delay_together_travel_as_one_bundle_each_sent_once
     # once, and the bundle is acked once every recipient is settled.
     now = datetime.now(UTC)
     due = DueBatch(due=[d.model_copy(update={"deliver_at": now}) for d in bundle.due])
-    raw_publish(settings.amqp_url, "nudge.delay.out", "0." * delay.LEVELS + "due",
-                contract.encode(due), copies=2)  # fmt: skip
+    raw_publish(
+        settings.amqp_url,
+        "nudge.delay.out",
+        "0." * delay.LEVELS + "due",
+        contract.encode(due),
+        copies=2,
+    )
     start_worker("dispatch")
     wait_for(
         lambda: sorted(_items(engine)) == [(f"b-{i}", "sent", 1) for i in range(5)],
         timeout=15,
         message="five sent rows",
     )
-    wait_for(lambda: ready_count(settings.amqp_url, DUE_QUEUE) == 0
-             and management.queue(vhost, DUE_QUEUE).get("messages_unacknowledged") == 0,
-             timeout=15, message="both copies acked")  # fmt: skip
+    wait_for(
+        lambda: (
+            ready_count(settings.amqp_url, DUE_QUEUE) == 0
+            and management.queue(vhost, DUE_QUEUE).get("messages_unacknowledged") == 0
+        ),
+        timeout=15,
+        message="both copies acked",
+    )
     assert sorted(r.body["contact"]["id"] for r in sink.requests) == [f"c-{i}" for i in range(5)]
 
 
@@ -227,20 +245,27 @@ def test_a_bundled_recipient_that_cannot_be_sent_is_parked_alone(
             DueMessage(message_id=unknown, contact_id=cid, deliver_at=now),
         ]
     )
-    raw_publish(settings.amqp_url, "nudge.delay.out", "0." * delay.LEVELS + "due",
-                contract.encode(bundle))  # fmt: skip
+    raw_publish(
+        settings.amqp_url, "nudge.delay.out", "0." * delay.LEVELS + "due", contract.encode(bundle)
+    )
     start_worker("dispatch")
     wait_for(lambda: _items(engine) == [("real", "sent", 1)], timeout=15, message="sent")
-    wait_for(lambda: management.queue(vhost, DEAD_QUEUE).get("messages") == 1, timeout=15,
-             message="the unknown recipient parked")  # fmt: skip
+    wait_for(
+        lambda: management.queue(vhost, DEAD_QUEUE).get("messages") == 1,
+        timeout=15,
+        message="the unknown recipient parked",
+    )
     [parked] = management.get_messages(vhost, DEAD_QUEUE)
     assert json.loads(parked["payload"])["message_id"] == unknown, "parked alone"
     assert parked["properties"]["message_id"] == f"due-{unknown}-{cid}-1"
     assert parked["properties"]["headers"]["x-nudge-reason"] == (
         f"message_id: no message {unknown} for contact {cid}"
     )
-    wait_for(lambda: management.queue(vhost, DUE_QUEUE).get("messages") == 0, timeout=15,
-             message="the bundle acked")  # fmt: skip
+    wait_for(
+        lambda: management.queue(vhost, DUE_QUEUE).get("messages") == 0,
+        timeout=15,
+        message="the bundle acked",
+    )
     assert len(sink.requests) == 1
 
 
@@ -286,8 +311,11 @@ def test_a_claim_taken_over_by_another_worker_is_not_overwritten_by_the_late_fin
     worker = start_worker()
     with Producer(settings.amqp_url) as producer:
         producer.schedule("c-1", "welcome", "webhook", idempotency_key="taken")
-    wait_for(lambda: worker.metric("nudge_outcomes_total", status="sent") == 1, timeout=15,
-             message="the first worker's finalise")  # fmt: skip
+    wait_for(
+        lambda: worker.metric("nudge_outcomes_total", status="sent") == 1,
+        timeout=15,
+        message="the first worker's finalise",
+    )
     row = recipient_row(engine, "taken")
     assert row is not None
     assert (row["status"], row["attempts"], row["sent_at"]) == ("sending", 2, None)

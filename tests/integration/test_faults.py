@@ -10,10 +10,10 @@ import pytest
 from sqlalchemy import Engine, select
 
 from producer import Producer, scheduled
-from shared.config import Settings
 from shared.topology import DEAD_QUEUE, INTAKE_EXCHANGE, SCHEDULE_KEY
 from tests.support import Management, Worker, raw_publish, wait_for
-from workers.sink import Sink
+from workers.config import Settings
+from workers.demo.sink import Sink
 from workers.store.schema import message_items, messages
 
 pytestmark = pytest.mark.integration
@@ -58,8 +58,14 @@ def test_a_worker_killed_mid_delivery_and_restarted_leaves_every_message_one_out
 def _raw_publish(
     settings: Settings, body: bytes, message_id: str | None, content_type: str = "application/json"
 ) -> None:
-    raw_publish(settings.amqp_url, INTAKE_EXCHANGE, SCHEDULE_KEY, body, message_id=message_id,
-                content_type=content_type)  # fmt: skip
+    raw_publish(
+        settings.amqp_url,
+        INTAKE_EXCHANGE,
+        SCHEDULE_KEY,
+        body,
+        message_id=message_id,
+        content_type=content_type,
+    )
 
 
 def test_invalid_raw_input_is_parked_in_nudge_dead_with_a_reason_naming_the_field(
@@ -127,8 +133,7 @@ def test_a_message_that_crashes_its_handler_is_parked_after_the_delivery_limit(
     body = json.dumps(
         {"v": 1, "message_id": 999, "contact_id": 999, "deliver_at": "2020-01-01T00:00:00Z"}
     ).encode()
-    raw_publish(settings.amqp_url, "nudge.delay.out", "0." * 28 + "due", body,
-                message_id="ghost")  # fmt: skip
+    raw_publish(settings.amqp_url, "nudge.delay.out", "0." * 28 + "due", body, message_id="ghost")
     start_worker("dispatch")
     wait_for(
         lambda: management.queue(vhost, DEAD_QUEUE).get("messages") == 1,
@@ -144,8 +149,9 @@ def test_a_due_message_for_a_destination_nobody_consumes_is_parked_not_retried_f
     settings: Settings, vhost: str, management: Management
 ) -> None:
     # one second in level 0, then out to a destination without a binding
-    raw_publish(settings.amqp_url, "nudge.delay.L00", "0." * 27 + "1.nowhere", b"{}",
-                message_id="lost")  # fmt: skip
+    raw_publish(
+        settings.amqp_url, "nudge.delay.L00", "0." * 27 + "1.nowhere", b"{}", message_id="lost"
+    )
     wait_for(
         lambda: management.queue(vhost, DEAD_QUEUE).get("messages") == 1,
         timeout=20,

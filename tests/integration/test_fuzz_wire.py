@@ -26,7 +26,6 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlalchemy import Connection, Engine, select
 
-from shared.config import Settings
 from shared.topology import (
     DEAD_QUEUE,
     EVENT_KEY,
@@ -40,6 +39,7 @@ from shared.topology import (
     SCHEDULE_KEY,
 )
 from tests.support import Worker, wait_for
+from workers.config import Settings
 from workers.store import templates
 from workers.store.schema import ItemStatus, contact_events, message_items, messages
 

@@ -10,9 +10,9 @@ import pika
 import pytest
 
 from producer import AsyncProducer, BrokerUnavailable, Producer, PublishNotConfirmed, scheduled
-from shared.config import Settings
 from shared.topology import INTAKE_QUEUE
 from tests.support import Management, free_port, ready_count
+from workers.config import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -41,15 +41,26 @@ def campaign_midway(engine: Engine) -> int:
     """A campaign of N recipients, analyzed when all were planned, three quarters sent since."""
     with engine.begin() as conn:
         conn.execute(text("ALTER TABLE message_items SET (autovacuum_enabled = false)"))
-        conn.execute(text("INSERT INTO contacts (external_id) "
-                          "SELECT 'c-' || g FROM generate_series(1, :n) g"), {"n": N})  # fmt: skip
-        mid = conn.execute(text(
-            "INSERT INTO messages (kind, idempotency_key, template, channel, priority, "
-            "scheduled_at, deliver_at, status) VALUES ('campaign', 'campaign:plans', 'tip', "
-            "'log', 'campaign', now(), now(), 1) RETURNING id"
-        )).scalar_one()  # fmt: skip
-        conn.execute(text("INSERT INTO message_items (message_id, contact_id, status) "
-                          "SELECT :m, id, 'planned' FROM contacts"), {"m": mid})  # fmt: skip
+        conn.execute(
+            text(
+                "INSERT INTO contacts (external_id) SELECT 'c-' || g FROM generate_series(1, :n) g"
+            ),
+            {"n": N},
+        )
+        mid = conn.execute(
+            text(
+                "INSERT INTO messages (kind, idempotency_key, template, channel, priority, "
+                "scheduled_at, deliver_at, status) VALUES ('campaign', 'campaign:plans', 'tip', "
+                "'log', 'campaign', now(), now(), 1) RETURNING id"
+            )
+        ).scalar_one()
+        conn.execute(
+            text(
+                "INSERT INTO message_items (message_id, contact_id, status) "
+                "SELECT :m, id, 'planned' FROM contacts"
+            ),
+            {"m": mid},
+        )
     with engine.connect() as conn:
         conn.execute(text("ANALYZE message_items"))
     with engine.begin() as conn:
@@ -60,8 +71,10 @@ def campaign_midway(engine: Engine) -> int:
             ),
             {"k": N * 3 // 4},
         )
-        conn.execute(text("UPDATE message_items SET status = 'sent', sent_at = now() "
-                          "WHERE contact_id < :k"), {"k": N * 3 // 4 - 250})  # fmt: skip
+        conn.execute(
+            text("UPDATE message_items SET status = 'sent', sent_at = now() WHERE contact_id < :k"),
+            {"k": N * 3 // 4 - 250},
+        )
     return int(mid)
 
 
@@ -70,12 +83,22 @@ def test_the_finalise_probes_each_recipient_by_key_whatever_the_statistics_say(
 ) -> None:
     n = 250
     first = N * 3 // 4 - n + 1
-    plan = _plan(engine, _FINALISE, {
-        "mids": [campaign_midway] * n, "cids": list(range(first, first + n)),
-        "attempts": [1] * n, "statuses": ["sent"] * n, "reasons": [None] * n,
-        "errors": [None] * n, "nexts": [None] * n, "failed": [0] * n, "versions": [None] * n,
-        "completed": 3,
-    })  # fmt: skip
+    plan = _plan(
+        engine,
+        _FINALISE,
+        {
+            "mids": [campaign_midway] * n,
+            "cids": list(range(first, first + n)),
+            "attempts": [1] * n,
+            "statuses": ["sent"] * n,
+            "reasons": [None] * n,
+            "errors": [None] * n,
+            "nexts": [None] * n,
+            "failed": [0] * n,
+            "versions": [None] * n,
+            "completed": 3,
+        },
+    )
     # one index probe per recipient, not a scan of every row or index entry then a hash
     assert "Index Cond: ((message_id = v.message_id) AND (contact_id = v.contact_id))" in plan
     assert "Hash Join" not in plan, plan

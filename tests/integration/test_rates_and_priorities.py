@@ -10,10 +10,10 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from producer import Producer, scheduled
-from shared.config import Settings
 from shared.topology import INTAKE_QUEUE
 from tests.support import Worker, ready_count, wait_for
-from workers.sink import Sink
+from workers.config import Settings
+from workers.demo.sink import Sink
 from workers.store.schema import message_items
 
 pytestmark = pytest.mark.integration

@@ -13,11 +13,11 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from producer import Producer
-from shared.config import Settings
 from shared.topology import EVENT_KEY, EVENTS_EXCHANGE
 from tests.support import Worker, raw_publish, wait_for
-from workers.rules import parse
-from workers.sink import Sink
+from workers.config import Settings
+from workers.demo.sink import Sink
+from workers.rules.definitions import parse
 from workers.store import rules as rules_repo
 from workers.store import templates
 from workers.store.schema import contact_events, message_items, messages, rule_runs
@@ -44,12 +44,16 @@ def rows(engine: Engine) -> list[tuple[str, datetime, str | None, str | None]]:
         return [
             (r.idempotency_key, r.deliver_at, r.status, r.reason)
             for r in conn.execute(
-                select(messages.c.idempotency_key, messages.c.deliver_at,
-                       message_items.c.status, message_items.c.reason)
+                select(
+                    messages.c.idempotency_key,
+                    messages.c.deliver_at,
+                    message_items.c.status,
+                    message_items.c.reason,
+                )
                 .outerjoin(message_items, message_items.c.message_id == messages.c.id)
                 .order_by(messages.c.deliver_at)
             )
-        ]  # fmt: skip
+        ]
 
 
 def decided(engine: Engine, n: int) -> bool:
@@ -92,7 +96,9 @@ def test_each_row_of_the_service_matrix_sends_its_template_after_its_delay(
 def test_delays_computed_from_the_contact_are_exactly_as_the_policy_says(
     settings: Settings, sink: Sink, engine: Engine, start_worker: Callable[..., Worker]
 ) -> None:
-    load(engine, """rules:
+    load(
+        engine,
+        """rules:
   - name: follow-up
     event: quote_requested
     delay:
@@ -105,7 +111,8 @@ def test_delays_computed_from_the_contact_are_exactly_as_the_policy_says(
       max: 6s
     template: quote-follow-up
     channel: webhook
-""")  # fmt: skip
+""",
+    )
     start_worker("scheduler", "dispatch", "events")
     expected = {  # contact: (tier, active, delay)
         "vip-idle": ("vip", False, timedelta(seconds=2)),
@@ -131,8 +138,11 @@ def test_delays_computed_from_the_contact_are_exactly_as_the_policy_says(
     with Producer(settings.amqp_url) as producer:
         for contact, (tier, _, _) in expected.items():
             occurred[contact] = datetime.now(UTC)
-            producer.track({"id": contact, "attributes": {"tier": tier}}, "quote_requested",
-                           occurred_at=occurred[contact])  # fmt: skip
+            producer.track(
+                {"id": contact, "attributes": {"tier": tier}},
+                "quote_requested",
+                occurred_at=occurred[contact],
+            )
     wait_for(lambda: len(sink.accepted()) >= 6, timeout=30, message="6 follow-ups")
     got = {r.body["contact"]["id"]: r for r in sink.accepted()}
     for contact, (_, _, delay) in expected.items():
@@ -191,8 +201,14 @@ def test_a_redelivered_event_schedules_its_message_once(
 ) -> None:
     load(engine, ONCE.format(once="false"))
     start_worker("scheduler", "dispatch", "events")
-    body = json.dumps({"v": 1, "contact": {"id": "u-1"}, "name": "order_paid",
-                       "occurred_at": datetime.now(UTC).isoformat()}).encode()  # fmt: skip
+    body = json.dumps(
+        {
+            "v": 1,
+            "contact": {"id": "u-1"},
+            "name": "order_paid",
+            "occurred_at": datetime.now(UTC).isoformat(),
+        }
+    ).encode()
     raw_publish(settings.amqp_url, EVENTS_EXCHANGE, EVENT_KEY, body, message_id="ev-1", copies=3)
     wait_for(lambda: sink.accepted(), timeout=20, message="the thanks")
     with Producer(settings.amqp_url) as producer:  # and once more, after it was sent
@@ -200,8 +216,10 @@ def test_a_redelivered_event_schedules_its_message_once(
         producer.track("u-1", "order_paid", event_id="ev-2")  # another order: another thanks
     wait_for(lambda: len(sink.requests) >= 2, timeout=20, message="the second thanks")
     wait_for(lambda: decided(engine, 2), timeout=20, message="both decided")
-    assert [k for k, *_ in rows(engine)] == ["rule:first-order-thanks:ev-1",
-                                             "rule:first-order-thanks:ev-2"]  # fmt: skip
+    assert [k for k, *_ in rows(engine)] == [
+        "rule:first-order-thanks:ev-1",
+        "rule:first-order-thanks:ev-2",
+    ]
     assert len(sink.requests) == 2
     assert sink.duplicates() == 0
 
@@ -214,8 +232,11 @@ def test_concurrent_events_for_a_run_once_rule_send_once(
     # two events workers taking one event at a time: the events race in parallel batches
     racers = [start_worker("events", wait=False, concurrency=4, batch_size=1) for _ in range(2)]
     # each one, not just the queue: the first consumer would satisfy a queue-level check
-    wait_for(lambda: all("worker started" in w.log() for w in racers), timeout=60,
-             message="both events workers")  # fmt: skip
+    wait_for(
+        lambda: all("worker started" in w.log() for w in racers),
+        timeout=60,
+        message="both events workers",
+    )
     with Producer(settings.amqp_url) as producer:
         for i in range(8):
             producer.track("u-1", "order_paid", event_id=f"order-{i}")

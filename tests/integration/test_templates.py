@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from producer import Producer
-from shared.config import Settings
 from shared.topology import DEAD_QUEUE
 from tests.support import Management, Worker, final_row, wait_for
-from workers.sink import Sink
+from workers.config import Settings
+from workers.demo.sink import Sink
 from workers.store.schema import messages
 
 pytestmark = pytest.mark.integration

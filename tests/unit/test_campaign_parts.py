@@ -6,7 +6,7 @@ import pytest
 
 from shared.contract import CampaignControl
 from shared.errors import InvalidMessage
-from workers.control import Control
+from workers.runtime.control import Control
 from workers.store import audiences
 
 

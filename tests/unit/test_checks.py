@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from workers.checks import SEND, Defer, Record, decide
-from workers.policy import DEFAULTS, Policy
+from workers.policies import DEFAULTS, Policy
 from workers.store.checks import Event, Sent
 from workers.store.messages import Claimed
 from workers.store.schema import ItemStatus, MessageStatus
@@ -21,11 +21,26 @@ S = timedelta(seconds=1)
 DAY = timedelta(days=1)
 
 CLAIMED = Claimed(
-    message_id=1, contact_id=7, attempts=1, failures=0, message_status=0,
-    idempotency_key="k", template="trial_end", channel="webhook", category="billing",
-    priority="automation", data={}, deliver_at=NOW, expires_at=None, external_id="42",
-    email=None, phone=None, timezone=None, attributes={}, subscribed=True,
-)  # fmt: skip
+    message_id=1,
+    contact_id=7,
+    attempts=1,
+    failures=0,
+    message_status=0,
+    idempotency_key="k",
+    template="trial_end",
+    channel="webhook",
+    category="billing",
+    priority="automation",
+    data={},
+    deliver_at=NOW,
+    expires_at=None,
+    external_id="42",
+    email=None,
+    phone=None,
+    timezone=None,
+    attributes={},
+    subscribed=True,
+)
 POLICY = Policy()
 
 
@@ -37,8 +52,9 @@ def run(
     interactions: list[Event] | None = None,
     sent: list[Sent] | None = None,
 ) -> object:
-    return decide(c, policy, NOW, excluded_by=excluded_by, interactions=interactions or [],
-                  sent=sent or [])  # fmt: skip
+    return decide(
+        c, policy, NOW, excluded_by=excluded_by, interactions=interactions or [], sent=sent or []
+    )
 
 
 def test_a_clean_recipient_is_sent() -> None:
@@ -121,12 +137,15 @@ def test_transactional_messages_bypass_caps_and_dedup() -> None:
     assert run(policy=DEFAULTS["transactional"], sent=many) == SEND  # type: ignore[index]
 
 
-@pytest.mark.parametrize(("zone", "local_now", "opening"), [
-    # quiet 22:00-08:00, crossing midnight: at 23:30 local it opens at 08:00 the next day
-    ("Asia/Tokyo", "2026-06-15T23:30:00+09:00", "2026-06-16T08:00:00+09:00"),
-    # at 02:00 local, the same night: it opens at 08:00 that day
-    ("America/New_York", "2026-06-15T02:00:00-04:00", "2026-06-15T08:00:00-04:00"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("zone", "local_now", "opening"),
+    [
+        # quiet 22:00-08:00, crossing midnight: at 23:30 local it opens at 08:00 the next day
+        ("Asia/Tokyo", "2026-06-15T23:30:00+09:00", "2026-06-16T08:00:00+09:00"),
+        # at 02:00 local, the same night: it opens at 08:00 that day
+        ("America/New_York", "2026-06-15T02:00:00-04:00", "2026-06-15T08:00:00-04:00"),
+    ],
+)
 def test_quiet_hours_defer_to_the_local_opening(zone: str, local_now: str, opening: str) -> None:
     policy = Policy(quiet_hours="22:00-08:00")
     now = datetime.fromisoformat(local_now).astimezone(UTC)

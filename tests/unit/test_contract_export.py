@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from shared import asyncapi, contract
+from shared import contract
 from shared.contract import DueMessage, ScheduleMessage, TrackEvent
 from shared.errors import InvalidMessage
 from shared.topology import (
@@ -24,6 +24,7 @@ from shared.topology import (
     INTAKE_EXCHANGE,
     SCHEDULE_KEY,
 )
+from workers import asyncapi
 
 pytestmark = pytest.mark.unit
 

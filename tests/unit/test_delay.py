@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from shared import contract, delay, topology
 from shared.contract import DueBatch
 from shared.errors import InvalidMessage
-from workers.scheduler import SchedulerHandler
+from workers.roles.scheduler import SchedulerHandler
 from workers.store.messages import StoredMessage
 
 pytestmark = pytest.mark.unit
@@ -153,8 +153,11 @@ def test_due_messages_are_bundled_only_with_those_leaving_the_delay_with_them(
         assert o.headers["x-delay"] == min(*waits, cap)
         if backend == "tiers":
             leaves = delay.ladder_units(min(waits)) * delay.UNIT_MS
-            assert all(0 < w - leaves < delay.HOLD_LIMIT.total_seconds() * 1000 for w in waits
-                       if w > delay.MARGIN_MS)  # fmt: skip
+            assert all(
+                0 < w - leaves < delay.HOLD_LIMIT.total_seconds() * 1000
+                for w in waits
+                if w > delay.MARGIN_MS
+            )
         assert len(items) <= contract.MAX_DUE_BATCH
         if len(items) == 1:
             assert o.message_id == f"due-{items[0].message_id}-{items[0].contact_id}-1"
@@ -165,10 +168,15 @@ def test_due_messages_are_bundled_only_with_those_leaving_the_delay_with_them(
 
 
 def test_a_bundle_that_is_not_valid_names_the_recipient_and_field() -> None:
-    body = json.dumps({"v": 1, "due": [
-        {"message_id": 1, "contact_id": 2, "deliver_at": "2026-01-01T00:00:00Z"},
-        {"message_id": 1, "contact_id": 0, "deliver_at": "2026-01-01T00:00:00Z"},
-    ]}).encode()  # fmt: skip
+    body = json.dumps(
+        {
+            "v": 1,
+            "due": [
+                {"message_id": 1, "contact_id": 2, "deliver_at": "2026-01-01T00:00:00Z"},
+                {"message_id": 1, "contact_id": 0, "deliver_at": "2026-01-01T00:00:00Z"},
+            ],
+        }
+    ).encode()
     with pytest.raises(InvalidMessage, match=r"^due\.1\.contact_id: Input should be greater"):
         contract.decode_due(body, content_type=contract.CONTENT_TYPE)
     single = json.dumps({"v": 1, "message_id": 1, "contact_id": 2}).encode()

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import TypeAdapter
 
-from workers.delay_policies import Absolute, ByContact, ContactFacts, DelayPolicy, Fixed
+from workers.rules.delay_policies import Absolute, ByContact, ContactFacts, DelayPolicy, Fixed
 
 pytestmark = pytest.mark.unit
 

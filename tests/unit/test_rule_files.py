@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from workers.delay_policies import Absolute, ContactFacts
-from workers.rules import parse
+from workers.rules.definitions import parse
+from workers.rules.delay_policies import Absolute, ContactFacts
 
 pytestmark = pytest.mark.unit
 

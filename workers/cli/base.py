@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from shared.config import Settings
-from shared.durations import parse_duration
 from shared.errors import ConfigError, InvalidMessage, NotFound, NudgeError
+from workers.config import Settings
+from workers.durations import parse_duration
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection

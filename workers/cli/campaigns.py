@@ -36,7 +36,7 @@ from workers.cli.base import (
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
-    from shared.config import Settings
+    from workers.config import Settings
     from workers.store.campaigns import Campaign
 
 
@@ -71,8 +71,7 @@ def _announce(
     from shared import amqp, contract, delay
     from shared.contract import CampaignControl, PlanCampaign
     from shared.topology import PLAN_DESTINATION, PLAN_EXCHANGE, PLAN_KEY
-    from workers.control import announce
-    from workers.runner import resolve_backend
+    from workers.runtime.control import announce
 
     async def go() -> None:
         connection = await amqp.connect(settings.amqp_url, name="nudge-cli")
@@ -92,7 +91,7 @@ def _announce(
                 if start_at is None:
                     await publisher.publish(amqp.Outgoing(PLAN_EXCHANGE, PLAN_KEY, body, key))
                 else:
-                    backend = await resolve_backend(settings)
+                    backend = await amqp.resolve_backend(settings.delay_backend, settings.amqp_url)
                     wait = delay.delay_until(start_at, datetime.now(UTC))
                     await publisher.publish(
                         amqp.Publisher.delayed(
@@ -160,8 +159,11 @@ def _read_ids_csv(path: Path) -> list[str]:
     help="Recipients sent between two checks for a pause.",
 )
 @click.option("--rate", type=click.FloatRange(0.1), help="At most this many recipients/s.")
-@click.option("--expires-in", type=DURATION, help="Recipients not sent this long after the "
-              "start are recorded expired.")  # fmt: skip
+@click.option(
+    "--expires-in",
+    type=DURATION,
+    help="Recipients not sent this long after the start are recorded expired.",
+)
 @click.option(
     "--auto-pause-threshold",
     type=click.FloatRange(0, 1, min_open=True),
@@ -195,8 +197,16 @@ def campaign_create(
 
     settings = load_settings(ctx)
     with _errors():
-        given = [n for n, v in (("--all", everyone), ("--where", where), ("--ids", ids),
-                                ("--csv", csv_file)) if v]  # fmt: skip
+        given = [
+            n
+            for n, v in (
+                ("--all", everyone),
+                ("--where", where),
+                ("--ids", ids),
+                ("--csv", csv_file),
+            )
+            if v
+        ]
         if len(given) != 1:
             raise InvalidMessage(
                 "audience: give exactly one of --all, --where, --ids, --csv"
@@ -234,13 +244,20 @@ def campaign_create(
                         "import them with `nudge contacts import`"
                     )
             new = campaigns.NewCampaign(
-                name=name, template=template, channel=channel, category=category,
-                priority=priority, data=payload, audience=audience, batch_size=batch_size,
-                chunk_size=chunk_size, rate_per_second=rate,
+                name=name,
+                template=template,
+                channel=channel,
+                category=category,
+                priority=priority,
+                data=payload,
+                audience=audience,
+                batch_size=batch_size,
+                chunk_size=chunk_size,
+                rate_per_second=rate,
                 auto_pause_threshold=auto_pause_threshold,
                 auto_pause_window=auto_pause_window if auto_pause_threshold else None,
                 expires_after_seconds=expires_in.total_seconds() if expires_in else None,
-            )  # fmt: skip
+            )
             campaign_id = campaigns.create(conn, new)
             if campaign_id is None:
                 raise InvalidMessage(f"name: a campaign named {name!r} already exists")
@@ -256,8 +273,12 @@ def campaign_create(
 
 @campaign.command("schedule")
 @click.argument("ref")
-@click.option("--at", "at", type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z"]),
-              help="Start at this time, e.g. 2026-12-01T09:00:00+00:00.")  # fmt: skip
+@click.option(
+    "--at",
+    "at",
+    type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z"]),
+    help="Start at this time, e.g. 2026-12-01T09:00:00+00:00.",
+)
 @click.option("--in", "in_", type=DURATION, help="Start after this long, e.g. 2h.")
 @click.pass_context
 def campaign_schedule(
@@ -434,8 +455,10 @@ def campaign_status(ctx: click.Context, ref: str, as_json: bool) -> None:
     if as_json:
         print_json(s)
         return
-    click.echo(f"campaign {s['name']!r} (id {s['id']}): {s['state']}"
-               + (f" ({s['reason']})" if s["reason"] else ""))  # fmt: skip
+    click.echo(
+        f"campaign {s['name']!r} (id {s['id']}): {s['state']}"
+        + (f" ({s['reason']})" if s["reason"] else "")
+    )
     click.echo(f"  {s['template']} via {s['channel']} to {s['audience']}")
     click.echo(f"  {progress_line(s)}")
 
@@ -450,8 +473,9 @@ def campaign_watch(ctx: click.Context, ref: str, interval: float) -> None:
     with _errors():
         with database(settings) as conn:
             s = campaign_summary(conn, _find(conn, ref))
-        with click.progressbar(length=max(1, s["recipients"]), label=s["name"],
-                               show_pos=True, show_percent=True) as bar:  # fmt: skip
+        with click.progressbar(
+            length=max(1, s["recipients"]), label=s["name"], show_pos=True, show_percent=True
+        ) as bar:
             shown = 0
             while True:
                 with database(settings) as conn:

@@ -34,8 +34,14 @@ def contacts_import(ctx: click.Context, file: Path, as_json: bool) -> None:
         done = import_csv(conn, f)
     seconds = time.perf_counter() - started
     if as_json:
-        print_json({"rows": done.rows, "inserted": done.inserted, "updated": done.updated,
-                    "seconds": round(seconds, 3)})  # fmt: skip
+        print_json(
+            {
+                "rows": done.rows,
+                "inserted": done.inserted,
+                "updated": done.updated,
+                "seconds": round(seconds, 3),
+            }
+        )
     else:
         click.echo(
             f"imported {done.rows} rows from {file.name}: {done.inserted} new, "

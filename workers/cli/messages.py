@@ -8,7 +8,6 @@ from typing import Any
 
 import click
 
-from shared.config import Settings
 from shared.errors import NotFound
 from workers.cli.base import (
     DURATION,
@@ -19,6 +18,7 @@ from workers.cli.base import (
     load_settings,
     print_json,
 )
+from workers.config import Settings
 
 
 @click.group()

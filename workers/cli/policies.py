@@ -7,7 +7,6 @@ from typing import Any
 
 import click
 
-from shared.durations import parse_duration
 from shared.errors import InvalidMessage
 from workers.cli.base import (
     database,
@@ -15,6 +14,7 @@ from workers.cli.base import (
     load_settings,
     print_json,
 )
+from workers.durations import parse_duration
 
 PRIORITIES = click.Choice(["transactional", "automation", "campaign"])
 
@@ -64,7 +64,7 @@ def policy() -> None:
 def policy_set(ctx: click.Context, /, priority: str, as_json: bool, **options: Any) -> None:
     """Change the policy of PRIORITY; options not given keep their current value."""
     from shared.contract import Priority
-    from workers import policy as policy_mod
+    from workers import policies as policy_mod
     from workers.store import policies
 
     settings = load_settings(ctx)
@@ -79,9 +79,11 @@ def policy_set(ctx: click.Context, /, priority: str, as_json: bool, **options: A
         "interaction_window": lambda v: _required(_optional_duration(v), "interaction_window"),
         "quiet_hours": lambda v: None if v == "none" else v,
     }
-    fields = {"frequency_window": "frequency_window_seconds",
-              "category_window": "category_window_seconds",
-              "interaction_window": "interaction_window_seconds"}  # fmt: skip
+    fields = {
+        "frequency_window": "frequency_window_seconds",
+        "category_window": "category_window_seconds",
+        "interaction_window": "interaction_window_seconds",
+    }
     with errors():
         changes = {
             fields.get(name, name): converters[name](value) if name in converters else value
@@ -137,8 +139,9 @@ def policy_list(ctx: click.Context, as_json: bool) -> None:
     with errors(), database(settings) as conn:
         found = {p.value: policies.get(conn, p) for p in Priority}
     if as_json:
-        print_json([{"name": n, "stored": s, **p.model_dump(mode="json")}
-                     for n, (p, s) in found.items()])  # fmt: skip
+        print_json(
+            [{"name": n, "stored": s, **p.model_dump(mode="json")} for n, (p, s) in found.items()]
+        )
         return
     for n, (p, s) in found.items():
         _show_policy(n, p, stored=s, as_json=False)

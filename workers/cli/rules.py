@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from shared.durations import format_duration
 from shared.errors import NotFound
 from workers.cli.base import EXIT_INVALID, database, errors, load_settings, print_json
+from workers.durations import format_duration
 
 if TYPE_CHECKING:
-    from workers.rules import Rule
+    from workers.rules.definitions import Rule
     from workers.store.rules import StoredRule
 
 
@@ -39,7 +39,7 @@ def rules() -> None:
 def rules_load(ctx: click.Context, file: Path, check: bool, as_json: bool) -> None:
     """Validate FILE and store its rules by name (rules it does not name are left as they
     are). Problems name the file, line, rule and field; any problem stores nothing (exit 2)."""
-    from workers import rules as rules_mod
+    from workers.rules import definitions as rules_mod
     from workers.store import rules as repo
     from workers.store import templates
 
@@ -58,15 +58,22 @@ def rules_load(ctx: click.Context, file: Path, check: bool, as_json: bool) -> No
         if not check:
             changes = dict(repo.put(conn, parsed.rules))
     if as_json:
-        print_json({"file": str(file), "stored": not check, "rules": changes
-                    or {r.name: "valid" for r in parsed.rules}})  # fmt: skip
+        print_json(
+            {
+                "file": str(file),
+                "stored": not check,
+                "rules": changes or {r.name: "valid" for r in parsed.rules},
+            }
+        )
         return
     if check:
         click.echo(f"{file}: {len(parsed.rules)} rules valid")
         return
     counts = {k: sum(v == k for v in changes.values()) for k in ("new", "updated", "unchanged")}
-    click.echo(f"loaded {len(changes)} rules from {file}: " +
-               ", ".join(f"{n} {k}" for k, n in counts.items()))  # fmt: skip
+    click.echo(
+        f"loaded {len(changes)} rules from {file}: "
+        + ", ".join(f"{n} {k}" for k, n in counts.items())
+    )
     for name, change in changes.items():
         click.echo(f"  {name}: {change}")
 
@@ -80,8 +87,7 @@ def _delay(rule: Rule) -> str:
 
 
 def _summary(s: StoredRule) -> dict[str, Any]:
-    return {"name": s.rule.name, "enabled": s.enabled, "version": s.version,
-            **s.rule.definition()}  # fmt: skip
+    return {"name": s.rule.name, "enabled": s.enabled, "version": s.version, **s.rule.definition()}
 
 
 @rules.command("list")
@@ -171,7 +177,7 @@ def rules_enable(ctx: click.Context, name: str) -> None:
 def rules_explain(ctx: click.Context, name: str, contact: str, as_json: bool) -> None:
     """What NAME would do for CONTACT if its event happened now: the delay its policy gives,
     and which checks would pass or fail if the message fell due now."""
-    from workers.explain import explain
+    from workers.rules.explain import explain
     from workers.store import rules as repo
 
     settings = load_settings(ctx)
@@ -184,23 +190,34 @@ def rules_explain(ctx: click.Context, name: str, contact: str, as_json: bool) ->
         ex = asyncio.run(explain(settings.database_url, found.rule, contact, now))
     delay = ex.plan.deliver_at - now
     if as_json:
-        print_json({
-            "rule": ex.rule, "contact": ex.contact, "enabled": found.enabled,
-            "delay_seconds": delay.total_seconds(), "deliver_at": ex.plan.deliver_at.isoformat(),
-            "why": ex.plan.why, "priority": ex.priority,
-            "checks": [{"check": c.name, "verdict": c.verdict, "detail": c.detail}
-                       for c in ex.checks],
-            "decision": {"verdict": ex.decision.verdict, "detail": ex.decision.detail},
-        })  # fmt: skip
+        print_json(
+            {
+                "rule": ex.rule,
+                "contact": ex.contact,
+                "enabled": found.enabled,
+                "delay_seconds": delay.total_seconds(),
+                "deliver_at": ex.plan.deliver_at.isoformat(),
+                "why": ex.plan.why,
+                "priority": ex.priority,
+                "checks": [
+                    {"check": c.name, "verdict": c.verdict, "detail": c.detail} for c in ex.checks
+                ],
+                "decision": {"verdict": ex.decision.verdict, "detail": ex.decision.detail},
+            }
+        )
         return
-    click.echo(f"rule {ex.rule} for contact {ex.contact}" +
-               ("" if found.enabled else " (rule disabled)"))  # fmt: skip
+    click.echo(
+        f"rule {ex.rule} for contact {ex.contact}" + ("" if found.enabled else " (rule disabled)")
+    )
     click.echo(f"delay: {format_duration(delay)} ({ex.plan.why})")
-    click.echo(f"due at: {ex.plan.deliver_at.isoformat(timespec='seconds')} "
-               "if the event happened now")  # fmt: skip
+    click.echo(
+        f"due at: {ex.plan.deliver_at.isoformat(timespec='seconds')} if the event happened now"
+    )
     click.echo(f"checks now ({ex.priority} policy):")
     for c in ex.checks:
         click.echo(f"  {c.name:<13} {c.verdict}" + (f"  {c.detail}" if c.detail else ""))
     d = ex.decision
-    click.echo(f"decision now: {'send' if d.verdict == 'pass' else d.verdict}"
-               + (f"  {d.detail}" if d.detail else ""))  # fmt: skip
+    click.echo(
+        f"decision now: {'send' if d.verdict == 'pass' else d.verdict}"
+        + (f"  {d.detail}" if d.detail else "")
+    )

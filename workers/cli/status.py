@@ -16,9 +16,9 @@ import click
 import httpx
 
 from shared import topology
-from shared.config import Settings
 from shared.errors import BrokerUnavailable
 from workers.cli.base import DURATION, database, errors, load_settings, print_json
+from workers.config import Settings
 from workers.store import stats
 
 

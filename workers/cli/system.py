@@ -18,9 +18,10 @@ from workers.cli.base import (
     fail,
     load_settings,
 )
+from workers.config import DelayBackendName
 
 if TYPE_CHECKING:
-    from workers.runner import Role
+    from workers.runtime.runner import Role
 
 
 @click.group()
@@ -54,20 +55,15 @@ def topology_group() -> None:
     help="Delay backend (default: NUDGE_DELAY_BACKEND, auto).",
 )
 @click.pass_context
-def topology_apply(ctx: click.Context, backend: str | None) -> None:
+def topology_apply(ctx: click.Context, backend: DelayBackendName | None) -> None:
     """Declare every exchange, queue and binding; idempotent."""
     settings = load_settings(ctx)
 
     async def apply() -> tuple[str, topology.Topology]:
-        from workers.runner import resolve_backend
-
         connection = await amqp.connect(settings.amqp_url, name="nudge-cli")
         try:
-            chosen = await resolve_backend(
-                settings
-                if backend is None
-                else settings.model_copy(update={"delay_backend": backend})
-            )
+            configured = settings.delay_backend if backend is None else backend
+            chosen = await amqp.resolve_backend(configured, settings.amqp_url)
             topo = topology.build(chosen)
             await amqp.declare(connection, topo)
             return chosen, topo
@@ -122,8 +118,8 @@ def topology_export(backend: str) -> None:
 def worker(ctx: click.Context, roles: tuple[str, ...], concurrency: int, burst: bool) -> None:
     """Run worker ROLES in this process until SIGTERM (which finishes in-flight work and
     exits 0)."""
-    from shared.logs import configure
-    from workers.runner import run
+    from workers.runtime.logs import configure
+    from workers.runtime.runner import run
 
     settings = load_settings(ctx)
     configure(settings.log_level)
@@ -152,7 +148,7 @@ def worker(ctx: click.Context, roles: tuple[str, ...], concurrency: int, burst: 
 def demo(ctx: click.Context, count: int) -> None:
     """Run the main job end to end: a service schedules messages, workers deliver them to a
     local webhook receiver when due; prints what arrived and what the tables say."""
-    from workers.demo import run_demo
+    from workers.demo.walkthrough import run_demo
 
     settings = load_settings(ctx)
     with errors():
@@ -171,7 +167,7 @@ def contract_group() -> None:
 )
 def contract_export(directory: Path) -> None:
     """Write the AsyncAPI document and JSON Schemas to DIRECTORY (default docs/contract)."""
-    from shared.asyncapi import export
+    from workers.asyncapi import export
 
     try:
         written = export(directory)

@@ -155,8 +155,10 @@ def template_list(ctx: click.Context, as_json: bool) -> None:
     if not found:
         click.echo("no templates; add one with `nudge template add`")
     for t in found:
-        click.echo(f"{t.name}  v{t.version}  {t.created_at.isoformat(timespec='seconds')}"
-                   + (f"  {t.subject}" if t.subject else ""))  # fmt: skip
+        click.echo(
+            f"{t.name}  v{t.version}  {t.created_at.isoformat(timespec='seconds')}"
+            + (f"  {t.subject}" if t.subject else "")
+        )
 
 
 @template.command("show")

@@ -162,8 +162,14 @@ async def load(conn: AsyncConnection, campaign_id: int) -> Campaign | None:
 
 def schedule(conn: Connection, campaign: Campaign, at: datetime) -> None:
     check(campaign, "schedule")
-    _one(conn, campaign, "schedule", "UPDATE messages SET start_at = :at, deliver_at = :at "
-         "WHERE id = :id AND status = 0 RETURNING plan_round", at=at)  # fmt: skip
+    _one(
+        conn,
+        campaign,
+        "schedule",
+        "UPDATE messages SET start_at = :at, deliver_at = :at "
+        "WHERE id = :id AND status = 0 RETURNING plan_round",
+        at=at,
+    )
 
 
 _START_SQL = """
@@ -238,9 +244,15 @@ def cancel(conn: Connection, campaign: Campaign, reason: str) -> tuple[int, int]
     """Cancel and record every recipient not claimed yet ``cancelled``; returns (round,
     recipients cancelled). Recipients being sent right now finish as they finish."""
     check(campaign, "cancel")
-    round_ = _one(conn, campaign, "cancel", "UPDATE messages SET status = 4, status_reason = "
-                  ":reason, finished_at = now() WHERE id = :id AND status IN (0, 1, 2) "
-                  "RETURNING plan_round", reason=reason)  # fmt: skip
+    round_ = _one(
+        conn,
+        campaign,
+        "cancel",
+        "UPDATE messages SET status = 4, status_reason = "
+        ":reason, finished_at = now() WHERE id = :id AND status IN (0, 1, 2) "
+        "RETURNING plan_round",
+        reason=reason,
+    )
     n = conn.execute(_CANCEL_ITEMS, {"id": campaign.id, "reason": f"cancelled: {reason}"})
     return round_, int(n.rowcount)
 
@@ -331,10 +343,12 @@ async def complete_finished(conn: AsyncConnection, campaign_id: int = 0) -> list
 async def auto_pause(conn: AsyncConnection, campaign_id: int, round_: int, reason: str) -> bool:
     """Pause a campaign still sending in ``round_``; False if it was not."""
     result = await conn.execute(
-        text("UPDATE messages SET status = 2, status_reason = :reason "
-             "WHERE id = :id AND status = 1 AND plan_round = :r"),
+        text(
+            "UPDATE messages SET status = 2, status_reason = :reason "
+            "WHERE id = :id AND status = 1 AND plan_round = :r"
+        ),
         {"id": campaign_id, "r": round_, "reason": reason},
-    )  # fmt: skip
+    )
     return bool(result.rowcount)
 
 
@@ -343,10 +357,12 @@ async def recent_outcomes(
 ) -> list[tuple[str, str | None]]:
     """(status, reason) of those recipients recorded since ``since``: for the auto-pause."""
     rows = await conn.execute(
-        text("SELECT status, reason FROM message_items WHERE message_id = :id "
-             "AND contact_id = ANY(CAST(:cids AS bigint[])) AND updated_at >= :since"),
+        text(
+            "SELECT status, reason FROM message_items WHERE message_id = :id "
+            "AND contact_id = ANY(CAST(:cids AS bigint[])) AND updated_at >= :since"
+        ),
         {"id": campaign_id, "cids": list(contact_ids), "since": since},
-    )  # fmt: skip
+    )
     return [(r.status, r.reason) for r in rows]
 
 

@@ -57,8 +57,10 @@ def exclusions_statement(keys: Sequence[Key], buffer_seconds: float) -> Statemen
     scope (since scheduling less ``buffer_seconds``, ever, or within a window); read with
     :func:`exclusions_from`."""
     return _EXCLUSIONS, {
-        "mids": [k[0] for k in keys], "cids": [k[1] for k in keys], "buffer": buffer_seconds
-    }  # fmt: skip
+        "mids": [k[0] for k in keys],
+        "cids": [k[1] for k in keys],
+        "buffer": buffer_seconds,
+    }
 
 
 def exclusions_from(rows: Iterable[Any]) -> dict[Key, Event]:
@@ -80,8 +82,10 @@ def interactions_statement(
     """The latest occurrence of each of ``names`` per contact within the window; read with
     :func:`interactions_from`."""
     return _INTERACTIONS, {
-        "cids": list(contact_ids), "names": list(names), "window": window_seconds
-    }  # fmt: skip
+        "cids": list(contact_ids),
+        "names": list(names),
+        "window": window_seconds,
+    }
 
 
 def interactions_from(rows: Iterable[Any]) -> dict[int, list[Event]]:

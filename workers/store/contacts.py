@@ -94,13 +94,16 @@ async def record_events(conn: AsyncConnection, events: Sequence[tuple[str, Track
     """Record ``(event_id, event)`` pairs, creating or updating their contacts; an event id
     seen before is ignored, its contact fields too. Returns how many were new."""
     ids = await ensure(conn, (e.contact for _, e in events))
-    result = await conn.execute(_RECORD_EVENTS, {
-        "contact_ids": [ids[e.contact.id] for _, e in events],
-        "names": [e.name for _, e in events],
-        "occurred": [e.occurred_at for _, e in events],
-        "event_ids": [key for key, _ in events],
-        "data": [Jsonb(e.data) for _, e in events],
-    })  # fmt: skip
+    result = await conn.execute(
+        _RECORD_EVENTS,
+        {
+            "contact_ids": [ids[e.contact.id] for _, e in events],
+            "names": [e.name for _, e in events],
+            "occurred": [e.occurred_at for _, e in events],
+            "event_ids": [key for key, _ in events],
+            "data": [Jsonb(e.data) for _, e in events],
+        },
+    )
     new = {row.event_id for row in result}
     fresh = sorted((e for key, e in events if key in new), key=lambda e: e.occurred_at)
     await update(conn, (e.contact for e in fresh))

@@ -131,27 +131,31 @@ async def insert_single_messages(
     keeps its first row. Returns every message of the batch, new or old, so the caller can
     (re)publish it."""
     ids = await contacts_repo.ensure(conn, (req.contact for _, req in requests))
-    result = await conn.execute(_INSERT_SINGLES, {
-        "keys": [key for key, _ in requests],
-        "contact_ids": [ids[req.contact.id] for _, req in requests],
-        "templates": [req.template for _, req in requests],
-        "channels": [req.channel.value for _, req in requests],
-        "categories": [req.category for _, req in requests],
-        "priorities": [req.priority.value for _, req in requests],
-        "excludes": [Jsonb(list(req.exclude_events)) for _, req in requests],
-        "scopes": [req.exclude_scope for _, req in requests],
-        "withins": [req.exclude_within_seconds for _, req in requests],
-        "data": [Jsonb(req.data) for _, req in requests],
-        "deliver_ats": [req.deliver_at for _, req in requests],
-        "expires_ats": [req.expires_at for _, req in requests],
-        "exclude_sinces": [req.exclude_since for _, req in requests],
-        "now": now,
-    })  # fmt: skip
+    result = await conn.execute(
+        _INSERT_SINGLES,
+        {
+            "keys": [key for key, _ in requests],
+            "contact_ids": [ids[req.contact.id] for _, req in requests],
+            "templates": [req.template for _, req in requests],
+            "channels": [req.channel.value for _, req in requests],
+            "categories": [req.category for _, req in requests],
+            "priorities": [req.priority.value for _, req in requests],
+            "excludes": [Jsonb(list(req.exclude_events)) for _, req in requests],
+            "scopes": [req.exclude_scope for _, req in requests],
+            "withins": [req.exclude_within_seconds for _, req in requests],
+            "data": [Jsonb(req.data) for _, req in requests],
+            "deliver_ats": [req.deliver_at for _, req in requests],
+            "expires_ats": [req.expires_at for _, req in requests],
+            "exclude_sinces": [req.exclude_since for _, req in requests],
+            "now": now,
+        },
+    )
     stored: dict[str, StoredMessage] = {}
     new: set[str] = set()
     for r in result:
-        stored[r.idempotency_key] = StoredMessage(r.id, r.contact_id, r.deliver_at,
-                                                  r.idempotency_key)  # fmt: skip
+        stored[r.idempotency_key] = StoredMessage(
+            r.id, r.contact_id, r.deliver_at, r.idempotency_key
+        )
         if r.new:
             new.add(r.idempotency_key)
     # a re-published request does not apply its (possibly stale) contact fields again

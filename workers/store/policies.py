@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.contract import Priority
-from workers.policy import DEFAULTS, Policy
+from workers.policies import DEFAULTS, Policy
 from workers.store.db import Statement
 from workers.store.schema import policies
 
@@ -36,8 +36,11 @@ def from_rows(rows: Iterable[Any]) -> dict[str, Policy]:
             stored[row.name] = Policy.model_validate(row.settings)
         except ValidationError as exc:
             # Parking every due message would be worse than the default policy.
-            log.error("stored policy invalid, using the default", policy=row.name,
-                      error=str(exc).splitlines()[0])  # fmt: skip
+            log.error(
+                "stored policy invalid, using the default",
+                policy=row.name,
+                error=str(exc).splitlines()[0],
+            )
     return {p.value: stored.get(p.value, DEFAULTS[p]) for p in Priority}
 
 

@@ -13,7 +13,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from workers.rules import Rule, from_definition
+from workers.rules.definitions import Rule, from_definition
 from workers.store.schema import rule_runs, rules
 
 Change = Literal["new", "updated", "unchanged"]
@@ -62,8 +62,15 @@ def put(conn: Connection, given: Sequence[Rule]) -> dict[str, Change]:
     out: dict[str, Change] = {}
     for rule in sorted(given, key=lambda r: r.name):  # one lock order for concurrent loads
         definition = rule.definition()
-        conn.execute(_PUT, {"name": rule.name, "events": list(rule.event),
-                            "definition": Jsonb(definition), "enabled": rule.enabled})  # fmt: skip
+        conn.execute(
+            _PUT,
+            {
+                "name": rule.name,
+                "events": list(rule.event),
+                "definition": Jsonb(definition),
+                "enabled": rule.enabled,
+            },
+        )
         if rule.name not in before:
             out[rule.name] = "new"
         else:
@@ -154,14 +161,17 @@ async def last_active(
     """For each query, the latest matching event's time, in one statement."""
     if not queries:
         return []
-    result = await conn.execute(_LAST_ACTIVE, {
-        "idx": list(range(len(queries))),
-        "cids": [q.contact_id for q in queries],
-        "event_ids": [q.event_id for q in queries],
-        "befores": [q.before for q in queries],
-        "withins": [q.within_seconds for q in queries],
-        "names": [Jsonb(list(q.names)) for q in queries],
-    })  # fmt: skip
+    result = await conn.execute(
+        _LAST_ACTIVE,
+        {
+            "idx": list(range(len(queries))),
+            "cids": [q.contact_id for q in queries],
+            "event_ids": [q.event_id for q in queries],
+            "befores": [q.before for q in queries],
+            "withins": [q.within_seconds for q in queries],
+            "names": [Jsonb(list(q.names)) for q in queries],
+        },
+    )
     found = {r.i: r.at for r in result}
     return [found.get(i) for i in range(len(queries))]
 
@@ -194,11 +204,14 @@ async def claim_runs(conn: AsyncConnection, wanted: Sequence[RunKey]) -> set[Run
     for rule, cid, event_id in wanted:
         first.setdefault((rule, cid), event_id)
     pairs = sorted(first.items())
-    await conn.execute(_CLAIM_RUNS, {
-        "rules": [p[0][0] for p in pairs],
-        "cids": [p[0][1] for p in pairs],
-        "event_ids": [p[1] for p in pairs],
-    })  # fmt: skip
+    await conn.execute(
+        _CLAIM_RUNS,
+        {
+            "rules": [p[0][0] for p in pairs],
+            "cids": [p[0][1] for p in pairs],
+            "event_ids": [p[1] for p in pairs],
+        },
+    )
     result = await conn.execute(
         _RUNS_OF, {"rules": [p[0][0] for p in pairs], "cids": [p[0][1] for p in pairs]}
     )

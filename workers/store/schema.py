@@ -200,7 +200,7 @@ rules = Table(
     Column("name", Text, primary_key=True),
     #: The events that trigger the rule (``definition.event``), for matching by overlap.
     Column("events", ARRAY(Text), nullable=False),
-    #: The validated rule (:class:`workers.rules.Rule`) as JSON.
+    #: The validated rule (:class:`workers.rules.definitions.Rule`) as JSON.
     Column("definition", JSONB, nullable=False),
     Column("enabled", Boolean, nullable=False, server_default=text("true")),
     #: Counts up each time a load changes the definition.

@@ -27,8 +27,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, ValidationError
 
 from shared.contract import Channel, Name, Priority
-from shared.durations import format_duration
-from workers.delay_policies import POLICIES, ContactFacts, DelayPolicy, Duration, Plan
+from workers.durations import format_duration
+from workers.rules.delay_policies import POLICIES, ContactFacts, DelayPolicy, Duration, Plan
 
 
 def _names(value: Any) -> Any:

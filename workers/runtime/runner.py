@@ -15,22 +15,22 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import amqp, delay, topology
-from shared.config import Settings
 from shared.errors import BrokerUnavailable
-from workers import health, metrics
 from workers.channels import Channel
 from workers.channels.log import LogChannel
 from workers.channels.smtp import SmtpChannel, SmtpConfig
 from workers.channels.webhook import WebhookChannel
-from workers.consumer import Consumer
-from workers.control import Control
-from workers.dispatch import DispatchHandler
-from workers.events import EventsHandler
-from workers.fanout import BatchHandler
-from workers.planner import PlannerHandler
+from workers.config import Settings
 from workers.ratelimit import Limits
-from workers.receipts import ReceiptsHandler
-from workers.scheduler import SchedulerHandler
+from workers.roles.batches import BatchHandler
+from workers.roles.dispatch import DispatchHandler
+from workers.roles.events import EventsHandler
+from workers.roles.planner import PlannerHandler
+from workers.roles.receipts import ReceiptsHandler
+from workers.roles.scheduler import SchedulerHandler
+from workers.runtime import health, metrics
+from workers.runtime.consumer import Consumer
+from workers.runtime.control import Control
 from workers.store.db import async_engine, check_schema
 from workers.templating import Renderer
 
@@ -112,15 +112,8 @@ async def _handlers(
     )
     control = Control()
     await control.listen(connection)
-    batches = BatchHandler(engine, bulk, publisher, backend, control)
+    batches = BatchHandler(engine, bulk.handle, publisher, backend, control)
     return [(bulk, False), (transactional, False), (batches, True)]
-
-
-async def resolve_backend(settings: Settings) -> delay.BackendName:
-    """The configured delay backend; ``auto`` asks the broker."""
-    if settings.delay_backend != "auto":
-        return settings.delay_backend
-    return await amqp.detect_backend(settings.amqp_url)
 
 
 def _tune_gc() -> None:
@@ -159,7 +152,7 @@ async def run(
     connection = await amqp.connect(settings.amqp_url, name=f"nudge-{'+'.join(roles)}")
     probes.check("rabbitmq", lambda: connection.connected.is_set())
     probes.check("not stopping", lambda: not stop.is_set())
-    backend = await resolve_backend(settings)
+    backend = await amqp.resolve_backend(settings.delay_backend, settings.amqp_url)
     topo = topology.build(backend)
     await amqp.declare(connection, topo)
     queues = len(roles) + 2 * ("dispatch" in roles)  # dispatch consumes three queues

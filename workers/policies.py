@@ -71,11 +71,12 @@ class Policy(BaseModel):
 
 
 DEFAULTS: dict[Priority, Policy] = {
-    Priority.TRANSACTIONAL: Policy(bypass_caps=True, bypass_subscription=True,
-                                   frequency_cap=None, category_window_seconds=None),
+    Priority.TRANSACTIONAL: Policy(
+        bypass_caps=True, bypass_subscription=True, frequency_cap=None, category_window_seconds=None
+    ),
     Priority.AUTOMATION: Policy(),
     Priority.CAMPAIGN: Policy(),
-}  # fmt: skip
+}
 
 
 def parse(settings: dict[str, object]) -> Policy:

@@ -21,10 +21,10 @@ import click
 from sqlalchemy import Engine, select
 
 from producer import Producer, scheduled
-from shared.config import Settings
 from shared.topology import DUE_QUEUE, INTAKE_QUEUE
-from workers.rules_demo import run_rules_demo
-from workers.sink import Sink
+from workers.config import Settings
+from workers.demo.rules_walkthrough import run_rules_demo
+from workers.demo.sink import Sink
 from workers.store import messages as repo
 from workers.store import templates
 from workers.store.db import sync_engine

@@ -24,18 +24,18 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract
-from shared.config import Settings
-from shared.contract import DueBatch, DueMessage, Priority
+from shared.contract import DueBatch, DueMessage, Priority, due_message_id
 from shared.errors import InvalidTemplate, StoreUnavailable
 from shared.topology import DUE_DESTINATION, DUE_QUEUE
-from workers import checks, metrics
+from workers import checks
 from workers.channels import Channel, Delivery, SendResult, Verdict
 from workers.checks import Decision, Defer, Record, Send
-from workers.consumer import Bundle
-from workers.outcomes import DONE, Outcome, Reject, Retry
-from workers.policy import Policy
+from workers.config import Settings
+from workers.policies import Policy
 from workers.ratelimit import Limits
-from workers.scheduler import due_message_id
+from workers.runtime import metrics
+from workers.runtime.consumer import Bundle
+from workers.runtime.outcomes import DONE, Outcome, Reject, Retry
 from workers.store import checks as checks_repo
 from workers.store import messages
 from workers.store import policies as policies_repo
@@ -98,11 +98,12 @@ class _Facts:
     def of(cls, policies: Mapping[str, Policy]) -> _Facts:
         used = policies.values()
         return cls(
-            window=max(max(p.frequency_window_seconds, p.category_window_seconds or 0)
-                       for p in used),
+            window=max(
+                max(p.frequency_window_seconds, p.category_window_seconds or 0) for p in used
+            ),
             names=tuple(sorted({n for p in used for n in p.interaction_events})),
             interaction_window=max(p.interaction_window_seconds for p in used),
-        )  # fmt: skip
+        )
 
     def covers(self, other: _Facts) -> bool:
         """Facts fetched as ``self`` include all that ``other`` needs."""
@@ -154,8 +155,9 @@ class DispatchHandler:
         first: dict[Key, int] = {}
         for i, due in enumerate(batch):
             first.setdefault((due.message_id, due.contact_id), i)
-        wanted = [(batch[i].message_id, batch[i].contact_id, batch[i].attempt)
-                  for i in first.values()]  # fmt: skip
+        wanted = [
+            (batch[i].message_id, batch[i].contact_id, batch[i].attempt) for i in first.values()
+        ]
         keys = list(first)
         # A second copy in the same batch is dropped: the first copy carries the work.
         result: list[Outcome] = [DONE] * len(batch)
@@ -168,13 +170,15 @@ class DispatchHandler:
             # and the rendering need, asked for every recipient before knowing which are
             # claimed. The checks' windows are those of the policies seen last.
             asked = self._facts
-            rows = await tx.run([
-                checks_repo.lock_statement([k[1] for k in keys]),
-                messages.claim_statement(wanted, self._settings.claim_lease_seconds),
-                policies_repo.LOAD_ALL,
-                templates_repo.latest_of_messages_statement(k[0] for k in keys),
-                *self._fact_statements(asked, keys, keys),
-            ])  # fmt: skip
+            rows = await tx.run(
+                [
+                    checks_repo.lock_statement([k[1] for k in keys]),
+                    messages.claim_statement(wanted, self._settings.claim_lease_seconds),
+                    policies_repo.LOAD_ALL,
+                    templates_repo.latest_of_messages_statement(k[0] for k in keys),
+                    *self._fact_statements(asked, keys, keys),
+                ]
+            )
             marks.append(("claim", time.perf_counter()))
             claimed = messages.claimed_from(rows[1])
             policies = policies_repo.from_rows(rows[2])
@@ -188,10 +192,12 @@ class DispatchHandler:
                 # Rare: a redelivery or a race left rows unclaimed (their state decides
                 # the outcome, and their sends count in the history), or the policies
                 # changed. Ask again, exactly.
-                got = await tx.run([
-                    *([messages.states_statement(rest)] if rest else []),
-                    *self._fact_statements(self._facts, keys, sorted(claimed_keys)),
-                ])  # fmt: skip
+                got = await tx.run(
+                    [
+                        *([messages.states_statement(rest)] if rest else []),
+                        *self._fact_statements(self._facts, keys, sorted(claimed_keys)),
+                    ]
+                )
                 states = messages.states_from(got[0]) if rest else {}
                 facts = got[1:] if rest else got
                 now = datetime.now(UTC)
@@ -208,8 +214,11 @@ class DispatchHandler:
                 if isinstance(decision, Send):
                     sends.append(c)
                 elif isinstance(decision, Defer):
-                    records.append(self._record(c, ItemStatus.DEFERRED, decision.reason,
-                                                next_at=decision.until))  # fmt: skip
+                    records.append(
+                        self._record(
+                            c, ItemStatus.DEFERRED, decision.reason, next_at=decision.until
+                        )
+                    )
                     result[first[(c.message_id, c.contact_id)]] = self._retry_at(
                         c, decision.until, now
                     )
@@ -245,10 +254,13 @@ class DispatchHandler:
         records += sent_records
         channel_of = {(c.message_id, c.contact_id): c.channel for c in claimed}
         counted = Counter(
-            (channel_of[(r.message_id, r.contact_id)], r.status.value,
-             (r.reason or "").split(":", 1)[0])
+            (
+                channel_of[(r.message_id, r.contact_id)],
+                r.status.value,
+                (r.reason or "").split(":", 1)[0],
+            )
             for r in records
-        )  # fmt: skip
+        )
         for labels, n in counted.items():
             metrics.outcomes.labels(*labels).inc(n)
         return result
@@ -260,8 +272,11 @@ class DispatchHandler:
         for phase, seconds in phases.items():
             metrics.dispatch_phase.labels(phase).observe(seconds)
         if sum(phases.values()) > SLOW_BATCH_SECONDS:
-            log.warning("slow batch", size=size,
-                        **{f"{k}_ms": round(v * 1000, 1) for k, v in phases.items()})  # fmt: skip
+            log.warning(
+                "slow batch",
+                size=size,
+                **{f"{k}_ms": round(v * 1000, 1) for k, v in phases.items()},
+            )
 
     def _render(
         self, sends: Sequence[Claimed], stored: Mapping[str, StoredTemplate]
@@ -273,23 +288,28 @@ class DispatchHandler:
         for c in sends:
             template = stored.get(c.template)
             if template is None:
-                failed.append(self._record(
-                    c, ItemStatus.FAILED,
-                    f"template: no template named {c.template!r} (add it with "
-                    "`nudge template add`)",
-                ))  # fmt: skip
+                failed.append(
+                    self._record(
+                        c,
+                        ItemStatus.FAILED,
+                        f"template: no template named {c.template!r} (add it with "
+                        "`nudge template add`)",
+                    )
+                )
                 continue
-            contact = contact_variables(c.external_id, c.email, c.phone, c.timezone,
-                                        c.attributes)  # fmt: skip
+            contact = contact_variables(c.external_id, c.email, c.phone, c.timezone, c.attributes)
             try:
                 content = self._renderer.render(
                     template.name,
                     template.version,
-                    {"subject": template.subject, "text_body": template.text_body,
-                     "html_body": template.html_body},
+                    {
+                        "subject": template.subject,
+                        "text_body": template.text_body,
+                        "html_body": template.html_body,
+                    },
                     contact,
                     c.data,
-                )  # fmt: skip
+                )
             except InvalidTemplate as exc:
                 failed.append(
                     self._record(c, ItemStatus.FAILED, exc.reason, version=template.version)
@@ -336,8 +356,9 @@ class DispatchHandler:
                     if await messages.finalise(conn, records) < len(records):
                         lost = await messages.repair(conn, [*records, *decided])
                         if lost:
-                            log.warning("claims lost by Postgres, outcomes written again",
-                                        count=lost)  # fmt: skip
+                            log.warning(
+                                "claims lost by Postgres, outcomes written again", count=lost
+                            )
                 return
             except StoreUnavailable as exc:
                 metrics.store_unavailable.labels(self.queue).inc()
@@ -386,9 +407,16 @@ class DispatchHandler:
         version: int | None = None,
     ) -> messages.Outcome:
         return messages.Outcome(
-            c.message_id, c.contact_id, c.attempts, status, reason, error, next_at, failed,
+            c.message_id,
+            c.contact_id,
+            c.attempts,
+            status,
+            reason,
+            error,
+            next_at,
+            failed,
             version,
-        )  # fmt: skip
+        )
 
     def _fact_statements(
         self, facts: _Facts, keys: Sequence[Key], mine: Sequence[Key]
@@ -400,10 +428,13 @@ class DispatchHandler:
         cids = [k[1] for k in keys]
         return [
             checks_repo.history_statement(cids, facts.window, mine),
-            *([checks_repo.interactions_statement(cids, facts.names, facts.interaction_window)]
-              if facts.names else []),
+            *(
+                [checks_repo.interactions_statement(cids, facts.names, facts.interaction_window)]
+                if facts.names
+                else []
+            ),
             checks_repo.exclusions_statement(keys, self._settings.exclusion_buffer_seconds),
-        ]  # fmt: skip
+        ]
 
     def _decide(
         self,
@@ -421,9 +452,14 @@ class DispatchHandler:
         out: list[tuple[Claimed, Decision]] = []
         for c in claimed:
             key = (c.message_id, c.contact_id)
-            d = checks.decide(c, policies[c.priority], now, excluded_by=excluded.get(key),
-                              interactions=interactions[c.contact_id],
-                              sent=sent[c.contact_id])  # fmt: skip
+            d = checks.decide(
+                c,
+                policies[c.priority],
+                now,
+                excluded_by=excluded.get(key),
+                interactions=interactions[c.contact_id],
+                sent=sent[c.contact_id],
+            )
             if isinstance(d, Send) and c.channel not in self._channels:
                 d = Record(
                     ItemStatus.FAILED,
@@ -437,10 +473,14 @@ class DispatchHandler:
 
     def _retry_at(self, c: Claimed, at: datetime, now: datetime) -> Retry:
         """Come back at ``at`` as the next attempt of this recipient."""
-        nxt = DueMessage(message_id=c.message_id, contact_id=c.contact_id, deliver_at=at,
-                         attempt=c.attempts + 1)  # fmt: skip
-        return Retry(_ms((at - now).total_seconds()), contract.encode(nxt),
-                     due_message_id(c.message_id, c.contact_id, nxt.attempt))  # fmt: skip
+        nxt = DueMessage(
+            message_id=c.message_id, contact_id=c.contact_id, deliver_at=at, attempt=c.attempts + 1
+        )
+        return Retry(
+            _ms((at - now).total_seconds()),
+            contract.encode(nxt),
+            due_message_id(c.message_id, c.contact_id, nxt.attempt),
+        )
 
     @staticmethod
     def _delivery(c: Claimed, content: Rendered) -> Delivery:
@@ -469,8 +509,11 @@ class DispatchHandler:
         try:
             results = await channel.send([d.delivery for d in chunk])
         except Exception as exc:  # a channel bug must not lose the batch
-            log.exception("channel crashed", channel=channel.name,
-                          message_ids=[d.claimed.message_id for d in chunk])  # fmt: skip
+            log.exception(
+                "channel crashed",
+                channel=channel.name,
+                message_ids=[d.claimed.message_id for d in chunk],
+            )
             results = [SendResult(Verdict.TRANSIENT, f"channel crashed: {exc!r}")] * len(chunk)
         metrics.send_latency.labels(channel.name).observe(time.monotonic() - started)
         return results
@@ -483,15 +526,23 @@ class DispatchHandler:
             return self._record(c, ItemStatus.SENT, version=version), None
         if result.verdict is Verdict.PERMANENT:
             return self._record(
-                c, ItemStatus.FAILED, "permanent: receiver refused", result.error, failed=True,
+                c,
+                ItemStatus.FAILED,
+                "permanent: receiver refused",
+                result.error,
+                failed=True,
                 version=version,
-            ), None  # fmt: skip
+            ), None
         failures = c.failures + 1
         if failures >= self._settings.max_attempts:
             return self._record(
-                c, ItemStatus.FAILED, f"attempts: gave up after {failures} failed sends",
-                result.error, failed=True, version=version,
-            ), None  # fmt: skip
+                c,
+                ItemStatus.FAILED,
+                f"attempts: gave up after {failures} failed sends",
+                result.error,
+                failed=True,
+                version=version,
+            ), None
         wait = backoff(
             failures,
             self._settings.retry_base_seconds,
@@ -501,7 +552,14 @@ class DispatchHandler:
         now = datetime.now(UTC)
         at = now + timedelta(seconds=wait)
         return (
-            self._record(c, ItemStatus.DEFERRED, f"retry: after {failures} failed sends",
-                         result.error, at, failed=True, version=version),
+            self._record(
+                c,
+                ItemStatus.DEFERRED,
+                f"retry: after {failures} failed sends",
+                result.error,
+                at,
+                failed=True,
+                version=version,
+            ),
             self._retry_at(c, at, now),
-        )  # fmt: skip
+        )

@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from shared.contract import MAX_DELAY, Name, TimeZone
-from shared.durations import format_duration, parse_duration
+from workers.durations import format_duration, parse_duration
 
 
 def _duration(value: Any) -> timedelta:

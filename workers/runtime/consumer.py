@@ -2,7 +2,7 @@
 
 Deliveries are decoded (bad input is parked in ``nudge.dead`` at once, with a reason naming the
 field), held in memory if they arrived a little early, gathered into batches and handed to the
-role's handler, whose :mod:`~workers.outcomes` are mapped to ack / republish / dead-letter.
+role's handler, whose :mod:`~workers.runtime.outcomes` are mapped to ack / republish / dead-letter.
 Acks come only after the handler's Postgres work committed and every republish was confirmed:
 a crash at any point leaves the message unacked, and RabbitMQ redelivers it.
 
@@ -31,8 +31,8 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from shared import delay
 from shared.amqp import Outgoing, Publisher, ack_many
 from shared.errors import BrokerError, InvalidMessage, PublishNotConfirmed, StoreUnavailable
-from workers import metrics
-from workers.outcomes import Done, Outcome, Reject, Retry
+from workers.runtime import metrics
+from workers.runtime.outcomes import Done, Outcome, Reject, Retry
 
 log = structlog.get_logger("nudge.consumer")
 
@@ -230,8 +230,11 @@ class Consumer(Generic[T]):
         lag = max(0.0, now - tick * HOLD_TICK)
         metrics.release_lag.labels(self.handler.queue).observe(lag)
         if lag > LATE and self._may_warn():
-            log.warning("held messages released late: the process is starved or its loop busy",
-                        queue=self.handler.queue, lag_ms=round(lag * 1000))  # fmt: skip
+            log.warning(
+                "held messages released late: the process is starved or its loop busy",
+                queue=self.handler.queue,
+                lag_ms=round(lag * 1000),
+            )
         bucket = self._held.pop(tick, [])
         self._held_count -= len(bucket)
         metrics.held.labels(self.handler.queue).set(self._held_count)
@@ -256,9 +259,12 @@ class Consumer(Generic[T]):
             waited = time.monotonic() - first.ready_at
             metrics.wait_for_batch.labels(self.handler.queue).observe(waited)
             if first.held and waited > LATE and self._may_warn():
-                log.warning("due messages waited for a free batch task",
-                            queue=self.handler.queue, waited_ms=round(waited * 1000),
-                            concurrency=self._concurrency)  # fmt: skip
+                log.warning(
+                    "due messages waited for a free batch task",
+                    queue=self.handler.queue,
+                    waited_ms=round(waited * 1000),
+                    concurrency=self._concurrency,
+                )
             try:
                 await self._handle(batch)
             finally:
@@ -366,8 +372,11 @@ class Consumer(Generic[T]):
                 await self._publisher.publish_many(outgoing)
             except PublishNotConfirmed as exc:
                 # Handled again on redelivery; the claims in Postgres make that harmless.
-                log.warning("republish not confirmed; messages returned to the queue",
-                            error=str(exc), count=len(published))  # fmt: skip
+                log.warning(
+                    "republish not confirmed; messages returned to the queue",
+                    error=str(exc),
+                    count=len(published),
+                )
                 for inbound in published:
                     inbound.delivery.give_back = True
             settled += published
@@ -411,8 +420,12 @@ class Consumer(Generic[T]):
     def _parked(self, inbound: _Inbound[Any], reason: str) -> Outgoing:
         field = reason.split(":", 1)[0]
         metrics.dead_lettered.labels(self.handler.queue, field).inc()
-        log.warning("rejected to nudge.dead", queue=self.handler.queue, reason=reason,
-                    message_id=inbound.message_id)  # fmt: skip
+        log.warning(
+            "rejected to nudge.dead",
+            queue=self.handler.queue,
+            reason=reason,
+            message_id=inbound.message_id,
+        )
         return Publisher.parked(
             inbound.body, inbound.message_id, reason, self.handler.queue, inbound.message.headers
         )

@@ -14,11 +14,12 @@ from datetime import datetime
 
 from shared.contract import ContactRef, TrackEvent
 from shared.errors import NotFound
-from workers import checks, firing
+from workers import checks
 from workers.checks import Decision, Defer, Record
-from workers.delay_policies import ContactFacts, Plan
-from workers.policy import Policy
-from workers.rules import Rule
+from workers.policies import Policy
+from workers.rules import firing
+from workers.rules.definitions import Rule
+from workers.rules.delay_policies import ContactFacts, Plan
 from workers.store import checks as checks_repo
 from workers.store import policies as policies_repo
 from workers.store import rules as rules_repo
@@ -72,22 +73,37 @@ def judge(
     # (check, who, only this check switched on, the facts it reads)
     alone: list[tuple[str, Claimed, dict[str, object], list[Event], list[Sent]]] = [
         ("subscription", claimed, off, [], []),
-        ("interaction", willing,
-         {**off, "interaction_events": policy.interaction_events}, interactions, []),
+        (
+            "interaction",
+            willing,
+            {**off, "interaction_events": policy.interaction_events},
+            interactions,
+            [],
+        ),
         ("category", willing, {**caps, "frequency_cap": None, "channel_cap": None}, [], sent),
         ("frequency", willing, {**caps, "category_window_seconds": None}, [], sent),
         ("quiet_hours", willing, {**off, "quiet_hours": policy.quiet_hours}, [], []),
-    ]  # fmt: skip
+    ]
     out = [
-        _verdict(name, checks.decide(c, policy.model_copy(update=update), now, excluded_by=None,
-                                     interactions=events, sent=history))
+        _verdict(
+            name,
+            checks.decide(
+                c,
+                policy.model_copy(update=update),
+                now,
+                excluded_by=None,
+                interactions=events,
+                sent=history,
+            ),
+        )
         for name, c, update, events, history in alone
-    ]  # fmt: skip
+    ]
     out.insert(
         1, Check("exclusion", "pass", f"only events after the trigger exclude (unless: {unless})")
     )
-    overall = checks.decide(claimed, policy, now, excluded_by=None, interactions=interactions,
-                            sent=sent)  # fmt: skip
+    overall = checks.decide(
+        claimed, policy, now, excluded_by=None, interactions=interactions, sent=sent
+    )
     return out, _verdict("decision", overall)
 
 
@@ -100,8 +116,9 @@ async def explain(database_url: str, rule: Rule, external_id: str, now: datetime
             if external_id not in found:
                 raise NotFound(f"no contact {external_id!r}: it appears with its first event")
             contact = found[external_id]
-            event = TrackEvent(contact=ContactRef(id=external_id), name=rule.event[0],
-                               occurred_at=now)  # fmt: skip
+            event = TrackEvent(
+                contact=ContactRef(id=external_id), name=rule.event[0], occurred_at=now
+            )
             query = firing.activity_query(rule, contact, "", event)
             active = (await rules_repo.last_active(conn, [query]))[0] if query else None
             plan = rule.plan(now, ContactFacts(contact.attributes, contact.timezone, active))
@@ -114,15 +131,29 @@ async def explain(database_url: str, rule: Rule, external_id: str, now: datetime
     finally:
         await engine.dispose()
     claimed = Claimed(
-        message_id=0, contact_id=contact.id, attempts=1, failures=0,
-        message_status=int(MessageStatus.NOT_STARTED), idempotency_key="",
-        template=rule.template, channel=rule.channel.value, category=rule.category,
-        priority=rule.priority.value, data=dict(rule.data), deliver_at=now, expires_at=None,
-        external_id=external_id, email=None, phone=None, timezone=contact.timezone,
-        attributes=contact.attributes, subscribed=contact.subscribed,
-    )  # fmt: skip
+        message_id=0,
+        contact_id=contact.id,
+        attempts=1,
+        failures=0,
+        message_status=int(MessageStatus.NOT_STARTED),
+        idempotency_key="",
+        template=rule.template,
+        channel=rule.channel.value,
+        category=rule.category,
+        priority=rule.priority.value,
+        data=dict(rule.data),
+        deliver_at=now,
+        expires_at=None,
+        external_id=external_id,
+        email=None,
+        phone=None,
+        timezone=contact.timezone,
+        attributes=contact.attributes,
+        subscribed=contact.subscribed,
+    )
     found_checks, decision = judge(
         rule, claimed, policy, now, interactions[contact.id], sent[contact.id]
     )
-    return Explanation(rule.name, external_id, now, plan, rule.priority.value, found_checks,
-                       decision)  # fmt: skip
+    return Explanation(
+        rule.name, external_id, now, plan, rule.priority.value, found_checks, decision
+    )

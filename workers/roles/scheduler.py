@@ -18,10 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract, delay
 from shared.amqp import Outgoing, Publisher
-from shared.contract import DueBatch, DueMessage, ScheduleMessage
+from shared.contract import DueBatch, DueMessage, ScheduleMessage, due_message_id
 from shared.topology import INTAKE_QUEUE, due_destination
-from workers import metrics
-from workers.outcomes import DONE, Outcome, Reject
+from workers.runtime import metrics
+from workers.runtime.outcomes import DONE, Outcome, Reject
 from workers.store import messages, templates
 from workers.store.db import transaction
 from workers.store.messages import StoredMessage
@@ -31,11 +31,6 @@ from workers.store.messages import StoredMessage
 class Intake:
     key: str
     request: ScheduleMessage
-
-
-def due_message_id(message_id: int, contact_id: int, attempt: int) -> str:
-    """The AMQP message_id of a due message: unique per recipient and attempt."""
-    return f"due-{message_id}-{contact_id}-{attempt}"
 
 
 class SchedulerHandler:
@@ -98,8 +93,10 @@ class SchedulerHandler:
         for (destination, _), group in groups.items():
             for i in range(0, len(group), contract.MAX_DUE_BATCH):
                 chunk = group[i : i + contract.MAX_DUE_BATCH]
-                due = [DueMessage(message_id=s.id, contact_id=s.contact_id,
-                                  deliver_at=s.deliver_at) for s in chunk]  # fmt: skip
+                due = [
+                    DueMessage(message_id=s.id, contact_id=s.contact_id, deliver_at=s.deliver_at)
+                    for s in chunk
+                ]
                 wait = delay.delay_until(min(s.deliver_at for s in chunk), now)
                 if len(due) == 1:
                     body = contract.encode(due[0])

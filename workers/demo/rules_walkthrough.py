@@ -14,10 +14,11 @@ import click
 from sqlalchemy import Engine, select
 
 from producer import Producer
-from shared.config import Settings
-from shared.durations import format_duration
-from workers import firing, rules
-from workers.delay_policies import ContactFacts
+from workers.config import Settings
+from workers.durations import format_duration
+from workers.rules import definitions as rules
+from workers.rules import firing
+from workers.rules.delay_policies import ContactFacts
 from workers.store import messages as messages_repo
 from workers.store import rules as rules_repo
 from workers.store import templates

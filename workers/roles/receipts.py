@@ -15,8 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from shared import contract
 from shared.contract import ReadReceipt
 from shared.topology import RECEIPTS_QUEUE
-from workers import metrics
-from workers.outcomes import DONE, Outcome, Reject
+from workers.runtime import metrics
+from workers.runtime.outcomes import DONE, Outcome, Reject
 from workers.store import receipts
 from workers.store.db import transaction
 

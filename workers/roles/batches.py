@@ -1,5 +1,5 @@
 """Campaign recipients from ``nudge.batches``, sent through the very pipeline of single
-messages: the dispatch role's :class:`~workers.dispatch.DispatchHandler` claims, checks,
+messages: the dispatch role's :class:`~workers.roles.dispatch.DispatchHandler` claims, checks,
 delivers and records every recipient, so a campaign gets the exclusions, windows, caps,
 subscription and quiet hours of any message, and its idempotency.
 
@@ -15,7 +15,7 @@ that plans every recipient without a final outcome again, whatever was queued.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 import structlog
@@ -24,19 +24,21 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract, delay
 from shared.amqp import Publisher
-from shared.contract import CampaignControl, DueMessage, RecipientBatch
+from shared.contract import CampaignControl, DueMessage, RecipientBatch, due_message_id
 from shared.topology import BATCHES_QUEUE, DUE_DESTINATION
-from workers import metrics
-from workers.control import Control, announce
-from workers.dispatch import DispatchHandler
-from workers.outcomes import DONE, Outcome, Reject, Retry
-from workers.scheduler import due_message_id
+from workers.runtime import metrics
+from workers.runtime.control import Control, announce
+from workers.runtime.outcomes import DONE, Outcome, Reject, Retry
 from workers.store import campaigns
 from workers.store.campaigns import Campaign
 from workers.store.db import autocommit, transaction
 from workers.store.schema import ItemStatus, MessageStatus
 
 log = structlog.get_logger("nudge.fanout")
+
+
+#: What sends a chunk of due recipients: the dispatch role's ``handle``, passed in by the runner.
+Deliver = Callable[[Sequence[DueMessage]], Awaitable[Sequence[Outcome]]]
 
 
 class BatchHandler:
@@ -48,13 +50,13 @@ class BatchHandler:
     def __init__(
         self,
         engine: AsyncEngine,
-        dispatch: DispatchHandler,
+        deliver: Deliver,
         publisher: Publisher,
         backend: delay.BackendName,
         control: Control,
     ) -> None:
         self._engine = engine
-        self._dispatch = dispatch
+        self._deliver = deliver
         self._publisher = publisher
         self._backend = backend
         self._control = control
@@ -114,7 +116,7 @@ class BatchHandler:
             )
             for cid, attempt in chunk
         ]
-        outcomes = await self._dispatch.handle(dues)
+        outcomes = await self._deliver(dues)
         retries = []
         for due, outcome in zip(dues, outcomes, strict=True):
             if isinstance(outcome, Retry):

@@ -24,8 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from shared import contract
 from shared.contract import ContactRef, ScheduleMessage, TrackEvent
 from shared.errors import InvalidMessage
-from workers.delay_policies import ByContact, ContactFacts
-from workers.rules import Rule
+from workers.rules.definitions import Rule
+from workers.rules.delay_policies import ByContact, ContactFacts
 from workers.store import rules as rules_repo
 from workers.store.rules import ActivityQuery, Contact
 
@@ -119,8 +119,12 @@ async def fire(conn: AsyncConnection, events: Sequence[tuple[str, TrackEvent]]) 
         try:
             req = request(rule, contact, event, facts)
         except InvalidMessage as exc:
-            log.error("rule makes an invalid message, skipped", rule=rule.name,
-                      event_id=event_id, reason=exc.reason)  # fmt: skip
+            log.error(
+                "rule makes an invalid message, skipped",
+                rule=rule.name,
+                event_id=event_id,
+                reason=exc.reason,
+            )
             continue
         out.append(Firing(rule.name, message_key(rule.name, event_id), req))
     return out

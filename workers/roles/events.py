@@ -6,7 +6,7 @@ redelivered or re-published event counts once. Dispatch workers read these event
 exclusion triggers and recent-interaction windows.
 
 In the same transaction, the enabled automation rules the events trigger are evaluated
-(:mod:`workers.firing`); their messages are published to ``nudge.intake`` with confirms after
+(:mod:`workers.rules.firing`); their messages are published to ``nudge.intake`` with confirms after
 the commit, and only then are the events acked. A crash in between redelivers the events,
 which fire again under the same idempotency keys.
 """
@@ -24,8 +24,9 @@ from shared import contract
 from shared.amqp import Outgoing, Publisher
 from shared.contract import TrackEvent
 from shared.topology import EVENTS_QUEUE, INTAKE_EXCHANGE, SCHEDULE_KEY
-from workers import firing, metrics
-from workers.outcomes import DONE, Outcome
+from workers.rules import firing
+from workers.runtime import metrics
+from workers.runtime.outcomes import DONE, Outcome
 from workers.store import contacts
 from workers.store.db import transaction
 
