@@ -49,6 +49,14 @@ class Settings(BaseSettings):
     #: Base URL of the unsubscribe endpoint; the List-Unsubscribe link adds signed parameters.
     unsubscribe_url: str = "http://localhost:8080/unsubscribe"
     unsubscribe_secret: str = Field(default="change-me-too", min_length=8)
+    #: Base URL of the ``web`` role as recipients reach it, e.g. ``https://t.example.com``;
+    #: when set, HTML emails get an open pixel and signed click redirects (templates may opt
+    #: out). Unset: no tracking.
+    tracking_url: str | None = None
+    tracking_secret: str = Field(default="change-me-three", min_length=8)
+    #: Where the ``web`` role listens (unsubscribe pages, open pixel, click redirects).
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=8080, ge=1, le=65535)
     #: Sends per second per channel, e.g. ``{"email": 14}``; a channel not named is unlimited.
     rate_limits: dict[str, float] = Field(default_factory=dict)
     #: Dispatch processes sharing the rate limits: each process takes limit / this.
@@ -76,6 +84,13 @@ class Settings(BaseSettings):
     def _amqp_scheme(cls, value: str) -> str:
         if not value.startswith(("amqp://", "amqps://")):
             raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+    @field_validator("tracking_url", "unsubscribe_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
         return value
 
     @field_validator("rate_limits")

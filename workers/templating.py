@@ -38,6 +38,10 @@ class Rendered:
     subject: str | None
     text: str
     html: str | None
+    #: The template asks for an open pixel and click redirects in the HTML (when the email
+    #: channel has a tracking URL).
+    track_opens: bool = True
+    track_clicks: bool = True
 
 
 class _Environment(ImmutableSandboxedEnvironment):
@@ -97,10 +101,14 @@ class Renderer:
         parts: Mapping[str, str | None],
         contact: Mapping[str, Any],
         data: Mapping[str, Any],
+        *,
+        track_opens: bool = True,
+        track_clicks: bool = True,
     ) -> Rendered:
         """Render ``parts`` (``subject``, ``text_body``, ``html_body``) for one recipient;
         raises :class:`InvalidTemplate` with a reason that names the template, the part and
-        what failed (a missing variable, a sandbox violation, the output bound)."""
+        what failed (a missing variable, a sandbox violation, the output bound). The
+        template's tracking flags go with the result, for the email channel."""
         variables = {**data, "data": dict(data), "contact": dict(contact)}
         out: dict[str, str | None] = {}
         for part in PARTS:
@@ -123,6 +131,8 @@ class Renderer:
             " ".join(subject.split()) if subject is not None else None,  # one header line
             text,
             out["html_body"],
+            track_opens,
+            track_clicks,
         )
 
     def _render_part(

@@ -31,7 +31,9 @@ def test_an_operator_adds_updates_renders_and_lists_templates(settings: Settings
     assert broken.returncode == 2
     assert broken.stderr.startswith("error: text_body: TemplateSyntaxError: ")
     assert "(line 2)" in broken.stderr
-    updated = nudge(settings, "template", "update", "promo", "--html", "<b>{{ plan }}</b>")
+    updated = nudge(
+        settings, "template", "update", "promo", "--html", "<b>{{ plan }}</b>", "--no-track-clicks"
+    )
     assert updated.stdout.strip() == "template promo version 2 added"
     assert nudge(settings, "template", "update", "nope", "--text", "x").returncode == 4
 
@@ -57,7 +59,10 @@ def test_an_operator_adds_updates_renders_and_lists_templates(settings: Settings
     assert missing.returncode == 2
     assert "UndefinedError: 'plan' is undefined" in missing.stderr
     listed = json.loads(nudge(settings, "template", "list", "--json").stdout)
-    assert {t["name"]: t["version"] for t in listed}["promo"] == 2
+    promo = next(t for t in listed if t["name"] == "promo")
+    assert promo["version"] == 2
+    # the new version keeps its links as written; opens are still tracked (the default)
+    assert (promo["track_clicks"], promo["track_opens"]) == (False, True)
     shown = nudge(settings, "template", "show", "promo", "--version", "1").stdout
     assert "Hi {{ contact.id }}, try {{ plan }}" in shown
     assert "html:" not in shown

@@ -3,7 +3,9 @@ configured, on a small pool of connections reused across messages.
 
 Each message has a text part, an HTML alternative when the template has one, a stable
 ``Message-ID`` (the same for every retry of a recipient, so a mail system can spot a
-duplicate), and RFC 8058 one-click unsubscribe headers with a signed link. SMTP 4xx replies,
+duplicate), and RFC 8058 one-click unsubscribe headers with a signed link (the ``web`` role
+serves it). With a tracking URL, the HTML part gets an open pixel and its links become signed
+click redirects (:mod:`workers.tracking`), unless the template opts out. SMTP 4xx replies,
 timeouts and lost connections are transient; 5xx replies are permanent.
 """
 
@@ -18,7 +20,7 @@ from email.utils import formatdate, parseaddr
 import aiosmtplib
 import structlog
 
-from workers import unsubscribe
+from workers import tracking, unsubscribe
 from workers.channels import Delivery, SendResult, Verdict
 
 log = structlog.get_logger("nudge.channel.email")
@@ -39,6 +41,9 @@ class SmtpConfig:
     connections: int
     unsubscribe_url: str
     unsubscribe_secret: str
+    #: The web role's public base URL: HTML gets an open pixel and click redirects (None: off).
+    tracking_url: str | None = None
+    tracking_secret: str = ""
 
 
 def compose(config: SmtpConfig, delivery: Delivery) -> EmailMessage:
@@ -62,7 +67,18 @@ def compose(config: SmtpConfig, delivery: Delivery) -> EmailMessage:
     message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
     message.set_content(content.text)
     if content.html is not None:
-        message.add_alternative(content.html, subtype="html")
+        body = content.html
+        if config.tracking_url is not None and (content.track_opens or content.track_clicks):
+            body = tracking.instrument(
+                body,
+                base_url=config.tracking_url,
+                secret=config.tracking_secret,
+                message_id=delivery.message_id,
+                contact_id=delivery.contact_id,
+                opens=content.track_opens,
+                clicks=content.track_clicks,
+            )
+        message.add_alternative(body, subtype="html")
     return message
 
 

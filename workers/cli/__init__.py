@@ -47,3 +47,4 @@ main.add_command(template)
 main.add_command(dead)
 main.add_command(campaign)
 main.add_command(contacts)
+main.add_command(contacts, name="contact")  # `nudge contact show` reads as the others do

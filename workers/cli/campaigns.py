@@ -400,10 +400,11 @@ def campaign_retry_failed(ctx: click.Context, ref: str) -> None:
 
 def campaign_summary(conn: Connection, found: Campaign) -> dict[str, Any]:
     """What `campaign status --json` prints for one campaign."""
-    from workers.store import audiences, campaigns
+    from workers.store import audiences, campaigns, tracking
     from workers.store.schema import UNFINISHED
 
     counts = campaigns.progress(conn, found)
+    counts.update(tracking.counts(conn, found.id))
     total = found.planned
     remaining = sum(counts[s.value] for s in UNFINISHED)
     done = total - remaining
@@ -448,7 +449,8 @@ def progress_line(s: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def campaign_status(ctx: click.Context, ref: str, as_json: bool) -> None:
-    """Progress of campaign REF: recipients per outcome, read, rate and ETA."""
+    """Progress of campaign REF: recipients per outcome, read, opened and clicked (emails),
+    rate and ETA."""
     settings = load_settings(ctx)
     with _errors(), database(settings) as conn:
         s = campaign_summary(conn, _find(conn, ref))

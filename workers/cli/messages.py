@@ -128,12 +128,20 @@ def _find(settings: Settings, ref: str) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def message_show(ctx: click.Context, ref: str, as_json: bool) -> None:
-    """Show message REF (id or idempotency key) and each recipient's outcome and why."""
+    """Show message REF (id or idempotency key) and each recipient's outcome and why, with
+    the opens and clicks of an email."""
+    from workers.store import tracking
     from workers.store.schema import MessageStatus
 
     settings = load_settings(ctx)
     with errors():
         found = _find(settings, ref)
+        with database(settings) as conn:
+            engaged = tracking.engagement(
+                conn, ((found["id"], item["contact_id"]) for item in found["items"])
+            )
+    for item in found["items"]:
+        item.update(engaged[(found["id"], item["contact_id"])].as_dict())
     if as_json:
         print_json(found)
         return
@@ -155,7 +163,20 @@ def message_show(ctx: click.Context, ref: str, as_json: bool) -> None:
             + (f" attempts={item['attempts']}" if item["attempts"] > 1 else "")
             + (f" failures={item['failures']}" if item["failures"] else "")
             + (f" last_error={item['last_error']}" if item["last_error"] else "")
+            + engagement_text(item)
         )
+
+
+def engagement_text(item: dict[str, Any]) -> str:
+    """`` opened <first> (n times), clicked <url> at <time>, ...`` for what a recipient did
+    with an email; empty when nothing."""
+    out = ""
+    if item["first_opened_at"] is not None:
+        out += f" opened {item['first_opened_at'].isoformat(timespec='seconds')}"
+        out += f" ({item['opens']} times)" if item["opens"] > 1 else ""
+    for c in item["clicks"]:
+        out += f" clicked {c['url']} at {c['at'].isoformat(timespec='seconds')}"
+    return out
 
 
 @message.command("cancel")

@@ -14,6 +14,7 @@ import click
 from shared import amqp, topology
 from workers.cli.base import (
     EXIT_FAILED,
+    EXIT_INVALID,
     errors,
     fail,
     load_settings,
@@ -98,7 +99,7 @@ def topology_export(backend: str) -> None:
     "roles",
     nargs=-1,
     required=True,
-    type=click.Choice(["scheduler", "dispatch", "events", "planner", "receipts"]),
+    type=click.Choice(["scheduler", "dispatch", "events", "planner", "receipts", "web"]),
 )
 @click.option(
     "--concurrency",
@@ -117,10 +118,13 @@ def topology_export(backend: str) -> None:
 @click.pass_context
 def worker(ctx: click.Context, roles: tuple[str, ...], concurrency: int, burst: bool) -> None:
     """Run worker ROLES in this process until SIGTERM (which finishes in-flight work and
-    exits 0)."""
+    exits 0). The web role serves unsubscribe links, the open pixel and click redirects on
+    NUDGE_WEB_HOST:NUDGE_WEB_PORT."""
     from workers.runtime.logs import configure
     from workers.runtime.runner import run
 
+    if burst and set(roles) == {"web"}:
+        fail("--burst: the web role serves until SIGTERM; give a consuming role too", EXIT_INVALID)
     settings = load_settings(ctx)
     configure(settings.log_level)
     with errors():

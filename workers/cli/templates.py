@@ -49,6 +49,16 @@ def _content_options(command: Any) -> Any:
             click.option("--text-file", type=click.Path(path_type=Path), help="Text body file."),
             click.option("--html", help="HTML body (Jinja2, autoescaped)."),
             click.option("--html-file", type=click.Path(path_type=Path), help="HTML body file."),
+            click.option(
+                "--track-opens/--no-track-opens",
+                default=None,
+                help="Add an open pixel to the HTML of emails (default: on; update: keep).",
+            ),
+            click.option(
+                "--track-clicks/--no-track-clicks",
+                default=None,
+                help="Rewrite the HTML's links to click redirects (default: on; update: keep).",
+            ),
         )
     ):
         command = decorator(command)
@@ -62,6 +72,8 @@ def _describe(t: Any) -> dict[str, Any]:
         "subject": t.subject,
         "text_body": t.text_body,
         "html_body": t.html_body,
+        "track_opens": t.track_opens,
+        "track_clicks": t.track_clicks,
         "created_at": t.created_at.isoformat(),
     }
 
@@ -83,6 +95,8 @@ def template_add(
     text_file: Path | None,
     html: str | None,
     html_file: Path | None,
+    track_opens: bool | None,
+    track_clicks: bool | None,
 ) -> None:
     """Add template NAME (version 1); its syntax is checked first."""
     from workers.store import templates
@@ -102,7 +116,15 @@ def template_add(
                 raise InvalidTemplate(
                     f"name: template {name!r} already exists; use `nudge template update`"
                 )
-            version = templates.add(conn, name, text_body, subject, html_body)
+            version = templates.add(
+                conn,
+                name,
+                text_body,
+                subject,
+                html_body,
+                track_opens=track_opens is not False,
+                track_clicks=track_clicks is not False,
+            )
     click.echo(f"template {name} version {version} added")
 
 
@@ -118,6 +140,8 @@ def template_update(
     text_file: Path | None,
     html: str | None,
     html_file: Path | None,
+    track_opens: bool | None,
+    track_clicks: bool | None,
 ) -> None:
     """Store a new version of NAME; parts not given keep their current content."""
     from workers.store import templates
@@ -135,7 +159,15 @@ def template_update(
             new_text = text_body if text_body is not None else current.text_body
             new_html = html_body if html_body is not None else current.html_body
             Renderer().validate(new_subject, new_text, new_html)
-            version = templates.add(conn, name, new_text, new_subject, new_html)
+            version = templates.add(
+                conn,
+                name,
+                new_text,
+                new_subject,
+                new_html,
+                track_opens=current.track_opens if track_opens is None else track_opens,
+                track_clicks=current.track_clicks if track_clicks is None else track_clicks,
+            )
     click.echo(f"template {name} version {version} added")
 
 
@@ -174,6 +206,8 @@ def template_show(ctx: click.Context, name: str, version: int | None, as_json: b
         return
     click.echo(f"template {t.name} version {t.version} ({t.created_at.isoformat()})")
     click.echo(f"subject: {t.subject or ''}")
+    tracked = [k for k, on in (("opens", t.track_opens), ("clicks", t.track_clicks)) if on]
+    click.echo(f"tracking: {', '.join(tracked) or 'off'}")
     click.echo("text:")
     click.echo(t.text_body)
     if t.html_body is not None:

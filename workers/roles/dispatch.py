@@ -309,6 +309,8 @@ class DispatchHandler:
                     },
                     contact,
                     c.data,
+                    track_opens=template.track_opens,
+                    track_clicks=template.track_clicks,
                 )
             except InvalidTemplate as exc:
                 failed.append(

@@ -82,3 +82,18 @@ queue_depth = Gauge(
     "Messages ready in a queue this worker consumes (polled every 5 s): the queue lag",
     ["queue"],
 )
+# the web role
+email_opens = Counter(
+    "nudge_email_opens_total",
+    "Open pixels loaded with a valid token; first=true for a recipient's first open",
+    ["first"],
+)
+email_clicks = Counter("nudge_email_clicks_total", "Click redirects followed with a valid token")
+unsubscribes = Counter(
+    "nudge_unsubscribes_total", "Contacts unsubscribed through a signed link", ["via"]
+)
+web_rejected = Counter(
+    "nudge_web_rejected_total",
+    "Requests refused for a bad or tampered token or an unknown recipient",
+    ["endpoint"],
+)

@@ -33,11 +33,14 @@ from workers.runtime.consumer import Consumer
 from workers.runtime.control import Control
 from workers.store.db import async_engine, check_schema
 from workers.templating import Renderer
+from workers.web.server import WebServer
 
 log = structlog.get_logger("nudge.worker")
 
-Role = Literal["scheduler", "dispatch", "events", "planner", "receipts"]
-ROLES: tuple[Role, ...] = ("scheduler", "dispatch", "events", "planner", "receipts")
+Role = Literal["scheduler", "dispatch", "events", "planner", "receipts", "web"]
+ROLES: tuple[Role, ...] = ("scheduler", "dispatch", "events", "planner", "receipts", "web")
+#: The role that serves HTTP (workers/web/) instead of consuming a queue.
+WEB: Role = "web"
 
 
 def build_channels(settings: Settings) -> dict[str, Channel]:
@@ -64,6 +67,8 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
                 connections=settings.smtp_connections,
                 unsubscribe_url=settings.unsubscribe_url,
                 unsubscribe_secret=settings.unsubscribe_secret,
+                tracking_url=settings.tracking_url,
+                tracking_secret=settings.tracking_secret,
             )
         )
     return channels
@@ -136,7 +141,8 @@ async def run(
     burst: bool = False,
     burst_idle: float = 2.0,
 ) -> None:
-    """Run ``roles`` until SIGTERM/SIGINT, or, with ``burst``, until there is no work left."""
+    """Run ``roles`` until SIGTERM/SIGINT, or, with ``burst``, until there is no work left
+    (``burst`` is for consuming roles: the web role serves until stopped)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -148,10 +154,44 @@ async def run(
         else None
     )
     beating = asyncio.create_task(probes.heartbeat())
-    check_schema(settings.database_url)
+    web: WebServer | None = None
+    try:
+        check_schema(settings.database_url)
+        probes.check("not stopping", lambda: not stop.is_set())
+        if WEB in roles:
+            web = WebServer(settings)
+            await web.start()
+            probes.check("web", lambda: web is not None and web.serving)
+        consuming = [r for r in roles if r != WEB]
+        if consuming:
+            await _consume(settings, consuming, stop, probes, concurrency, burst, burst_idle)
+        else:
+            log.info("worker started", roles=list(roles))
+            await stop.wait()
+            log.info("worker stopping")
+    finally:
+        if web is not None:
+            await web.stop()
+        beating.cancel()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    log.info("worker stopped")
+
+
+async def _consume(
+    settings: Settings,
+    roles: Sequence[Role],
+    stop: asyncio.Event,
+    probes: health.Health,
+    concurrency: int,
+    burst: bool,
+    burst_idle: float,
+) -> None:
+    """Consume the queues of ``roles`` until ``stop`` is set (or, with ``burst``, until
+    there is no work left), then finish in-flight work."""
     connection = await amqp.connect(settings.amqp_url, name=f"nudge-{'+'.join(roles)}")
     probes.check("rabbitmq", lambda: connection.connected.is_set())
-    probes.check("not stopping", lambda: not stop.is_set())
     backend = await amqp.resolve_backend(settings.delay_backend, settings.amqp_url)
     topo = topology.build(backend)
     await amqp.declare(connection, topo)
@@ -207,10 +247,6 @@ async def run(
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        beating.cancel()
-        if server is not None:
-            server.shutdown()
-            server.server_close()
         # The handlers stay until the loop closes: a second SIGTERM during shutdown (from an
         # impatient supervisor) must not kill the process halfway through it.
         for ch in channels.values():
@@ -219,7 +255,6 @@ async def run(
         with contextlib.suppress(Exception):
             await connection.close()
         await engine.dispose()
-    log.info("worker stopped")
 
 
 async def queue_depths(connection: Any, names: Sequence[str]) -> dict[str, int]:

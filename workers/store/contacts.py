@@ -108,3 +108,35 @@ async def record_events(conn: AsyncConnection, events: Sequence[tuple[str, Track
     fresh = sorted((e for key, e in events if key in new), key=lambda e: e.occurred_at)
     await update(conn, (e.contact for e in fresh))
     return len(new)
+
+
+_UNSUBSCRIBE = text("""
+UPDATE contacts SET subscribed = false, updated_at = now()
+ WHERE external_id = :external_id
+RETURNING id
+""")
+
+_UNSUBSCRIBED_EVENT = text("""
+INSERT INTO contact_events (contact_id, name, occurred_at, event_id, data)
+VALUES (:contact_id, 'unsubscribed', now(), :event_id, :data)
+ON CONFLICT (event_id) DO NOTHING
+""")
+
+
+async def unsubscribe(conn: AsyncConnection, external_id: str, message_id: int) -> bool:
+    """Unsubscribe a contact (``subscribed`` false: dispatch then suppresses all but
+    transactional messages) from a link in ``message_id``, and record an ``unsubscribed``
+    event, once per message, for the contact's history. False when there is no such
+    contact."""
+    row = (await conn.execute(_UNSUBSCRIBE, {"external_id": external_id})).first()
+    if row is None:
+        return False
+    await conn.execute(
+        _UNSUBSCRIBED_EVENT,
+        {
+            "contact_id": row.id,
+            "event_id": f"nudge:unsubscribe:{message_id}:{external_id}",
+            "data": Jsonb({"message_id": message_id}),
+        },
+    )
+    return True

@@ -17,6 +17,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
     Identity,
     Index,
     Integer,
@@ -134,6 +135,8 @@ messages = Table(
     CheckConstraint("priority IN ('transactional', 'automation', 'campaign')", name="priority"),
     CheckConstraint("status BETWEEN 0 AND 4", name="status"),
     CheckConstraint("exclude_scope IN ('since_scheduled', 'ever', 'within')", name="exclude_scope"),
+    # a contact's single messages not yet due, for `nudge contact show` (migration 0008)
+    Index(None, "contact_id"),
 )
 
 _item_statuses = ", ".join(f"'{s.value}'" for s in ItemStatus)
@@ -189,9 +192,47 @@ templates = Table(
     Column("text_body", Text, nullable=False),
     Column("html_body", Text),
     _now(),
+    #: Email tracking (migration 0008): an open pixel, and links rewritten to click redirects.
+    Column("track_opens", Boolean, nullable=False, server_default=text("true")),
+    Column("track_clicks", Boolean, nullable=False, server_default=text("true")),
     PrimaryKeyConstraint("name", "version"),
     CheckConstraint("version >= 1", name="version"),
     CheckConstraint("name ~ '^[A-Za-z0-9_.-]{1,100}$'", name="name"),
+)
+
+# Email tracking (migration 0008), served by the web role: per recipient, the first open
+# and how many times the pixel loaded, and every click with its link.
+message_opens = Table(
+    "message_opens",
+    metadata,
+    Column("message_id", BigInteger, nullable=False),
+    Column("contact_id", BigInteger, nullable=False),
+    Column("first_opened_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("opens", Integer, nullable=False, server_default=text("1")),
+    PrimaryKeyConstraint("message_id", "contact_id"),
+    ForeignKeyConstraint(
+        ["message_id", "contact_id"],
+        ["message_items.message_id", "message_items.contact_id"],
+        name="fk_message_opens_message_items",
+        ondelete="CASCADE",
+    ),
+)
+
+message_clicks = Table(
+    "message_clicks",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("message_id", BigInteger, nullable=False),
+    Column("contact_id", BigInteger, nullable=False),
+    Column("url", Text, nullable=False),
+    Column("clicked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    ForeignKeyConstraint(
+        ["message_id", "contact_id"],
+        ["message_items.message_id", "message_items.contact_id"],
+        name="fk_message_clicks_message_items",
+        ondelete="CASCADE",
+    ),
+    Index(None, "message_id", "contact_id"),
 )
 
 rules = Table(

@@ -25,6 +25,9 @@ class StoredTemplate:
     text_body: str
     html_body: str | None
     created_at: datetime
+    #: The HTML of an email gets an open pixel / click redirects (docs/delivery.md).
+    track_opens: bool = True
+    track_clicks: bool = True
 
 
 def _latest(names: Iterable[str]) -> Select[Any]:
@@ -37,7 +40,14 @@ def _latest(names: Iterable[str]) -> Select[Any]:
 
 
 def add(
-    conn: Connection, name: str, text_body: str, subject: str | None, html_body: str | None
+    conn: Connection,
+    name: str,
+    text_body: str,
+    subject: str | None,
+    html_body: str | None,
+    *,
+    track_opens: bool = True,
+    track_clicks: bool = True,
 ) -> int:
     """Store a new version of ``name`` (1 for a new name) and return its number. Callers
     validate the content first; concurrent adds of one name fail on the primary key."""
@@ -46,7 +56,13 @@ def add(
     ).scalar_one()
     conn.execute(
         templates.insert().values(
-            name=name, version=version, subject=subject, text_body=text_body, html_body=html_body
+            name=name,
+            version=version,
+            subject=subject,
+            text_body=text_body,
+            html_body=html_body,
+            track_opens=track_opens,
+            track_clicks=track_clicks,
         )
     )
     return int(version)
@@ -58,7 +74,8 @@ def latest(conn: Connection, names: Iterable[str]) -> dict[str, StoredTemplate]:
 
 
 _LATEST = text("""
-SELECT DISTINCT ON (name) name, version, subject, text_body, html_body, created_at
+SELECT DISTINCT ON (name) name, version, subject, text_body, html_body, created_at,
+       track_opens, track_clicks
   FROM templates WHERE name = ANY(CAST(:names AS text[]))
  ORDER BY name, version DESC
 """)
@@ -70,7 +87,8 @@ def latest_statement(names: Iterable[str]) -> Statement:
 
 
 _LATEST_OF_MESSAGES = text("""
-SELECT DISTINCT ON (name) name, version, subject, text_body, html_body, created_at
+SELECT DISTINCT ON (name) name, version, subject, text_body, html_body, created_at,
+       track_opens, track_clicks
   FROM templates
  WHERE name IN (SELECT template FROM messages WHERE id = ANY(CAST(:mids AS bigint[])))
  ORDER BY name, version DESC
