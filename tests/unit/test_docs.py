@@ -127,3 +127,35 @@ def test_the_tables_page_lists_every_migration() -> None:
     listed = re.findall(r"^\| `(\d{4})` \|", _section("tables.md", "Migrations"), re.M)
     files = sorted(p.name[:4] for p in (ROOT / MIGRATIONS / "versions").glob("[0-9]*.py"))
     assert listed == files
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    text = page.read_text(encoding="utf-8")
+    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)  # no headings in code blocks
+    return {_anchor(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def test_every_link_between_the_docs_leads_somewhere() -> None:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.M | re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # a URL
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            missing = not linked.exists()
+            unanchored = (
+                not missing
+                and bool(anchor)
+                and (linked.suffix != ".md" or anchor not in _anchors(linked))
+            )
+            if missing or unanchored:
+                broken.append(f"{page.name}: {target}")
+    assert broken == []
