@@ -159,3 +159,15 @@ def test_every_link_between_the_docs_leads_somewhere() -> None:
             if missing or unanchored:
                 broken.append(f"{page.name}: {target}")
     assert broken == []
+
+
+def test_every_repository_path_the_docs_name_exists() -> None:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    top = "producer|shared|workers|tests|bench|infra|examples"  # docs/: the link test
+    named = {
+        (page.name, path)
+        for page in pages
+        for path in re.findall(rf"`((?:{top})/[\w./-]*)`", page.read_text(encoding="utf-8"))
+    }
+    assert sorted(named) != []
+    assert sorted((page, path) for page, path in named if not (ROOT / path).exists()) == []
