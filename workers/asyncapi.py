@@ -187,10 +187,12 @@ def _exchange(name: str, kind: str) -> dict[str, Any]:
 
 def _amqp_properties(message_id: str) -> dict[str, Any]:
     """The AMQP basic properties a publisher sets, as a JSON Schema (an ``x-`` extension:
-    AsyncAPI's AMQP bindings have no place for ``message_id``)."""
+    AsyncAPI's AMQP bindings have no place for ``message_id``). Only ``message_id`` is
+    required: the workers accept an absent ``content_type`` and never read ``delivery_mode``
+    (:func:`shared.contract.decode`)."""
     return {
         "type": "object",
-        "required": ["message_id", "delivery_mode", "content_type"],
+        "required": ["message_id"],
         "properties": {
             "message_id": {
                 "type": "string",
@@ -198,8 +200,15 @@ def _amqp_properties(message_id: str) -> dict[str, Any]:
                 "maxLength": MAX_MESSAGE_ID,
                 "description": message_id,
             },
-            "delivery_mode": {"const": 2, "description": "Persistent."},
-            "content_type": {"const": CONTENT_TYPE},
+            "delivery_mode": {
+                "enum": [1, 2],
+                "description": "2 (persistent) recommended; the workers do not check it.",
+            },
+            "content_type": {
+                "const": CONTENT_TYPE,
+                "description": "Optional: an absent content_type is accepted; any other value "
+                "(a charset parameter included) is parked in nudge.dead.",
+            },
         },
     }
 

@@ -1,4 +1,4 @@
-"""What a dispatch worker decides for a claimed recipient, in the design's order: status,
+"""What a dispatch worker decides for a claimed recipient, in this order: status,
 expiry, subscription, exclusion events, recent interaction, category dedup, frequency cap,
 quiet hours, and only then a send. Pure functions over facts fetched for the whole batch.
 

@@ -35,7 +35,7 @@ from workers.store import templates
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
-#: Each role's process and the queue it consumes. Roles added later (planner, receipts) go here.
+#: Each role the faults hit, with the queue it consumes (no flow sends read receipts).
 QUEUES = {
     "scheduler": INTAKE_QUEUE,
     "dispatch": DUE_QUEUE,

@@ -2,12 +2,12 @@
 are while a campaign sends: rows go planned -> sending -> final by the thousand between two
 ANALYZEs, and a prepared statement is planned once (generic) for the life of a connection.
 
-Session 3 found the finalise reading the whole partial index of ``sending`` rows, dead entries
-included, for every batch (its statistics said almost no row was ``sending``), and the
-completion check walking over every finished recipient: a million-recipient campaign slowed
-down as it went. These tests look at the plans, not at a clock: the finalise must find each
-recipient by key (at 100,000 rows; on a small table a scan is rightly cheaper), completion
-must read the unfinished recipients from the top (the old NOT EXISTS read from the bottom).
+A plan that scans instead (a finalise reading every ``sending`` row, dead entries included,
+because the statistics say almost none is ``sending``; a completion check walking over every
+finished recipient) slows a million-recipient campaign down as it goes. These tests look at
+the plans, not at a clock: the finalise must find each recipient by key (at 100,000 rows; on a
+small table a scan is rightly cheaper), and completion must read the unfinished recipients
+from the highest contact id down, not walk up from the lowest.
 """
 
 from __future__ import annotations

@@ -343,15 +343,7 @@ def test_the_asyncapi_document_routes_events_to_the_topology() -> None:
     message = doc["components"]["messages"]["TrackEvent"]
     properties = message["x-amqp-properties"]
     schedule = doc["components"]["messages"]["ScheduleMessage"]["x-amqp-properties"]
-    assert (
-        properties["required"]
-        == schedule["required"]
-        == [
-            "message_id",
-            "delivery_mode",
-            "content_type",
-        ]
-    )
+    assert properties["required"] == schedule["required"] == ["message_id"]
     assert properties["properties"].keys() == schedule["properties"].keys()
     assert properties["properties"]["message_id"]["maxLength"] == 200
     assert "event id" in properties["properties"]["message_id"]["description"]
@@ -399,3 +391,20 @@ def test_the_examples_in_the_contract_guide_are_the_exported_ones() -> None:
     blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", guide, re.S)]
     assert asyncapi.EXAMPLE_SCHEDULE in blocks
     assert asyncapi.EXAMPLE_EVENT in blocks
+
+
+@pytest.mark.parametrize("model", asyncapi.PUBLIC_MODELS, ids=lambda m: m.__name__)
+def test_the_asyncapi_document_requires_the_properties_the_workers_require(
+    model: type[Any],
+) -> None:
+    doc: dict[str, Any] = yaml.safe_load((COMMITTED / "asyncapi.yaml").read_text(encoding="utf-8"))
+    properties = doc["components"]["messages"][model.__name__]["x-amqp-properties"]
+    assert properties["required"] == ["message_id"]
+    content_type = properties["properties"]["content_type"]["const"]
+    body = json.dumps(next(s.example for s in asyncapi.PUBLIC if s.model is model)).encode()
+    # the workers take the documented content type, or none at all, and nothing else
+    for accepted in (content_type, None):
+        contract.decode(model, body, content_type=accepted)
+    for refused in (f"{content_type}; charset=utf-8", "text/plain", ""):
+        with pytest.raises(InvalidMessage, match="content_type"):
+            contract.decode(model, body, content_type=refused)

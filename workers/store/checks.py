@@ -1,6 +1,6 @@
 """The facts a dispatch worker checks before sending, fetched for a whole batch in a constant
 number of statements, under a per-contact lock so that concurrent workers see each other's
-claims (design section 4: eight workers racing on one contact still send at most N)."""
+claims (eight workers racing on one contact still send at most N)."""
 
 from __future__ import annotations
 
