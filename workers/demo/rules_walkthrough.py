@@ -24,7 +24,7 @@ from workers.store import rules as rules_repo
 from workers.store import templates
 from workers.store.schema import messages
 
-MATRIX = Path(__file__).resolve().parents[1] / "examples/rules/service-matrix.yaml"
+MATRIX = Path(__file__).resolve().parents[2] / "examples/rules/service-matrix.yaml"
 #: The stage each row's event stands for, in the matrix's order.
 STAGES = {
     "resource_downloaded": "pre-sale",
