@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pika
+from pydantic import SecretStr
 from sqlalchemy import Engine, select
 
 from shared.topology import (
@@ -164,6 +165,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The NUDGE_* environment that makes a subprocess use ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUDGE_")}
     for name, value in settings.model_dump().items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         if value is not None:
             text = json.dumps(value) if isinstance(value, dict | list) else str(value)
             env[f"NUDGE_{name.upper()}"] = text

@@ -17,6 +17,7 @@ from email.utils import formatdate, parseaddr
 
 import aiosmtplib
 import structlog
+from pydantic import SecretStr
 
 from workers import unsubscribe
 from workers.channels import Delivery, SendResult, Verdict
@@ -32,13 +33,13 @@ class SmtpConfig:
     port: int
     security: str  # "starttls", "tls" or "none"
     username: str | None
-    password: str | None
+    password: SecretStr | None
     cert_bundle: str | None
     sender: str
     timeout: float
     connections: int
     unsubscribe_url: str
-    unsubscribe_secret: str
+    unsubscribe_secret: SecretStr
 
 
 def compose(config: SmtpConfig, delivery: Delivery) -> EmailMessage:
@@ -54,7 +55,7 @@ def compose(config: SmtpConfig, delivery: Delivery) -> EmailMessage:
     message["Message-ID"] = f"<{delivery.idempotency_key}@{domain}>"
     link = unsubscribe.link(
         config.unsubscribe_url,
-        config.unsubscribe_secret,
+        config.unsubscribe_secret.get_secret_value(),
         delivery.external_id,
         delivery.message_id,
     )
@@ -98,7 +99,7 @@ class SmtpChannel:
             hostname=c.host,
             port=c.port,
             username=c.username,
-            password=c.password,
+            password=c.password.get_secret_value() if c.password is not None else None,
             timeout=c.timeout,
             use_tls=c.security == "tls",
             start_tls=c.security == "starttls",
