@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from shared import topology
 
@@ -54,3 +55,17 @@ def test_a_password_hash_is_salted_sha256_as_rabbitmq_stores_it() -> None:
     assert (
         topology.password_hash("test12", salt) == "kI3GCqW5JLMJa4iX1lo7X4D6XbYqlLgxIs30+P6tENUV2POR"
     )
+
+
+def test_the_kubernetes_broker_users_have_the_permissions_in_code() -> None:
+    docs = list(yaml.safe_load_all((ROOT / "infra/k8s/rabbitmq-users.yaml").read_text()))
+    shipped = {
+        d["spec"]["userReference"]["name"]: d["spec"]["permissions"]
+        for d in docs
+        if d["kind"] == "Permission"
+    }
+    assert shipped == {
+        u.name: {"configure": u.configure, "write": u.write, "read": u.read}
+        for u in topology.users()
+    }
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "User"} == set(shipped)
