@@ -1,4 +1,5 @@
-"""Topology as data: every exchange, queue, binding and argument Nudge uses, defined once.
+"""Topology as data: every exchange, queue, binding and argument Nudge uses, defined once,
+and the broker users that may touch them.
 
 ``nudge topology apply`` declares it, every worker declares it at start (declaring is
 idempotent), and ``infra/rabbitmq/definitions.json`` is this same data in RabbitMQ's
@@ -7,6 +8,10 @@ definitions format, kept equal by a test.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -226,5 +231,107 @@ def to_definitions(topology: Topology, vhost: str = "/") -> dict[str, Any]:
                 "arguments": {},
             }
             for b in topology.bindings
+        ],
+    }
+
+
+# ------------------------------------------------------------------------------ broker users
+
+#: Services publish with this user: to the intake, events and receipts exchanges, nothing else.
+SERVICE_USER = "nudge-service"
+#: Workers and the ``nudge`` CLI connect with this user.
+WORKER_USER = "nudge-worker"
+
+
+def _only(*names: str) -> str:
+    return "^(" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+#: What no permission grants: a regular expression matching no resource name.
+NOTHING = "^$"
+#: Every name Nudge declares (each worker's ``nudge.control.<id>`` queue included) and the
+#: default exchange (``nudge dead replay`` publishes back to a queue through it).
+_NUDGE_RESOURCES = r"^(nudge\..*|amq\.default)$"
+
+
+@dataclass(frozen=True)
+class User:
+    """A broker user and its permissions (regular expressions over resource names) in Nudge's
+    vhost. ``configure`` declares and deletes, ``write`` publishes to an exchange or binds a
+    queue, ``read`` consumes from a queue or binds from an exchange."""
+
+    name: str
+    configure: str
+    write: str
+    read: str
+    tags: tuple[str, ...] = ()
+
+
+def users() -> tuple[User, ...]:
+    """The users Nudge's processes connect with.
+
+    The service user may publish to the three exchanges of the contract and do nothing else:
+    not declare (the workers and ``nudge topology apply`` declare the topology; a passive
+    declare needs no permission), not read, not publish to the delay ladder, ``nudge.due``,
+    ``nudge.dead``, ``nudge.control`` or through the default exchange. The broker refuses
+    anything else with ``ACCESS_REFUSED`` and closes the channel.
+
+    The workers share one user rather than one per role: every worker declares the whole
+    topology at start (configure on every queue and exchange, read on every exchange it binds
+    from), one process may run any set of roles, every role but ``receipts`` publishes into
+    the delay ladder that leads to ``nudge.due``, and all of them share the database
+    credentials, which decide far more than the broker does. Per-role users would forbid none
+    of what matters."""
+    return (
+        User(
+            SERVICE_USER,
+            configure=NOTHING,
+            write=_only(INTAKE_EXCHANGE, EVENTS_EXCHANGE, RECEIPTS_EXCHANGE),
+            read=NOTHING,
+        ),
+        User(
+            WORKER_USER,
+            configure=_NUDGE_RESOURCES,
+            write=_NUDGE_RESOURCES,
+            read=_NUDGE_RESOURCES,
+        ),
+    )
+
+
+def password_hash(password: str, salt: bytes | None = None) -> str:
+    """``password`` as RabbitMQ stores it (``rabbit_password_hashing_sha256``): base64 of a
+    4-byte salt followed by SHA-256(salt + password), for definitions files and the HTTP API."""
+    salt = secrets.token_bytes(4) if salt is None else salt
+    digest = hashlib.sha256(salt + password.encode()).digest()
+    return base64.b64encode(salt + digest).decode()
+
+
+def users_definitions(
+    vhost: str = "/", passwords: dict[str, str] | None = None, *, suffix: str = ""
+) -> dict[str, Any]:
+    """:func:`users` in RabbitMQ's definitions format. A user without an entry in
+    ``passwords`` has an empty password hash: it cannot log in with a password until one is
+    set (``rabbitmqctl change_password``). ``suffix`` is appended to every user name (tests
+    create users per vhost)."""
+    passwords = passwords or {}
+    return {
+        "users": [
+            {
+                "name": u.name + suffix,
+                "password_hash": (password_hash(passwords[u.name]) if u.name in passwords else ""),
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": ",".join(u.tags),
+            }
+            for u in users()
+        ],
+        "permissions": [
+            {
+                "user": u.name + suffix,
+                "vhost": vhost,
+                "configure": u.configure,
+                "write": u.write,
+                "read": u.read,
+            }
+            for u in users()
         ],
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 import subprocess
 import urllib.parse
 import uuid
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import Engine, create_engine
 
 from shared import amqp, topology
@@ -25,7 +27,9 @@ from workers.templating import Renderer
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = Settings.load()
-SECRET = "test-secret-0123456789"
+#: This run's webhook and unsubscribe keys, generated: no secret is written down anywhere.
+SECRET = secrets.token_urlsafe(32)
+UNSUBSCRIBE_SECRET = secrets.token_urlsafe(32)
 #: Per checkout, so that two checkouts may share one server without dropping each other's.
 TEMPLATE_DB = f"nudge_test_template_{hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]}"
 #: Templates every test database starts with (a message naming an unknown template is parked
@@ -122,7 +126,8 @@ def settings(vhost: str, database_url: str, sink: Sink) -> Settings:
             "database_url": database_url,
             "delay_backend": "tiers",
             "webhook_url": sink.url,
-            "webhook_secret": SECRET,
+            "webhook_secret": SecretStr(SECRET),
+            "unsubscribe_secret": SecretStr(UNSUBSCRIBE_SECRET),
             "claim_lease_seconds": 3.0,
             "retry_base_seconds": 0.5,
             "log_level": "info",

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pika
+from pydantic import SecretStr
 from sqlalchemy import Engine, select
 
 from shared.topology import (
@@ -83,6 +84,24 @@ class Management:
     def delete_vhost(self, vhost: str) -> None:
         self._client.delete(f"/vhosts/{urllib.parse.quote(vhost, safe='')}")
 
+    def import_users(self, definitions: dict[str, Any]) -> None:
+        """Create the ``users`` and ``permissions`` of a definitions document one by one (as
+        :func:`shared.topology.users_definitions` makes it)."""
+        for user in definitions["users"]:
+            body = {k: user[k] for k in ("password_hash", "hashing_algorithm", "tags")}
+            self._client.put(
+                f"/users/{urllib.parse.quote(user['name'], safe='')}", json=body
+            ).raise_for_status()
+        for p in definitions["permissions"]:
+            vhost, user = (urllib.parse.quote(p[k], safe="") for k in ("vhost", "user"))
+            self._client.put(
+                f"/permissions/{vhost}/{user}",
+                json={k: p[k] for k in ("configure", "write", "read")},
+            ).raise_for_status()
+
+    def delete_user(self, name: str) -> None:
+        self._client.delete(f"/users/{urllib.parse.quote(name, safe='')}")
+
     def queue(self, vhost: str, name: str) -> dict[str, Any]:
         r = self._client.get(
             f"/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(name, safe='')}"
@@ -146,6 +165,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The NUDGE_* environment that makes a subprocess use ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUDGE_")}
     for name, value in settings.model_dump().items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         if value is not None:
             text = json.dumps(value) if isinstance(value, dict | list) else str(value)
             env[f"NUDGE_{name.upper()}"] = text

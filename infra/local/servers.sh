@@ -72,7 +72,8 @@ usage: $(basename "$0") COMMAND
   down               stop both (no-op if already stopped)
   status             show both servers; exit 0 if both are up, 3 otherwise
   logs [-f]          last $LOG_LINES lines of both logs (-f: follow)
-  env                print the NUDGE_* variables clients need
+  env                print the NUDGE_* variables clients need (NUDGE_SERVICE_AMQP_URL:
+                     the user services publish with; NUDGE_WORKER_AMQP_URL: the workers')
   restart-rabbitmq   stop and start RabbitMQ, keeping its data
   restart-postgres   stop and start PostgreSQL, keeping its data
   crash-postgres     kill PostgreSQL as a crash would (immediate shutdown: no checkpoint, WAL
@@ -496,6 +497,67 @@ rmq_status() {
   return 1
 }
 
+# ----------------------------------------------------------- broker users
+
+# Nudge's broker users (nudge-service, nudge-worker) with the permissions of
+# infra/rabbitmq/definitions.json on vhost /, each with a password generated on
+# the first `up` and kept in $RMQ_USERS_FILE. guest stays the local administrator
+# (loopback only).
+RMQ_USERS_FILE=$RMQ_DIR/users.env
+
+rmq_user_passwords() {
+  if [[ ! -s $RMQ_USERS_FILE ]]; then
+    (
+      umask 077
+      printf 'nudge-service=%s\nnudge-worker=%s\n' \
+        "$(od -An -N18 -tx1 /dev/urandom | tr -d ' \n')" \
+        "$(od -An -N18 -tx1 /dev/urandom | tr -d ' \n')" >"$RMQ_USERS_FILE.new"
+    )
+    mv -f "$RMQ_USERS_FILE.new" "$RMQ_USERS_FILE"
+  fi
+}
+
+# Creates or updates the users through the management API (idempotent, and
+# cheap: no rabbitmqctl VM to boot on every `up`).
+rmq_ensure_users() {
+  local definitions=$RMQ_SHIPPED_DIR/definitions.json
+  [[ -f $definitions ]] || die "missing $definitions"
+  rmq_user_passwords
+  python3 - "$definitions" "$RMQ_USERS_FILE" "http://$HOST:$RMQ_MGMT_PORT/api" <<'PY' ||
+import base64, json, sys, urllib.parse, urllib.request
+definitions, passwords_file, api = sys.argv[1:]
+passwords = dict(line.split("=", 1) for line in open(passwords_file).read().split())
+auth = "Basic " + base64.b64encode(b"guest:guest").decode()
+
+def put(path, body):
+    req = urllib.request.Request(api + path, json.dumps(body).encode(), method="PUT")
+    req.add_header("Authorization", auth)
+    req.add_header("Content-Type", "application/json")
+    urllib.request.urlopen(req, timeout=10).close()
+
+doc = json.load(open(definitions))
+for user in doc["users"]:
+    name = user["name"]
+    put("/users/" + urllib.parse.quote(name, safe=""),
+        {"password": passwords[name], "tags": user["tags"]})
+for p in doc["permissions"]:
+    put("/permissions/%s/%s" % tuple(urllib.parse.quote(p[k], safe="") for k in ("vhost", "user")),
+        {k: p[k] for k in ("configure", "write", "read")})
+PY
+    die "rabbitmq: could not create the users of $definitions"
+  log "rabbitmq: users nudge-service and nudge-worker ready (passwords in $RMQ_USERS_FILE)"
+}
+
+# The AMQP URL of each Nudge user, once `up` has created them.
+print_users_env() {
+  [[ -s $RMQ_USERS_FILE ]] || return 0
+  local service worker
+  service=$(sed -n 's/^nudge-service=//p' "$RMQ_USERS_FILE")
+  worker=$(sed -n 's/^nudge-worker=//p' "$RMQ_USERS_FILE")
+  printf 'NUDGE_SERVICE_AMQP_URL=amqp://nudge-service:%s@%s:%s/\n' "$service" "$HOST" "$RMQ_PORT"
+  printf 'NUDGE_WORKER_AMQP_URL=amqp://nudge-worker:%s@%s:%s/\n' "$worker" "$HOST" "$RMQ_PORT"
+}
+
 # ------------------------------------------------------------- PostgreSQL
 
 # Prints the bin directory of the newest PostgreSQL found (NUDGE_PG_BINDIR wins).
@@ -747,7 +809,9 @@ main() {
       take_lock
       pg_up
       rmq_up
+      rmq_ensure_users
       print_env
+      print_users_env
       ;;
     down)
       take_lock
@@ -756,7 +820,10 @@ main() {
       ;;
     status) cmd_status ;;
     logs) cmd_logs "$@" ;;
-    env) print_env ;;
+    env)
+      print_env
+      print_users_env
+      ;;
     ctl) cmd_ctl "$@" ;;
     restart-rabbitmq)
       take_lock

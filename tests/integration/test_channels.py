@@ -3,6 +3,7 @@ when they fail, throttle or answer slowly."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import Engine, select
 
 from producer import Producer, scheduled
@@ -21,6 +23,8 @@ from workers.demo.sink import Sink
 from workers.store.schema import message_items
 
 pytestmark = pytest.mark.integration
+
+UNSUBSCRIBE = secrets.token_urlsafe(32)
 
 
 def test_an_email_arrives_rendered_with_a_signed_unsubscribe_header_on_a_reused_connection(
@@ -41,7 +45,7 @@ def test_an_email_arrives_rendered_with_a_signed_unsubscribe_header_on_a_reused_
         smtp_port=mail_server.port,
         smtp_security="none",
         smtp_connections=2,
-        unsubscribe_secret="unsub-secret-123",
+        unsubscribe_secret=SecretStr(UNSUBSCRIBE),
     )
     n = 8
     with Producer(settings.amqp_url) as producer:
@@ -69,8 +73,8 @@ def test_an_email_arrives_rendered_with_a_signed_unsubscribe_header_on_a_reused_
     assert "<p>Hi Ann3, &lt;pro&gt;</p>" in html  # HTML parts are autoescaped
     header = mail.message["List-Unsubscribe"]
     assert header.startswith("<http://localhost:8080/unsubscribe?")
-    assert unsubscribe.verify("unsub-secret-123", header.strip("<>")) == "u-3"
-    assert unsubscribe.verify("another-secret", header.strip("<>")) is None
+    assert unsubscribe.verify(UNSUBSCRIBE, header.strip("<>")) == "u-3"
+    assert unsubscribe.verify(secrets.token_urlsafe(32), header.strip("<>")) is None
     assert mail.message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     # connections are reused: at most the configured two for eight messages
     assert len({m.peer for m in mail_server.received}) <= 2
@@ -129,7 +133,7 @@ def _smtp_settings(server: MailServer, cert: str, security: str) -> dict[str, An
         "smtp_security": security,
         "smtp_cert_bundle": cert,
         "smtp_username": "nudge",
-        "smtp_password": "s3cret",
+        "smtp_password": SecretStr("s3cret"),
     }
 
 

@@ -1,7 +1,11 @@
 """The ``receipts`` role: records read receipts from ``nudge.receipts``.
 
-``read_at`` is set once per recipient (the first receipt wins; a replay changes nothing). A
-receipt for a recipient Nudge never had is parked in ``nudge.dead`` with a reason naming it.
+``read_at`` is set once per recipient (the first receipt wins; a replay changes nothing), and
+only for a recipient whose status is ``sent``. A receipt for a recipient Nudge never had, or
+for one it did not send (``excluded``, ``failed``, ``planned``, still ``sending`` or
+``deferred``, …), is parked in ``nudge.dead`` with a reason naming the recipient and its
+status; one that came before the outcome was recorded can be replayed once it is
+(``nudge dead replay``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from workers.runtime import metrics
 from workers.runtime.outcomes import DONE, Outcome, Reject
 from workers.store import receipts
 from workers.store.db import transaction
+from workers.store.schema import ItemStatus
 
 
 class ReceiptsHandler:
@@ -42,10 +47,18 @@ class ReceiptsHandler:
             found = await receipts.mark_read(
                 conn, [(r.message_id, r.contact, r.read_at) for r in batch]
             )
-        metrics.receipts_recorded.inc(len(found))
-        return [
-            DONE
-            if i in found
-            else Reject(f"message_id: message {r.message_id} has no recipient {r.contact!r}")
-            for i, r in enumerate(batch)
-        ]
+        metrics.receipts_recorded.inc(sum(s == ItemStatus.SENT for s in found.values()))
+        return [_outcome(r, found.get(i)) for i, r in enumerate(batch)]
+
+
+def _outcome(receipt: ReadReceipt, status: str | None) -> Outcome:
+    if status is None:
+        return Reject(
+            f"message_id: message {receipt.message_id} has no recipient {receipt.contact!r}"
+        )
+    if status != ItemStatus.SENT:
+        return Reject(
+            f"contact: recipient {receipt.contact!r} of message {receipt.message_id} was not "
+            f"sent (status {status}): only a sent message can be read"
+        )
+    return DONE

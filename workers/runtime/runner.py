@@ -44,9 +44,12 @@ WEB: Role = "web"
 
 
 def build_channels(settings: Settings) -> dict[str, Channel]:
-    """The delivery channels this worker's configuration enables."""
+    """The delivery channels this worker's configuration enables; raises
+    :class:`~shared.errors.ConfigError` when one lacks its secret."""
+    settings.require_channel_secrets()
     channels: dict[str, Channel] = {"log": LogChannel()}
     if settings.webhook_url:
+        assert settings.webhook_secret is not None  # required above
         channels["webhook"] = WebhookChannel(
             settings.webhook_url,
             settings.webhook_secret,
@@ -54,6 +57,7 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
             batch_size=settings.webhook_batch_size,
         )
     if settings.smtp_host:
+        assert settings.unsubscribe_secret is not None  # required above
         channels["email"] = SmtpChannel(
             SmtpConfig(
                 host=settings.smtp_host,
@@ -142,7 +146,12 @@ async def run(
     burst_idle: float = 2.0,
 ) -> None:
     """Run ``roles`` until SIGTERM/SIGINT, or, with ``burst``, until there is no work left
-    (``burst`` is for consuming roles: the web role serves until stopped)."""
+    (``burst`` is for consuming roles: the web role serves until stopped). Only the dispatch
+    role delivers, so only it builds the channels and needs their secrets."""
+    if "dispatch" in roles:  # before anything connects: a configuration error, not a crash
+        settings.require_channel_secrets()
+    if "web" in roles:
+        settings.require_web_secrets()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -198,7 +207,7 @@ async def _consume(
     queues = len(roles) + 2 * ("dispatch" in roles)  # dispatch consumes three queues
     engine = async_engine(settings.database_url, pool_size=concurrency * queues + 1)
     publisher = await amqp.Publisher.open(connection)
-    channels = build_channels(settings)
+    channels = build_channels(settings) if "dispatch" in roles else {}
     consumers: list[Consumer[Any]] = []
     background: list[asyncio.Task[None]] = []
     try:
