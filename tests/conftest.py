@@ -27,9 +27,10 @@ from workers.templating import Renderer
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = Settings.load()
-#: This run's webhook and unsubscribe keys, generated: no secret is written down anywhere.
+#: This run's webhook, unsubscribe and tracking keys, generated: no secret is written down anywhere.
 SECRET = secrets.token_urlsafe(32)
 UNSUBSCRIBE_SECRET = secrets.token_urlsafe(32)
+TRACKING_SECRET = secrets.token_urlsafe(32)
 #: Per checkout, so that two checkouts may share one server without dropping each other's.
 TEMPLATE_DB = f"nudge_test_template_{hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]}"
 #: Templates every test database starts with (a message naming an unknown template is parked
@@ -128,6 +129,7 @@ def settings(vhost: str, database_url: str, sink: Sink) -> Settings:
             "webhook_url": sink.url,
             "webhook_secret": SecretStr(SECRET),
             "unsubscribe_secret": SecretStr(UNSUBSCRIBE_SECRET),
+            "tracking_secret": SecretStr(TRACKING_SECRET),
             "claim_lease_seconds": 3.0,
             "retry_base_seconds": 0.5,
             "log_level": "info",
