@@ -234,7 +234,7 @@ class DispatchHandler:
                 durable=not sends,
             )
         marks.append(("commit", time.perf_counter()))
-        deliveries, sent_records = self._render(sends, stored)
+        deliveries, sent_records = await asyncio.to_thread(self._render, sends, stored)
         sent = await self._send_all(deliveries)
         marks.append(("send", time.perf_counter()))
         done_at = datetime.now(UTC)
