@@ -24,6 +24,7 @@ from shared.contract import (
     CONTENT_TYPE,
     MAX_BODY_BYTES,
     MAX_DELAY,
+    PERSISTENT,
     CampaignControl,
     DueBatch,
     DueMessage,
@@ -105,8 +106,15 @@ EXAMPLE_RECEIPT: dict[str, Any] = {
 }
 
 _BODY_RULES: tuple[str, ...] = (
-    f"content_type is {CONTENT_TYPE} (an absent content_type is accepted, any other is not).",
-    f"The body is UTF-8 JSON of at most {MAX_BODY_BYTES} bytes.",
+    f"content_type is {CONTENT_TYPE} (an absent content_type is accepted, any other is not); "
+    f"delivery_mode is {PERSISTENT} (persistent).",
+    f"The body is UTF-8 JSON (not UTF-16 or UTF-32, no byte order mark) of at most "
+    f"{MAX_BODY_BYTES} bytes.",
+    "Anywhere in the body, data and attributes included: no string or key contains a NUL "
+    "character (\\u0000), every number is finite (no NaN or Infinity) and every integer is "
+    "between -2^63 and 2^63-1.",
+    'Types are never coerced: a boolean is true or false (not "yes" or 1), a number is a '
+    'JSON number (not "60"), a time is an ISO-8601 string (not a Unix timestamp).',
 )
 _CONTACT_RULE = (
     "contact.email looks like name@example.com; contact.timezone is an IANA zone name "
@@ -198,7 +206,10 @@ def _amqp_properties(message_id: str) -> dict[str, Any]:
                 "maxLength": MAX_MESSAGE_ID,
                 "description": message_id,
             },
-            "delivery_mode": {"const": 2, "description": "Persistent."},
+            "delivery_mode": {
+                "const": PERSISTENT,
+                "description": "Persistent; any other value is parked in nudge.dead.",
+            },
             "content_type": {"const": CONTENT_TYPE},
         },
     }
@@ -305,7 +316,7 @@ def _public(spec: Public) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any
         "messages": [{"$ref": f"#/channels/{spec.exchange}/messages/{name}"}],
         "bindings": {
             "amqp": {
-                "deliveryMode": 2,
+                "deliveryMode": PERSISTENT,
                 "mandatory": True,
                 "bindingVersion": AMQP_BINDING_VERSION,
             }
