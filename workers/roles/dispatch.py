@@ -524,6 +524,8 @@ class DispatchHandler:
         """The outcome of a send of template ``version``, and when to try again."""
         if result.verdict is Verdict.SENT:
             return self._record(c, ItemStatus.SENT, version=version), None
+        if result.verdict is Verdict.UNSENDABLE:  # nothing was tried: not a failed send
+            return self._record(c, ItemStatus.FAILED, result.error, version=version), None
         if result.verdict is Verdict.PERMANENT:
             return self._record(
                 c,
