@@ -23,6 +23,18 @@ ExchangeType = Literal["direct", "topic", "fanout", "x-delayed-message"]
 #: default (4.0 defaults to 20), so a message that crashes its consumer would loop forever.
 DELIVERY_LIMIT = 10
 
+# Bounds. An ``x-overflow`` behaviour means nothing without a length: past these, a work queue
+# or a delay level refuses the publish (``reject-publish``: the publisher's confirm is a nack,
+# and a broker dead-lettering into it waits, at-least-once), so a backlog pushes back on the
+# publishers instead of filling the broker's disk. nudge.dead drops its oldest message instead
+# (``drop-head``): a full dead-letter queue must never stop the workers.
+WORK_QUEUE_MAX_LENGTH = 1_000_000
+WORK_QUEUE_MAX_BYTES = 1024**3
+DELAY_LEVEL_MAX_LENGTH = 10_000_000
+DELAY_LEVEL_MAX_BYTES = 4 * 1024**3
+DEAD_MAX_LENGTH = 100_000
+DEAD_MAX_BYTES = 1024**3
+
 INTAKE_EXCHANGE = "nudge.intake"
 INTAKE_QUEUE = "nudge.intake"
 SCHEDULE_KEY = "schedule"
@@ -92,7 +104,8 @@ def _quorum(**extra: Any) -> dict[str, Any]:
 
 def work_queue(name: str) -> Queue:
     """A quorum queue that parks a message in ``nudge.dead`` after :data:`DELIVERY_LIMIT`
-    deliveries, dead-lettering at-least-once (which requires ``reject-publish``)."""
+    deliveries, dead-lettering at-least-once (which requires ``reject-publish``), and refuses
+    publishes past its bounds."""
     return Queue(
         name,
         _quorum(
@@ -101,6 +114,8 @@ def work_queue(name: str) -> Queue:
                 "x-dead-letter-exchange": DEAD_EXCHANGE,
                 "x-dead-letter-strategy": "at-least-once",
                 "x-overflow": "reject-publish",
+                "x-max-length": WORK_QUEUE_MAX_LENGTH,
+                "x-max-length-bytes": WORK_QUEUE_MAX_BYTES,
             }
         ),
     )
@@ -128,6 +143,8 @@ def _ladder() -> tuple[list[Exchange], list[Queue], list[Binding]]:
                         "x-dead-letter-exchange": below,
                         "x-dead-letter-strategy": "at-least-once",
                         "x-overflow": "reject-publish",
+                        "x-max-length": DELAY_LEVEL_MAX_LENGTH,
+                        "x-max-length-bytes": DELAY_LEVEL_MAX_BYTES,
                     }
                 ),
             )
@@ -166,7 +183,16 @@ def build(backend: delay.BackendName) -> Topology:
         work_queue(EVENTS_QUEUE),
         work_queue(DUE_QUEUE),
         work_queue(DUE_TRANSACTIONAL_QUEUE),
-        Queue(DEAD_QUEUE, _quorum()),
+        Queue(
+            DEAD_QUEUE,
+            _quorum(
+                **{
+                    "x-overflow": "drop-head",
+                    "x-max-length": DEAD_MAX_LENGTH,
+                    "x-max-length-bytes": DEAD_MAX_BYTES,
+                }
+            ),
+        ),
         work_queue(PLAN_QUEUE),
         work_queue(BATCHES_QUEUE),
         work_queue(RECEIPTS_QUEUE),

@@ -145,15 +145,16 @@ def raw_publish(
     message_id: str | None = None,
     content_type: str = "application/json",
     copies: int = 1,
+    delivery_mode: int = 2,
 ) -> None:
-    """Publish as a service in another language would: plain AMQP, persistent, with confirms
-    and mandatory, bypassing our producers' validation."""
+    """Publish as a service in another language would: plain AMQP, persistent (unless told),
+    with confirms and mandatory, bypassing our producers' validation."""
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
         channel = connection.channel()
         channel.confirm_delivery()
         properties = pika.BasicProperties(
-            content_type=content_type, delivery_mode=2, message_id=message_id
+            content_type=content_type, delivery_mode=delivery_mode, message_id=message_id
         )
         for _ in range(copies):
             channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)

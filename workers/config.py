@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     dispatch_processes: int = Field(default=1, ge=1, le=10000)
 
     claim_lease_seconds: float = Field(default=300.0, gt=0)
+    #: How long rendering one recipient's message may take (off the event loop) before the
+    #: recipient is recorded failed.
+    render_timeout_seconds: float = Field(default=1.0, gt=0, le=60)
     #: Events up to this long before a message was scheduled still exclude it (clock skew
     #: between services, an event published just before the message).
     exclusion_buffer_seconds: float = Field(default=5.0, ge=0)

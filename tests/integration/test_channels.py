@@ -145,6 +145,33 @@ def secure_mail_server(tmp_path: Path) -> Iterator[tuple[MailServer, str]]:
         yield served
 
 
+def test_an_email_to_a_contact_without_an_address_fails_with_the_reason_but_is_no_failed_send(
+    settings: Settings,
+    mail_server: MailServer,
+    engine: Engine,
+    add_template: Callable[..., int],
+    start_worker: Callable[..., Worker],
+) -> None:
+    add_template("hello", "Hello")
+    worker = start_worker(smtp_host="127.0.0.1", smtp_port=mail_server.port, smtp_security="none")
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule("no-address", "hello", "email", idempotency_key="no-address")
+        producer.schedule(
+            {"id": "ann", "email": "ann@example.com"}, "hello", "email", idempotency_key="ann"
+        )
+    item = final_row(engine, "no-address")
+    assert (item["status"], item["reason"], item["failures"]) == (
+        "failed",
+        "email: the contact has no email address",
+        0,
+    )
+    assert final_row(engine, "ann")["status"] == "sent"
+    assert [m.recipients for m in mail_server.received] == [["ann@example.com"]]
+    failed = {"channel": "email", "status": "failed"}
+    assert worker.metric("nudge_outcomes_total", **failed, reason="email") == 1
+    assert worker.metric("nudge_outcomes_total", **failed, reason="permanent") == 0
+
+
 def test_smtp_upgrades_with_starttls_authenticates_fails_a_5xx_at_once_and_retries_a_4xx(
     secure_mail_server: tuple[MailServer, str],
     settings: Settings,

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from shared import topology
+from shared.contract import MAX_BODY_BYTES
 
 pytestmark = pytest.mark.unit
 
@@ -69,3 +70,26 @@ def test_the_kubernetes_broker_users_have_the_permissions_in_code() -> None:
         for u in topology.users()
     }
     assert {d["metadata"]["name"] for d in docs if d["kind"] == "User"} == set(shipped)
+
+
+@pytest.mark.parametrize("backend", ["tiers", "plugin"])
+def test_every_queue_that_sets_an_overflow_behaviour_has_a_bound_that_makes_it_mean_something(
+    backend: str,
+) -> None:
+    queues = topology.build(backend).queues  # type: ignore[arg-type]
+    overflowing = [q for q in queues if "x-overflow" in q.arguments]
+    assert len(overflowing) >= 7
+    for q in overflowing:
+        assert q.arguments["x-max-length"] > 0, q.name
+        assert q.arguments["x-max-length-bytes"] > 0, q.name
+    # a full nudge.dead drops its oldest message rather than stopping the workers
+    dead = topology.build(backend).queue(topology.DEAD_QUEUE).arguments  # type: ignore[arg-type]
+    assert (dead["x-overflow"], dead["x-max-length"]) == ("drop-head", topology.DEAD_MAX_LENGTH)
+
+
+def test_the_broker_refuses_bodies_just_above_the_contract_limit() -> None:
+    conf = (ROOT / "infra/rabbitmq/rabbitmq.conf").read_text()
+    [size] = re.findall(r"^max_message_size = (\d+)$", conf, re.M)
+    assert MAX_BODY_BYTES < int(size) <= MAX_BODY_BYTES * 1.2
+    operations = (ROOT / "docs/operations.md").read_text()
+    assert f"{topology.DEAD_MAX_LENGTH:,} messages" in operations

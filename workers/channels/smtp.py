@@ -128,7 +128,7 @@ class SmtpChannel:
 
     async def _send_one(self, delivery: Delivery) -> SendResult:
         if not delivery.email:
-            return SendResult(Verdict.PERMANENT, "email: the contact has no email address")
+            return SendResult(Verdict.UNSENDABLE, "email: the contact has no email address")
         message = compose(self._config, delivery)
         async with self._slots:
             client = self._idle.get_nowait() if not self._idle.empty() else None

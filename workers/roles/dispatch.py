@@ -234,7 +234,7 @@ class DispatchHandler:
                 durable=not sends,
             )
         marks.append(("commit", time.perf_counter()))
-        deliveries, sent_records = self._render(sends, stored)
+        deliveries, sent_records = await asyncio.to_thread(self._render, sends, stored)
         sent = await self._send_all(deliveries)
         marks.append(("send", time.perf_counter()))
         done_at = datetime.now(UTC)
@@ -526,6 +526,8 @@ class DispatchHandler:
         """The outcome of a send of template ``version``, and when to try again."""
         if result.verdict is Verdict.SENT:
             return self._record(c, ItemStatus.SENT, version=version), None
+        if result.verdict is Verdict.UNSENDABLE:  # nothing was tried: not a failed send
+            return self._record(c, ItemStatus.FAILED, result.error, version=version), None
         if result.verdict is Verdict.PERMANENT:
             return self._record(
                 c,

@@ -48,7 +48,7 @@ class EventsHandler:
         self._publisher = publisher
 
     def decode(self, message: AbstractIncomingMessage) -> Inbound:
-        event_id = contract.idempotency_key(message.message_id)
+        event_id = contract.published_by_a_service(message.message_id, message.delivery_mode)
         event = contract.decode(TrackEvent, message.body, content_type=message.content_type)
         return Inbound(event_id, event)
 

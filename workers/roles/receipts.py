@@ -36,7 +36,7 @@ class ReceiptsHandler:
         self._engine = engine
 
     def decode(self, message: AbstractIncomingMessage) -> ReadReceipt:
-        contract.idempotency_key(message.message_id)
+        contract.published_by_a_service(message.message_id, message.delivery_mode)
         return contract.decode(ReadReceipt, message.body, content_type=message.content_type)
 
     def due_at(self, item: ReadReceipt) -> datetime | None:

@@ -47,7 +47,7 @@ class SchedulerHandler:
         self._backend = backend
 
     def decode(self, message: AbstractIncomingMessage) -> Intake:
-        key = contract.idempotency_key(message.message_id)
+        key = contract.published_by_a_service(message.message_id, message.delivery_mode)
         request = contract.decode(ScheduleMessage, message.body, content_type=message.content_type)
         return Intake(key, request)
 

@@ -103,7 +103,7 @@ async def _handlers(
         return [(planner, True)]
     # Every dispatch handler shares the channels, and so the rate limits and the template cache.
     limits = Limits(settings.rate_limits, settings.dispatch_processes)
-    renderer = Renderer()
+    renderer = Renderer(time_limit=settings.render_timeout_seconds)
     bulk, transactional = (
         DispatchHandler(
             settings,
