@@ -129,7 +129,7 @@ def _find(settings: Settings, ref: str) -> dict[str, Any]:
 @click.pass_context
 def message_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     """Show message REF (id or idempotency key) and each recipient's outcome and why."""
-    from workers.store.schema import MessageStatus
+    from workers.recipients import MessageStatus
 
     settings = load_settings(ctx)
     with errors():
