@@ -40,8 +40,9 @@ from shared.topology import (
 )
 from tests.support import Worker, wait_for
 from workers.config import Settings
+from workers.recipients import ItemStatus
 from workers.store import templates
-from workers.store.schema import ItemStatus, contact_events, message_items, messages
+from workers.store.schema import contact_events, message_items, messages
 
 pytestmark = pytest.mark.integration
 

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from sqlalchemy import Engine, TextClause, text
 
+from workers.recipients import MessageStatus
 from workers.store.campaigns import _COMPLETE
 from workers.store.messages import _FINALISE
 
@@ -96,7 +97,9 @@ def test_the_finalise_probes_each_recipient_by_key_whatever_the_statistics_say(
             "nexts": [None] * n,
             "failed": [0] * n,
             "versions": [None] * n,
-            "completed": 3,
+            "not_started": int(MessageStatus.NOT_STARTED),
+            "sending": int(MessageStatus.SENDING),
+            "completed": int(MessageStatus.COMPLETED),
         },
     )
     # one index probe per recipient, not a scan of every row or index entry then a hash
@@ -109,5 +112,13 @@ def test_the_finalise_probes_each_recipient_by_key_whatever_the_statistics_say(
 def test_completion_looks_for_an_unfinished_recipient_from_the_top(
     engine: Engine, campaign_midway: int
 ) -> None:
-    plan = _plan(engine, _COMPLETE, {"id": campaign_midway})
+    plan = _plan(
+        engine,
+        _COMPLETE,
+        {
+            "id": campaign_midway,
+            "sending": int(MessageStatus.SENDING),
+            "completed": int(MessageStatus.COMPLETED),
+        },
+    )
     assert "Index Only Scan Backward using ix_message_items_unfinished" in plan, plan

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from sqlalchemy import Column, create_engine
 
-from workers.store.schema import ItemStatus, MessageStatus, metadata
+from workers.recipients import ItemStatus, MessageStatus
+from workers.store.schema import metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("producer", "shared", "workers")

@@ -71,8 +71,9 @@ class SendResult:
         return cls(Verdict.SENT)
 
 
-class Channel(Protocol):
-    """Where messages go out."""
+class Sender(Protocol):
+    """What sends a channel's deliveries (the channel itself is named by the contract's
+    :class:`~shared.contract.Channel`)."""
 
     name: str
     #: The most deliveries one :meth:`send` call takes.

@@ -97,7 +97,7 @@ def _verdict(
     return SendResult(Verdict.TRANSIENT if transient else Verdict.PERMANENT, error)
 
 
-class SmtpChannel:
+class SmtpSender:
     """Sends email through one SMTP server on up to ``connections`` connections."""
 
     name = "email"

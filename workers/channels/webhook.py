@@ -91,7 +91,7 @@ def _retry_after(response: httpx.Response) -> float | None:
             return None
 
 
-class WebhookChannel:
+class WebhookSender:
     """Delivers over HTTP; 2xx is sent, 408/425/429/5xx, timeouts and network errors are
     transient, other 4xx are permanent. With ``batch_size`` above 1 one POST carries up to
     that many messages, and they share its outcome."""

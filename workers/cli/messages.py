@@ -130,8 +130,8 @@ def _find(settings: Settings, ref: str) -> dict[str, Any]:
 def message_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     """Show message REF (id or idempotency key) and each recipient's outcome and why, with
     the opens and clicks of an email."""
+    from workers.recipients import MessageStatus
     from workers.store import tracking
-    from workers.store.schema import MessageStatus
 
     settings = load_settings(ctx)
     with errors():

@@ -33,11 +33,11 @@ from shared.amqp import Outgoing, Publisher
 from shared.contract import PlanCampaign, RecipientBatch
 from shared.errors import StoreError
 from shared.topology import BATCH_KEY, BATCHES_EXCHANGE, PLAN_DESTINATION, PLAN_QUEUE
+from workers.recipients import MessageStatus
 from workers.runtime import metrics
 from workers.runtime.outcomes import DONE, Outcome, Reject, Retry
 from workers.store import campaigns
 from workers.store.db import transaction
-from workers.store.schema import MessageStatus
 
 log = structlog.get_logger("nudge.planner")
 

@@ -19,11 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from shared import contract
 from shared.contract import ReadReceipt
 from shared.topology import RECEIPTS_QUEUE
+from workers.recipients import ItemStatus
 from workers.runtime import metrics
 from workers.runtime.outcomes import DONE, Outcome, Reject
 from workers.store import receipts
 from workers.store.db import transaction
-from workers.store.schema import ItemStatus
 
 
 class ReceiptsHandler:

@@ -16,10 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import amqp, delay, topology
 from shared.errors import BrokerUnavailable
-from workers.channels import Channel
-from workers.channels.log import LogChannel
-from workers.channels.smtp import SmtpChannel, SmtpConfig
-from workers.channels.webhook import WebhookChannel
+from workers.channels import Sender
+from workers.channels.log import LogSender
+from workers.channels.smtp import SmtpConfig, SmtpSender
+from workers.channels.webhook import WebhookSender
 from workers.config import Settings
 from workers.ratelimit import Limits
 from workers.roles.batches import BatchHandler
@@ -43,14 +43,14 @@ ROLES: tuple[Role, ...] = ("scheduler", "dispatch", "events", "planner", "receip
 WEB: Role = "web"
 
 
-def build_channels(settings: Settings) -> dict[str, Channel]:
+def build_channels(settings: Settings) -> dict[str, Sender]:
     """The delivery channels this worker's configuration enables; raises
     :class:`~shared.errors.ConfigError` when one lacks its secret."""
     settings.require_channel_secrets()
-    channels: dict[str, Channel] = {"log": LogChannel()}
+    channels: dict[str, Sender] = {"log": LogSender()}
     if settings.webhook_url:
         assert settings.webhook_secret is not None  # required above
-        channels["webhook"] = WebhookChannel(
+        channels["webhook"] = WebhookSender(
             settings.webhook_url,
             settings.webhook_secret,
             timeout=settings.webhook_timeout_seconds,
@@ -58,7 +58,7 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
         )
     if settings.smtp_host:
         assert settings.unsubscribe_secret is not None  # required above
-        channels["email"] = SmtpChannel(
+        channels["email"] = SmtpSender(
             SmtpConfig(
                 host=settings.smtp_host,
                 port=settings.smtp_port,
@@ -84,7 +84,7 @@ async def _handlers(
     engine: AsyncEngine,
     publisher: amqp.Publisher,
     backend: delay.BackendName,
-    channels: dict[str, Channel],
+    channels: dict[str, Sender],
     connection: Any,
     background: list[asyncio.Task[None]],
 ) -> list[tuple[Any, bool]]:

@@ -32,7 +32,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.errors import InvalidMessage
-from workers.store.schema import ItemStatus, contacts, message_items, messages
+from workers.recipients import ItemStatus
+from workers.store.schema import contacts, message_items, messages
 
 _CONDITION = re.compile(
     r"^\s*(?P<attr>[A-Za-z_][A-Za-z0-9_.-]{0,63})\s*"

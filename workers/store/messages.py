@@ -16,11 +16,10 @@ from sqlalchemy import Connection, bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.contract import ScheduleMessage
+from workers.recipients import Claimed, ItemOutcome, ItemState, ItemStatus, Key, MessageStatus
 from workers.store import contacts as contacts_repo
 from workers.store.db import Statement
-from workers.store.schema import ItemStatus, MessageStatus, contacts, message_items, messages
-
-Key = tuple[int, int]  # (message_id, contact_id)
+from workers.store.schema import contacts, message_items, messages
 
 
 @dataclass(frozen=True)
@@ -33,64 +32,8 @@ class StoredMessage:
     idempotency_key: str
 
 
-@dataclass(frozen=True)
-class Claimed:
-    """A recipient this worker now owns, with everything needed to decide and deliver."""
-
-    message_id: int
-    contact_id: int
-    attempts: int
-    failures: int
-    message_status: int
-    idempotency_key: str
-    template: str
-    channel: str
-    category: str | None
-    priority: str
-    data: dict[str, Any]
-    deliver_at: datetime
-    expires_at: datetime | None
-    external_id: str
-    email: str | None
-    phone: str | None
-    timezone: str | None
-    attributes: dict[str, Any]
-    subscribed: bool
-
-
 #: The claim query's columns, in the order of :class:`Claimed`'s fields.
 _CLAIMED_COLUMNS = tuple(f.name for f in fields(Claimed))
-
-
-@dataclass(frozen=True)
-class ItemState:
-    """A recipient row this worker could not claim: final, or someone else's for now."""
-
-    status: ItemStatus
-    attempts: int
-    claimed_at: datetime | None
-    next_attempt_at: datetime | None
-    #: Its message (a campaign) is paused: the recipient is left for resume.
-    paused: bool = False
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a claimed recipient ended (or why it waits)."""
-
-    message_id: int
-    contact_id: int
-    #: The claim this outcome finalises (``attempts`` when claimed): a worker whose lease ran
-    #: out cannot overwrite the outcome of the worker that took over.
-    attempts: int
-    status: ItemStatus
-    reason: str | None = None
-    error: str | None = None
-    next_attempt_at: datetime | None = None
-    #: The send failed (counts towards the attempts limit).
-    failed: bool = False
-    #: The template version the recipient was rendered with, when it was rendered.
-    template_version: int | None = None
 
 
 _INSERT_SINGLES = text("""
@@ -171,7 +114,7 @@ WITH wanted AS (
     INSERT INTO message_items AS mi (message_id, contact_id, status, attempts, claimed_at,
                                      updated_at)
     SELECT w.message_id, w.contact_id, 'sending', w.attempt, now(), now() FROM wanted w
-     WHERE EXISTS (SELECT 1 FROM messages m WHERE m.id = w.message_id AND m.status <> 2)
+     WHERE EXISTS (SELECT 1 FROM messages m WHERE m.id = w.message_id AND m.status <> :paused)
        AND EXISTS (SELECT 1 FROM contacts k WHERE k.id = w.contact_id)
      ORDER BY w.message_id, w.contact_id
     ON CONFLICT (message_id, contact_id) DO UPDATE
@@ -194,7 +137,7 @@ SELECT c.message_id, c.contact_id, c.attempts, c.failures, m.status AS message_s
 
 _STATES = text("""
 SELECT mi.message_id, mi.contact_id, mi.status, mi.attempts, mi.claimed_at,
-       mi.next_attempt_at, m.status = 2 AS paused
+       mi.next_attempt_at, m.status = :paused AS paused
   FROM message_items mi
   JOIN messages m ON m.id = mi.message_id
   JOIN unnest(CAST(:mids AS bigint[]), CAST(:cids AS bigint[])) AS t(message_id, contact_id)
@@ -217,6 +160,7 @@ def claim_statement(wanted: Sequence[tuple[int, int, int]], lease_seconds: float
         "cids": [w[1] for w in wanted],
         "attempts": [w[2] for w in wanted],
         "lease": lease_seconds,
+        "paused": int(MessageStatus.PAUSED),
     }
 
 
@@ -229,7 +173,11 @@ def claimed_from(rows: Sequence[Any]) -> list[Claimed]:
 def states_statement(rest: Sequence[Key]) -> Statement:
     """The states of recipient rows this worker did not claim; read with
     :func:`states_from` (a key with no row names a message or contact that does not exist)."""
-    return _STATES, {"mids": [k[0] for k in rest], "cids": [k[1] for k in rest]}
+    return _STATES, {
+        "mids": [k[0] for k in rest],
+        "cids": [k[1] for k in rest],
+        "paused": int(MessageStatus.PAUSED),
+    }
 
 
 def states_from(rows: Sequence[Any]) -> dict[Key, ItemState]:
@@ -266,14 +214,14 @@ WITH finalised AS (
     UPDATE messages SET status = :completed
      WHERE id IN (SELECT message_id FROM finalised
                    WHERE status NOT IN ('sending', 'deferred', 'planned'))
-       AND kind = 'single' AND status IN (0, 1)
+       AND kind = 'single' AND status IN (:not_started, :sending)
     RETURNING id
 )
 SELECT (SELECT count(*) FROM finalised) AS finalised, (SELECT count(*) FROM completed)
 """)
 
 
-async def finalise(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> int:
+async def finalise(conn: AsyncConnection, outcomes: Sequence[ItemOutcome]) -> int:
     """:func:`finalise_statement`, run (nothing to run without outcomes); how many rows it
     finalised (fewer than ``outcomes``: a row was taken over, or its claim was lost)."""
     if not outcomes:
@@ -315,14 +263,14 @@ WITH v AS (
     UPDATE messages SET status = :completed
      WHERE id IN (SELECT message_id FROM repaired
                    WHERE status NOT IN ('sending', 'deferred', 'planned'))
-       AND kind = 'single' AND status IN (0, 1)
+       AND kind = 'single' AND status IN (:not_started, :sending)
     RETURNING id
 )
 SELECT (SELECT count(*) FROM repaired) AS repaired, (SELECT count(*) FROM completed)
 """)
 
 
-async def repair(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> int:
+async def repair(conn: AsyncConnection, outcomes: Sequence[ItemOutcome]) -> int:
     """Write the outcomes whose claim was lost (see ``_REPAIR``); how many there were."""
     if not outcomes:
         return 0
@@ -330,7 +278,7 @@ async def repair(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> int:
     return int((await conn.execute(_REPAIR, params)).scalar_one())
 
 
-def finalise_statement(outcomes: Sequence[Outcome]) -> Statement:
+def finalise_statement(outcomes: Sequence[ItemOutcome]) -> Statement:
     """Record the outcome of claimed rows, and complete the single-recipient messages among
     them, in one statement (safe to run in autocommit: it commits whole or not at all)."""
     return (
@@ -340,11 +288,13 @@ def finalise_statement(outcomes: Sequence[Outcome]) -> Statement:
             "cids": [o.contact_id for o in outcomes],
             "attempts": [o.attempts for o in outcomes],
             "statuses": [o.status.value for o in outcomes],
-            "reasons": [o.reason for o in outcomes],
+            "reasons": [None if o.reason is None else str(o.reason) for o in outcomes],
             "errors": [o.error for o in outcomes],
             "nexts": [o.next_attempt_at for o in outcomes],
             "failed": [int(o.failed) for o in outcomes],
             "versions": [o.template_version for o in outcomes],
+            "not_started": int(MessageStatus.NOT_STARTED),
+            "sending": int(MessageStatus.SENDING),
             "completed": int(MessageStatus.COMPLETED),
         },
     )

@@ -7,8 +7,6 @@ the migrations and these tables agree.
 
 from __future__ import annotations
 
-import enum
-
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -31,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
+from workers.recipients import ItemStatus, MessageStatus
+
 metadata = MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -40,40 +40,6 @@ metadata = MetaData(
         "pk": "pk_%(table_name)s",
     }
 )
-
-
-class MessageStatus(enum.IntEnum):
-    """``messages.status``."""
-
-    NOT_STARTED = 0
-    SENDING = 1
-    PAUSED = 2
-    COMPLETED = 3
-    CANCELLED = 4
-
-
-class ItemStatus(enum.StrEnum):
-    """``message_items.status``: ``sending`` while claimed, ``deferred`` while waiting for a
-    retry or a window; every other value is final."""
-
-    SENDING = "sending"
-    DEFERRED = "deferred"
-    #: A campaign recipient frozen into the audience, not yet claimed by a dispatch worker.
-    PLANNED = "planned"
-    SENT = "sent"
-    FAILED = "failed"
-    EXCLUDED = "excluded"
-    SUPPRESSED = "suppressed"
-    EXPIRED = "expired"
-    CANCELLED = "cancelled"
-
-    @property
-    def final(self) -> bool:
-        return self not in UNFINISHED
-
-
-#: Statuses a recipient leaves: a campaign completes when none of its rows has one.
-UNFINISHED = frozenset({ItemStatus.SENDING, ItemStatus.DEFERRED, ItemStatus.PLANNED})
 
 
 def _now() -> Column[object]:
@@ -133,7 +99,9 @@ messages = Table(
     _now(),
     CheckConstraint("kind IN ('single', 'campaign', 'rule')", name="kind"),
     CheckConstraint("priority IN ('transactional', 'automation', 'campaign')", name="priority"),
-    CheckConstraint("status BETWEEN 0 AND 4", name="status"),
+    CheckConstraint(
+        f"status BETWEEN {min(MessageStatus):d} AND {max(MessageStatus):d}", name="status"
+    ),
     CheckConstraint("exclude_scope IN ('since_scheduled', 'ever', 'within')", name="exclude_scope"),
     # a contact's single messages not yet due, for `nudge contact show` (migration 0008)
     Index(None, "contact_id"),
