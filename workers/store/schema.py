@@ -223,6 +223,15 @@ rule_runs = Table(
 )
 
 
+#: The next free send slot of each rate-limited channel, shared by every dispatch process
+#: (workers/store/rates.py).
+rate_slots = Table(
+    "rate_slots",
+    metadata,
+    Column("channel", Text, primary_key=True),
+    Column("next_at", DateTime(timezone=True), nullable=False),
+)
+
 # Campaigns (migration 0005) are ``messages`` rows of kind ``campaign``; these columns are
 # null for other kinds. Draft is status 0 without ``start_at``; scheduled is status 0 with it.
 CAMPAIGN_COLUMNS = (
