@@ -3,6 +3,7 @@ TOML file, validated once at start and passed down explicitly."""
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -87,10 +88,9 @@ class Settings(BaseSettings):
     #: Where the ``web`` role listens (unsubscribe pages, open pixel, click redirects).
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8080, ge=1, le=65535)
-    #: Sends per second per channel, e.g. ``{"email": 14}``; a channel not named is unlimited.
+    #: Sends per second per channel for the whole fleet of dispatch processes, e.g.
+    #: ``{"email": 14}``; a channel not named is unlimited.
     rate_limits: dict[str, float] = Field(default_factory=dict)
-    #: Dispatch processes sharing the rate limits: each process takes limit / this.
-    dispatch_processes: int = Field(default=1, ge=1, le=10000)
 
     claim_lease_seconds: float = Field(default=300.0, gt=0)
     #: How long rendering one recipient's message may take (off the event loop) before the
@@ -187,6 +187,7 @@ class Settings(BaseSettings):
                 values.update(tomllib.loads(config_file.read_text()))
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise ConfigError(f"config file {config_file}: {exc}") from exc
+        _refuse_removed(values)
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             # Environment variables win over the file: explicit init values would win over the
@@ -203,3 +204,17 @@ class Settings(BaseSettings):
             )
             # Not chained: the validation error holds the raw input, secrets included.
             raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+#: Settings that no longer exist, and what replaced them.
+REMOVED = {
+    "dispatch_processes": "rate limits are the fleet's: every dispatch process reserves its "
+    "sends from one schedule in Postgres, whatever their number (docs/delivery.md); unset it",
+}
+
+
+def _refuse_removed(file_values: dict[str, Any]) -> None:
+    """A removed setting is an error, not silently ignored: the operator meant something."""
+    for name, why in REMOVED.items():
+        if name in file_values or f"NUDGE_{name.upper()}" in os.environ:
+            raise ConfigError(f"invalid configuration: NUDGE_{name.upper()} was removed: {why}")

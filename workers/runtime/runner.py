@@ -21,7 +21,7 @@ from workers.channels.log import LogSender
 from workers.channels.smtp import SmtpConfig, SmtpSender
 from workers.channels.webhook import WebhookSender
 from workers.config import Settings
-from workers.ratelimit import Limits
+from workers.ratelimit import Limits, StoreSlots
 from workers.roles.batches import BatchHandler
 from workers.roles.dispatch import DispatchHandler
 from workers.roles.events import EventsHandler
@@ -101,8 +101,9 @@ async def _handlers(
         planner = PlannerHandler(engine, publisher, backend)
         background.append(asyncio.create_task(planner.sweep_forever()))
         return [(planner, True)]
-    # Every dispatch handler shares the channels, and so the rate limits and the template cache.
-    limits = Limits(settings.rate_limits, settings.dispatch_processes)
+    # Every dispatch handler shares the channels, and so the rate limits and the template cache;
+    # the limits' slots are the fleet's, in Postgres.
+    limits = Limits(settings.rate_limits, StoreSlots(engine))
     renderer = Renderer(time_limit=settings.render_timeout_seconds)
     bulk, transactional = (
         DispatchHandler(
@@ -205,7 +206,11 @@ async def _consume(
     topo = topology.build(backend)
     await amqp.declare(connection, topo)
     queues = len(roles) + 2 * ("dispatch" in roles)  # dispatch consumes three queues
-    engine = async_engine(settings.database_url, pool_size=concurrency * queues + 1)
+    # a connection per slot and queue, one spare, and one per rate limit (a limiter reserves
+    # its slots with one statement at a time)
+    engine = async_engine(
+        settings.database_url, pool_size=concurrency * queues + 1 + len(settings.rate_limits)
+    )
     publisher = await amqp.Publisher.open(connection)
     channels = build_channels(settings) if "dispatch" in roles else {}
     consumers: list[Consumer[Any]] = []

@@ -103,7 +103,7 @@ messages = Table(
         f"status BETWEEN {min(MessageStatus):d} AND {max(MessageStatus):d}", name="status"
     ),
     CheckConstraint("exclude_scope IN ('since_scheduled', 'ever', 'within')", name="exclude_scope"),
-    # a contact's single messages not yet due, for `nudge contact show` (migration 0008)
+    # a contact's single messages not yet due, for `nudge contact show` (migration 0009)
     Index(None, "contact_id"),
 )
 
@@ -160,7 +160,7 @@ templates = Table(
     Column("text_body", Text, nullable=False),
     Column("html_body", Text),
     _now(),
-    #: Email tracking (migration 0008): an open pixel, and links rewritten to click redirects.
+    #: Email tracking (migration 0009): an open pixel, and links rewritten to click redirects.
     Column("track_opens", Boolean, nullable=False, server_default=text("true")),
     Column("track_clicks", Boolean, nullable=False, server_default=text("true")),
     PrimaryKeyConstraint("name", "version"),
@@ -168,7 +168,7 @@ templates = Table(
     CheckConstraint("name ~ '^[A-Za-z0-9_.-]{1,100}$'", name="name"),
 )
 
-# Email tracking (migration 0008), served by the web role: per recipient, the first open
+# Email tracking (migration 0009), served by the web role: per recipient, the first open
 # and how many times the pixel loaded, and every click with its link.
 message_opens = Table(
     "message_opens",
@@ -231,6 +231,15 @@ rule_runs = Table(
     PrimaryKeyConstraint("rule", "contact_id"),
 )
 
+
+#: The next free send slot of each rate-limited channel, shared by every dispatch process
+#: (workers/store/rates.py).
+rate_slots = Table(
+    "rate_slots",
+    metadata,
+    Column("channel", Text, primary_key=True),
+    Column("next_at", DateTime(timezone=True), nullable=False),
+)
 
 # Campaigns (migration 0005) are ``messages`` rows of kind ``campaign``; these columns are
 # null for other kinds. Draft is status 0 without ``start_at``; scheduled is status 0 with it.
