@@ -13,7 +13,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 from sqlalchemy import Engine, text
 
 from producer import Producer
@@ -21,8 +20,6 @@ from tests.support import Worker, nudge, wait_for
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store import templates
-
-pytestmark = pytest.mark.acceptance
 
 FINAL = ("sent", "failed", "excluded", "suppressed", "expired", "cancelled")
 

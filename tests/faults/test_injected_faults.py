@@ -33,8 +33,6 @@ from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store import templates
 
-pytestmark = [pytest.mark.integration, pytest.mark.faults]
-
 #: Each role's process and the queue it consumes. Roles added later (planner, receipts) go here.
 QUEUES = {
     "scheduler": INTAKE_QUEUE,

@@ -20,8 +20,6 @@ from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import message_items
 
-pytestmark = pytest.mark.integration
-
 
 def test_an_email_arrives_rendered_with_a_signed_unsubscribe_header_on_a_reused_connection(
     settings: Settings,

@@ -43,8 +43,6 @@ from workers.config import Settings
 from workers.store import templates
 from workers.store.schema import ItemStatus, contact_events, message_items, messages
 
-pytestmark = pytest.mark.integration
-
 TAG = "x-fuzz"
 FINAL = [s.value for s in ItemStatus if s.final]
 #: Inputs per example, and examples: a few hundred inputs in all, for CI's sake.

@@ -21,8 +21,6 @@ from sqlalchemy import Engine, TextClause, text
 from workers.store.campaigns import _COMPLETE
 from workers.store.messages import _FINALISE
 
-pytestmark = pytest.mark.integration
-
 N = 100_000
 
 

@@ -14,8 +14,6 @@ from workers.store.checks import Event, Sent
 from workers.store.messages import Claimed
 from workers.store.schema import ItemStatus, MessageStatus
 
-pytestmark = pytest.mark.unit
-
 NOW = datetime(2026, 6, 15, 12, 0, 0, tzinfo=UTC)
 S = timedelta(seconds=1)
 DAY = timedelta(days=1)

@@ -6,11 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
-
 from workers.ratelimit import Limits, RateLimiter
-
-pytestmark = pytest.mark.unit
 
 
 async def test_fifty_concurrent_acquires_at_a_hundred_per_second_take_half_a_second() -> None:
