@@ -25,7 +25,6 @@ from datetime import datetime
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract, delay
@@ -46,7 +45,6 @@ SLICE_SECONDS = 20.0
 #: Batches published per round trip to Postgres (their confirms awaited together).
 PAGES_PER_QUERY = 10
 SWEEP_SECONDS = 2.0
-_LOCK_SPACE = 2  # pg advisory lock namespace of campaign planning
 
 
 def batch_message_id(campaign_id: int, round_: int, first_contact: int) -> str:
@@ -87,22 +85,10 @@ class PlannerHandler:
                 return DONE  # started by hand, rescheduled, or cancelled
             log.info("scheduled campaign started", campaign_id=plan.campaign_id)
             round_ = started
-        async with self._engine.connect() as lock:
-            got = await lock.scalar(
-                text("SELECT pg_try_advisory_lock(:space, :id)"),
-                {"space": _LOCK_SPACE, "id": plan.campaign_id},
-            )
-            await lock.commit()
-            if not got:
+        async with campaigns.planning_lock(self._engine, plan.campaign_id) as mine:
+            if not mine:
                 return Retry(1000)  # another planner is on it; see what is left then
-            try:
-                return await self._slice(plan.campaign_id, round_)
-            finally:
-                await lock.execute(
-                    text("SELECT pg_advisory_unlock(:space, :id)"),
-                    {"space": _LOCK_SPACE, "id": plan.campaign_id},
-                )
-                await lock.commit()
+            return await self._slice(plan.campaign_id, round_)
 
     async def _slice(self, campaign_id: int, round_: int) -> Outcome:
         deadline = time.monotonic() + SLICE_SECONDS
