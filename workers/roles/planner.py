@@ -24,11 +24,10 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract, delay
-from shared.amqp import Outgoing, Publisher
+from shared.amqp import Incoming, Outgoing, Publisher
 from shared.contract import PlanCampaign, RecipientBatch
 from shared.errors import StoreError
 from shared.topology import BATCH_KEY, BATCHES_EXCHANGE, PLAN_DESTINATION, PLAN_QUEUE
@@ -64,7 +63,7 @@ class PlannerHandler:
         self._publisher = publisher
         self._backend = backend
 
-    def decode(self, message: AbstractIncomingMessage) -> PlanCampaign:
+    def decode(self, message: Incoming) -> PlanCampaign:
         return contract.decode(PlanCampaign, message.body, content_type=message.content_type)
 
     def due_at(self, item: PlanCampaign) -> datetime | None:
