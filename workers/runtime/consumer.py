@@ -10,6 +10,9 @@ A delivery may carry several items (a :class:`Bundle`: the scheduler's ``DueBatc
 held, batched and handled on its own; one that must travel again (a retry, a rejection) goes
 alone, with its own body; the delivery is acked once every item is settled, or given back to
 the queue whole when one could not be (its items already done are found done again).
+
+The loop sees RabbitMQ through :class:`~shared.amqp.Inbox` and :class:`~shared.amqp.Publishes`
+only: :mod:`workers.runtime.testing` runs it against an in-memory broker.
 """
 
 from __future__ import annotations
