@@ -37,6 +37,27 @@ TEMPLATE_DB = f"nudge_test_template_{hashlib.sha256(str(ROOT).encode()).hexdiges
 #: by the scheduler), each a one-line text naming the contact.
 STOCK_TEMPLATES = ("welcome", "reminder", "renewal", "flash_sale", "trial_end", "digest", "tip")
 
+#: The tier markers of each test directory, the one place tiers are assigned: ``make test-fast``
+#: deselects ``acceptance``; fault tests talk to the real servers, so they are integration too.
+TIERS = {
+    "unit": ("unit",),
+    "integration": ("integration",),
+    "acceptance": ("acceptance",),
+    "faults": ("integration", "faults"),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with the tiers of its directory under ``tests/``."""
+    for item in items:
+        tier = item.path.relative_to(ROOT / "tests").parts[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(
+                f"{item.nodeid}: tests live in one of tests/{{{','.join(TIERS)}}}/"
+            )
+        for marker in TIERS[tier]:
+            item.add_marker(marker)
+
 
 def _admin_dsn(database: str = "postgres") -> str:
     parts = urllib.parse.urlsplit(BASE.database_url.replace("postgresql+psycopg", "postgresql"))

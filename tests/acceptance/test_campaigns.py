@@ -13,7 +13,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 from sqlalchemy import Engine, text
 
 from producer import Producer
@@ -23,10 +22,8 @@ from shared.topology import PLAN_EXCHANGE, PLAN_KEY
 from tests.support import Worker, nudge, raw_publish, wait_for
 from workers.config import Settings
 from workers.demo.sink import Sink
-from workers.roles.planner import _LOCK_SPACE as SPACE
 from workers.store import templates
-
-pytestmark = pytest.mark.acceptance
+from workers.store.campaigns import PLANNING_LOCK_SPACE as SPACE
 
 FINAL = ("sent", "failed", "excluded", "suppressed", "expired", "cancelled")
 

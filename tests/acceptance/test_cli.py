@@ -6,13 +6,9 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from tests.support import nudge, settings_env
 from workers.config import Settings
 from workers.demo.sink import Sink
-
-pytestmark = pytest.mark.acceptance
 
 
 def test_an_operator_schedules_runs_a_burst_worker_and_reads_the_outcomes(

@@ -33,8 +33,6 @@ from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store import templates
 
-pytestmark = [pytest.mark.integration, pytest.mark.faults]
-
 #: Each role the faults hit, with the queue it consumes (no flow sends read receipts).
 QUEUES = {
     "scheduler": INTAKE_QUEUE,

@@ -24,8 +24,6 @@ from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import contact_events, contacts, message_items, messages
 
-pytestmark = pytest.mark.integration
-
 
 class Users:
     """AMQP URLs of this test's service and worker users."""

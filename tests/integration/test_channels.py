@@ -22,8 +22,6 @@ from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import message_items
 
-pytestmark = pytest.mark.integration
-
 UNSUBSCRIBE = secrets.token_urlsafe(32)
 
 

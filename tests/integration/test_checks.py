@@ -9,7 +9,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
-import pytest
 from sqlalchemy import Engine, select
 
 from producer import Producer, scheduled
@@ -18,8 +17,6 @@ from tests.support import Management, Worker, nudge, raw_publish, wait_for
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import contacts, message_items, messages
-
-pytestmark = pytest.mark.integration
 
 
 def outcomes(engine: Engine) -> dict[str, tuple[str, str | None]]:

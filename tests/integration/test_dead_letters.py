@@ -10,7 +10,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pika
-import pytest
 from sqlalchemy import Engine, select, text
 
 from producer import Producer
@@ -30,8 +29,6 @@ from workers.asyncapi import EXAMPLE_SCHEDULE
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import messages
-
-pytestmark = pytest.mark.integration
 
 
 def test_a_message_crashing_its_handler_on_every_delivery_is_parked_then_replayed_once_fixed(

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from sqlalchemy import Engine, func, select
 
 from producer import Producer, scheduled
@@ -28,8 +27,6 @@ from tests.support import (
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import message_items, messages
-
-pytestmark = pytest.mark.integration
 
 
 def _items(engine: Engine) -> list[tuple[str, str, int]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-import pytest
 from sqlalchemy import Engine, select
 
 from producer import Producer, scheduled
@@ -15,8 +14,6 @@ from tests.support import Management, Worker, raw_publish, wait_for
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import message_items, messages
-
-pytestmark = pytest.mark.integration
 
 
 def _outcomes(engine: Engine) -> Counter[str]:

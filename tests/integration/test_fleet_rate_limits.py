@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import pytest
 from sqlalchemy import Engine, func, select
 
 from producer import Producer, scheduled
@@ -14,8 +13,6 @@ from tests.support import Worker, ready_count, wait_for
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import messages
-
-pytestmark = pytest.mark.integration
 
 RATE = 50.0
 

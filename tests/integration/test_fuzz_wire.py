@@ -44,8 +44,6 @@ from workers.recipients import ItemStatus
 from workers.store import templates
 from workers.store.schema import contact_events, message_items, messages
 
-pytestmark = pytest.mark.integration
-
 TAG = "x-fuzz"
 FINAL = [s.value for s in ItemStatus if s.final]
 #: Inputs per example, and examples: a few hundred inputs in all, for CI's sake.

@@ -14,8 +14,6 @@ from shared.topology import INTAKE_EXCHANGE, INTAKE_QUEUE, SCHEDULE_KEY
 from tests.support import Management, free_port, ready_count
 from workers.config import Settings
 
-pytestmark = pytest.mark.integration
-
 
 def test_schedule_many_pipelines_thousands_of_confirmed_publishes(settings: Settings) -> None:
     n = 3000

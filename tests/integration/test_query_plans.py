@@ -22,8 +22,6 @@ from workers.recipients import MessageStatus
 from workers.store.campaigns import _COMPLETE
 from workers.store.messages import _FINALISE
 
-pytestmark = pytest.mark.integration
-
 N = 100_000
 
 

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from sqlalchemy import Engine, select
 
 from producer import Producer
@@ -15,8 +14,6 @@ from tests.support import Management, Worker, final_row, ready_count, wait_for
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import contact_events, contacts, message_items
-
-pytestmark = pytest.mark.integration
 
 
 def test_a_receipt_is_recorded_for_a_sent_recipient_and_parked_for_one_never_sent(

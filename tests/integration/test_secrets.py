@@ -15,8 +15,6 @@ from tests.support import Worker, final_row, nudge
 from workers.config import Settings
 from workers.demo.sink import Sink
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.mark.parametrize(
     ("secret", "problem"),

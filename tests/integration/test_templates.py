@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
 from sqlalchemy import Engine, func, select
 
 from producer import Producer
@@ -14,8 +13,6 @@ from tests.support import Management, Worker, final_row, recipient_row, wait_for
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import messages
-
-pytestmark = pytest.mark.integration
 
 
 def test_a_missing_variable_fails_that_recipient_with_the_reason_and_sends_nothing(

@@ -22,8 +22,6 @@ from workers import tracking
 from workers.config import Settings
 from workers.store import templates
 
-pytestmark = pytest.mark.integration
-
 TRACKING_SECRET = secrets.token_urlsafe(32)
 UNSUBSCRIBE_SECRET = secrets.token_urlsafe(32)
 NEWS_HTML = (

@@ -16,8 +16,6 @@ from workers.policies import DEFAULTS, Policy
 from workers.reasons import Reason, ReasonRule
 from workers.recipients import Claimed, Event, ItemStatus, MessageStatus, Sent
 
-pytestmark = pytest.mark.unit
-
 NOW = datetime(2026, 6, 15, 12, 0, 0, tzinfo=UTC)
 S = timedelta(seconds=1)
 DAY = timedelta(days=1)

@@ -11,8 +11,6 @@ from pydantic import SecretStr
 from shared.errors import ConfigError
 from workers.config import Settings
 
-pytestmark = pytest.mark.unit
-
 ROOT = Path(__file__).resolve().parents[2]
 GOOD = "k" * 40
 

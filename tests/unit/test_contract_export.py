@@ -26,8 +26,6 @@ from shared.topology import (
 )
 from workers import asyncapi
 
-pytestmark = pytest.mark.unit
-
 COMMITTED = Path(__file__).resolve().parents[2] / "docs" / "contract"
 
 # A JSON Schema subset, enough for what pydantic emits for our models (no jsonschema package

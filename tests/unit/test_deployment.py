@@ -19,8 +19,6 @@ import yaml
 from workers.config import Settings
 from workers.runtime.runner import ROLES, WEB
 
-pytestmark = pytest.mark.unit
-
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 #: The oldest Kubernetes still commonly run, and the newest the validator bundles.
 KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.latest_version())

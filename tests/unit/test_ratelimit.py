@@ -12,8 +12,6 @@ from shared.errors import ConfigError
 from workers.config import Settings
 from workers.ratelimit import Limits, LocalSlots, RateLimiter
 
-pytestmark = pytest.mark.unit
-
 
 async def test_fifty_concurrent_acquires_at_a_hundred_per_second_take_half_a_second() -> None:
     limiter = RateLimiter(100)

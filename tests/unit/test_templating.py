@@ -10,8 +10,6 @@ import pytest
 from shared.errors import InvalidTemplate
 from workers.templating import MAX_OUTPUT_CHARS, SUSPECT_FRACTION, Renderer, contact_variables
 
-pytestmark = pytest.mark.unit
-
 CONTACT = contact_variables("u-1", "ann@example.com", None, "Europe/Paris", {"tier": "vip"})
 
 

@@ -12,8 +12,6 @@ import yaml
 from shared import topology
 from shared.contract import MAX_BODY_BYTES
 
-pytestmark = pytest.mark.unit
-
 ROOT = Path(__file__).resolve().parents[2]
 
 

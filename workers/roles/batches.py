@@ -19,11 +19,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract, delay
-from shared.amqp import Publisher
+from shared.amqp import Incoming, Publisher
 from shared.contract import CampaignControl, DueMessage, RecipientBatch, due_message_id
 from shared.topology import BATCHES_QUEUE, DUE_DESTINATION
 from workers.recipients import ItemStatus, MessageStatus
@@ -63,7 +62,7 @@ class BatchHandler:
         #: Per campaign: True for each recent send that failed (this worker's last N sends).
         self._sends: dict[int, deque[bool]] = {}
 
-    def decode(self, message: AbstractIncomingMessage) -> RecipientBatch:
+    def decode(self, message: Incoming) -> RecipientBatch:
         return contract.decode(RecipientBatch, message.body, content_type=message.content_type)
 
     def due_at(self, item: RecipientBatch) -> datetime | None:

@@ -21,10 +21,10 @@ from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract
+from shared.amqp import Incoming
 from shared.contract import DueBatch, DueMessage, Priority, due_message_id
 from shared.errors import InvalidTemplate, StoreUnavailable
 from shared.topology import DUE_DESTINATION, DUE_QUEUE
@@ -145,7 +145,7 @@ class DispatchHandler:
         #: before the first batch: it asks a second time).
         self._asked = Lookback()
 
-    def decode(self, message: AbstractIncomingMessage) -> DueMessage | Bundle[DueMessage]:
+    def decode(self, message: Incoming) -> DueMessage | Bundle[DueMessage]:
         due = contract.decode_due(message.body, content_type=message.content_type)
         if isinstance(due, DueBatch):
             return Bundle(due.due, contract.encode, _due_message_id)

@@ -17,11 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract
-from shared.amqp import Outgoing, Publisher
+from shared.amqp import Incoming, Outgoing, Publisher
 from shared.contract import TrackEvent
 from shared.topology import EVENTS_QUEUE, INTAKE_EXCHANGE, SCHEDULE_KEY
 from workers.rules import firing
@@ -47,7 +46,7 @@ class EventsHandler:
         self._engine = engine
         self._publisher = publisher
 
-    def decode(self, message: AbstractIncomingMessage) -> Inbound:
+    def decode(self, message: Incoming) -> Inbound:
         event_id = contract.published_by_a_service(message.message_id, message.delivery_mode)
         event = contract.decode(TrackEvent, message.body, content_type=message.content_type)
         return Inbound(event_id, event)

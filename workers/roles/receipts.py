@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract
+from shared.amqp import Incoming
 from shared.contract import ReadReceipt
 from shared.topology import RECEIPTS_QUEUE
 from workers.recipients import ItemStatus
@@ -35,7 +35,7 @@ class ReceiptsHandler:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
 
-    def decode(self, message: AbstractIncomingMessage) -> ReadReceipt:
+    def decode(self, message: Incoming) -> ReadReceipt:
         contract.published_by_a_service(message.message_id, message.delivery_mode)
         return contract.decode(ReadReceipt, message.body, content_type=message.content_type)
 

@@ -15,7 +15,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import amqp, delay, topology
-from shared.errors import BrokerUnavailable
+from shared.errors import BrokerError
 from workers.channels import Sender
 from workers.channels.log import LogSender
 from workers.channels.smtp import SmtpConfig, SmtpSender
@@ -224,7 +224,7 @@ async def _consume(
                 await channel.set_qos(prefetch_count=concurrency if single else settings.prefetch)
                 consumer: Consumer[Any] = Consumer(
                     handler,
-                    channel,
+                    amqp.QueueInbox(channel),
                     publisher,
                     backend,
                     concurrency=concurrency,
@@ -271,28 +271,15 @@ async def _consume(
         await engine.dispose()
 
 
-async def queue_depths(connection: Any, names: Sequence[str]) -> dict[str, int]:
-    """Ready messages per queue (passive declare)."""
-    channel = await connection.channel()
-    try:
-        depths = {}
-        for name in names:
-            q = await channel.declare_queue(name, passive=True)
-            depths[name] = q.declaration_result.message_count or 0
-        return depths
-    finally:
-        await channel.close()
-
-
 async def _watch_depths(connection: Any, names: Sequence[str], every: float = 5.0) -> None:
     """Publish the depth of the queues this worker consumes as ``nudge_queue_depth``: the
     queue lag in messages, what an autoscaler scales on."""
     while True:
         try:
-            for name, depth in (await queue_depths(connection, names)).items():
+            for name, depth in (await amqp.queue_depths(connection, names)).items():
                 metrics.queue_depth.labels(name).set(depth)
-        except Exception as exc:  # reconnecting: the next poll will tell
-            log.debug("queue depth unavailable", error=repr(exc))
+        except BrokerError as exc:  # reconnecting: the next poll will tell
+            log.debug("queue depth unavailable", error=str(exc))
         await asyncio.sleep(every)
 
 
@@ -309,8 +296,8 @@ async def _until_drained(
     while True:
         await asyncio.sleep(0.25)
         try:
-            empty = not any((await queue_depths(connection, watched)).values())
-        except BrokerUnavailable:
+            empty = not any((await amqp.queue_depths(connection, watched)).values())
+        except BrokerError:
             empty = False
         busy = any(not c.idle or time.monotonic() - c.last_activity < idle for c in consumers)
         if empty and not busy:

@@ -9,19 +9,21 @@ then on what is recorded per recipient, not a cursor, says who still needs the m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, NoReturn
 
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.errors import InvalidTransition
 from workers.reasons import Reason, ReasonRule
 from workers.recipients import ItemStatus, MessageStatus
 from workers.store import audiences
+from workers.store.db import autocommit
 from workers.store.schema import messages
 
 #: The states an operator sees, and which actions each allows.
@@ -331,6 +333,29 @@ def _raced(conn: Connection, campaign: Campaign, action: str) -> NoReturn:
 
 
 # The workers' side.
+
+#: The advisory lock namespace of campaign planning.
+#: The first key of a campaign's planning lock (``pg_advisory_lock(space, campaign id)``).
+PLANNING_LOCK_SPACE = 2
+_TRY_LOCK = text("SELECT pg_try_advisory_lock(:space, :id)")
+_UNLOCK = text("SELECT pg_advisory_unlock(:space, :id)")
+
+
+@asynccontextmanager
+async def planning_lock(engine: AsyncEngine, campaign_id: int) -> AsyncIterator[bool]:
+    """Try to become the one planner of ``campaign_id``: yields whether the lock was taken,
+    and releases it on the way out. A session lock on a connection of its own, so the
+    planner's transactions may commit while it holds it; a lost connection releases it.
+    Driver errors leave as :class:`~shared.errors.StoreError`."""
+    params = {"space": PLANNING_LOCK_SPACE, "id": campaign_id}
+    async with autocommit(engine) as conn:
+        taken = bool(await conn.scalar(_TRY_LOCK, params))
+        try:
+            yield taken
+        finally:
+            if taken:
+                await conn.execute(_UNLOCK, params)
+
 
 _PAGE = text("""
 SELECT contact_id, attempts FROM message_items
