@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tests.backends import both_backends
 from tests.support import nudge, settings_env
 from workers.config import Settings
 from workers.demo.sink import Sink
@@ -15,13 +16,14 @@ from workers.demo.sink import Sink
 pytestmark = pytest.mark.acceptance
 
 
+@both_backends
 def test_an_operator_schedules_runs_a_burst_worker_and_reads_the_outcomes(
     settings: Settings, sink: Sink
 ) -> None:
     assert nudge(settings, "db", "upgrade").returncode == 0
     applied = nudge(settings, "topology", "apply")
     assert applied.returncode == 0, applied.stderr
-    assert "backend=tiers" in applied.stdout
+    assert f"backend={settings.delay_backend}" in applied.stdout
     for i, delay in enumerate(("500ms", "1.5s", "3s")):
         done = nudge(
             settings,
