@@ -77,6 +77,19 @@ def test_an_operator_schedules_runs_a_burst_worker_and_reads_the_outcomes(
     ]
 
 
+@both_backends
+def test_a_burst_dispatch_worker_waits_for_what_is_still_in_the_delay(
+    settings: Settings, sink: Sink
+) -> None:
+    # The plugin's exchange holds its messages where AMQP cannot count them: burst must ask.
+    done = nudge(settings, "message", "schedule", "u-1", "welcome", "webhook", "--delay", "25s")
+    assert done.returncode == 0, done.stderr
+    assert nudge(settings, "worker", "scheduler", "--burst").returncode == 0
+    dispatch = nudge(settings, "worker", "dispatch", "--burst")
+    assert dispatch.returncode == 0, dispatch.stderr
+    assert [r.body["contact"]["id"] for r in sink.accepted()] == ["u-1"]
+
+
 def test_cli_errors_name_the_problem_and_exit_with_documented_codes(settings: Settings) -> None:
     missing = nudge(settings, "message", "show", "no-such-key")
     assert missing.returncode == 4

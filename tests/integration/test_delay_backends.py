@@ -42,6 +42,7 @@ def _backend_of(worker: Worker) -> str:
         timeout=30,
         message="the worker's start line",
     )
+    assert line is not None
     backend: str = json.loads(line)["backend"]
     return backend
 
