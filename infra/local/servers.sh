@@ -528,10 +528,10 @@ broker_home() { dirname "$(dirname "$(readlink -f "$RMQ_BIN/rabbitmq-server")")"
 
 broker_version() { local h; h=$(broker_home) && echo "${h##*rabbitmq_server-}"; }
 
-# delayed_state RESULT DETAIL [PATH]: records the outcome for status and tests.
+# delayed_state RESULT DETAIL [PATH [PROBLEM]]: records the outcome for status and tests.
 delayed_state() {
   mkdir -p "$DELAYED_DIR"
-  printf 'result=%s\ndetail=%s\npath=%s\n' "$1" "$2" "${3:-}" >"$DELAYED_STATE.new"
+  printf 'result=%s\ndetail=%s\npath=%s\nproblem=%s\n' "$1" "$2" "${3:-}" "${4:-}" >"$DELAYED_STATE.new"
   mv -f "$DELAYED_STATE.new" "$DELAYED_STATE"
 }
 
@@ -698,8 +698,14 @@ delayed_check_loaded() {
     delayed_state loaded "$detail" "$(delayed_state_get path)"
     log "delayed-message plugin: loaded ($detail)"
   else
-    delayed_fail "$([[ -n ${NUDGE_DELAYED_PLUGIN_SRC:-}${NUDGE_RABBITMQ_PLUGINS_DIR:-} ]] && echo yes || echo no)" \
-      "$detail was enabled but the broker did not load it (see $RMQ_LOG)"
+    # Keep the path: the plugin may only be disabled on the running node (rabbitmq-plugins),
+    # and enabling it again needs the folder in the CLI's plugins path.
+    local problem="not loaded by the running node (disabled with rabbitmq-plugins? else see $RMQ_LOG)"
+    delayed_state failed "$detail" "$(delayed_state_get path)" "$problem"
+    if [[ -n ${NUDGE_DELAYED_PLUGIN_SRC:-}${NUDGE_RABBITMQ_PLUGINS_DIR:-} ]]; then
+      die "delayed-message plugin: $detail: $problem"
+    fi
+    log "delayed-message plugin: WARNING: $detail: $problem"
   fi
 }
 
@@ -722,7 +728,7 @@ delayed_status() {
       return 4
       ;;
     failed)
-      printf 'delayed   failed    %s\n' "$detail"
+      printf 'delayed   failed    %s%s\n' "$detail" "$(p=$(delayed_state_get problem) && [[ -n $p ]] && echo ": $p")"
       return 5
       ;;
     *)
