@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from bench import campaign, celery_compare, delays
+from bench import backends, campaign, celery_compare, delays
 from shared.errors import NudgeError
 from workers.config import Settings
 
@@ -109,6 +109,22 @@ def celery_command(**options: object) -> None:
     """Nudge and Celery side by side: delayed messages, and memory with long delays pending."""
     try:
         ok = celery_compare.run(Settings.load(), celery_compare.Params(**options))  # type: ignore[arg-type]
+    except (NudgeError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(0 if ok else 1)
+
+
+@main.command("backends")
+@click.option("--n", default=20_000, type=click.IntRange(1), help="Delayed messages.")
+@click.option("--spread", default=10.0, type=click.FloatRange(0.1), help="Seconds due over.")
+@click.option("--pending", default=100_000, type=click.IntRange(1), help="Long-delay requests.")
+@click.option("--hours", default=3.0, type=click.FloatRange(0.1), help="Long delay, hours.")
+@click.option("--concurrency", default=2, type=click.IntRange(1, 64), help="Per worker.")
+def backends_command(n: int, spread: float, pending: int, hours: float, concurrency: int) -> None:
+    """tiers and plugin side by side: delivery, broker CPU, memory and disk with PENDING
+    requests waiting, a broker restart with them."""
+    try:
+        ok = backends.run(Settings.load(), backends.Params(n, spread, pending, hours, concurrency))
     except (NudgeError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(0 if ok else 1)

@@ -48,7 +48,10 @@ class Settings(BaseSettings):
     amqp_url: str = "amqp://guest:guest@127.0.0.1:35672/"
     database_url: str = "postgresql+psycopg://nudge@127.0.0.1:35432/nudge"
     rabbitmq_mgmt_url: str = "http://guest:guest@127.0.0.1:35673"
-    delay_backend: DelayBackendName = "auto"
+    #: ``tiers`` works on every broker and keeps waiting messages replicated in a cluster;
+    #: ``plugin`` is the faster choice on a single node with the plugin (docs/delays.md,
+    #: "Choosing a backend"); ``auto`` takes the plugin whenever the broker has it.
+    delay_backend: DelayBackendName = "tiers"
 
     webhook_url: str | None = None
     #: HMAC key of the webhook signature; required by a dispatch worker when ``webhook_url`` is

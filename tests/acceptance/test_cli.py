@@ -6,18 +6,20 @@ import json
 import subprocess
 import sys
 
+from tests.backends import both_backends
 from tests.support import nudge, settings_env
 from workers.config import Settings
 from workers.demo.sink import Sink
 
 
+@both_backends
 def test_an_operator_schedules_runs_a_burst_worker_and_reads_the_outcomes(
     settings: Settings, sink: Sink
 ) -> None:
     assert nudge(settings, "db", "upgrade").returncode == 0
     applied = nudge(settings, "topology", "apply")
     assert applied.returncode == 0, applied.stderr
-    assert "backend=tiers" in applied.stdout
+    assert f"backend={settings.delay_backend}" in applied.stdout
     for i, delay in enumerate(("500ms", "1.5s", "3s")):
         done = nudge(
             settings,
@@ -69,6 +71,19 @@ def test_an_operator_schedules_runs_a_burst_worker_and_reads_the_outcomes(
         "user-1",
         "user-2",
     ]
+
+
+@both_backends
+def test_a_burst_dispatch_worker_waits_for_what_is_still_in_the_delay(
+    settings: Settings, sink: Sink
+) -> None:
+    # The plugin's exchange holds its messages where AMQP cannot count them: burst must ask.
+    done = nudge(settings, "message", "schedule", "u-1", "welcome", "webhook", "--delay", "25s")
+    assert done.returncode == 0, done.stderr
+    assert nudge(settings, "worker", "scheduler", "--burst").returncode == 0
+    dispatch = nudge(settings, "worker", "dispatch", "--burst")
+    assert dispatch.returncode == 0, dispatch.stderr
+    assert [r.body["contact"]["id"] for r in sink.accepted()] == ["u-1"]
 
 
 def test_cli_errors_name_the_problem_and_exit_with_documented_codes(settings: Settings) -> None:
