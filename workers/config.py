@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     rate_limits: dict[str, float] = Field(default_factory=dict)
 
     claim_lease_seconds: float = Field(default=300.0, gt=0)
+    #: How many times a recipient whose lease ran out is claimed again before it is recorded
+    #: ``failed`` (reason ``lease``): it is sent at most this many times plus one.
+    max_takeovers: int = Field(default=3, ge=0, le=100)
     #: How long rendering one recipient's message may take (off the event loop) before the
     #: recipient is recorded failed.
     render_timeout_seconds: float = Field(default=1.0, gt=0, le=60)

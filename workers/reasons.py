@@ -31,6 +31,11 @@ class ReasonRule(enum.StrEnum):
     RETRY = "retry"
     PERMANENT = "permanent"
     ATTEMPTS = "attempts"
+    #: The recipient's claim ran out of its lease too many times (its claimers died after
+    #: the send, or before recording it): never sent again.
+    LEASE = "lease"
+    #: Recording the recipient's outcome raised an error (named in the detail).
+    RECORD = "record"
 
     @property
     def failed_send(self) -> bool:

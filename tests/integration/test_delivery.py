@@ -312,7 +312,7 @@ def test_a_bundled_recipient_that_cannot_be_sent_is_parked_alone(
     assert json.loads(parked["payload"])["message_id"] == unknown, "parked alone"
     assert parked["properties"]["message_id"] == f"due-{unknown}-{cid}-1"
     assert parked["properties"]["headers"]["x-nudge-reason"] == (
-        f"message_id: no message {unknown} for contact {cid}"
+        f"due: contact {cid} is not a recipient of message {unknown}"
     )
     wait_for(
         lambda: management.queue(vhost, DUE_QUEUE).get("messages") == 0,

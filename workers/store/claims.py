@@ -94,6 +94,7 @@ async def claim(
     wanted: Sequence[tuple[int, int, int]],
     *,
     lease_seconds: float,
+    max_takeovers: int,
     exclusion_buffer_seconds: float,
     asked: Lookback,
 ) -> ClaimedBatch:
@@ -104,7 +105,7 @@ async def claim(
     _locked, claimed, stored_policies, stored_templates, *facts = await tx.run(
         [
             checks.lock_statement([k[1] for k in keys]),
-            messages.claim_statement(wanted, lease_seconds),
+            messages.claim_statement(wanted, lease_seconds, max_takeovers),
             policies.LOAD_ALL,
             templates.latest_of_messages_statement(k[0] for k in keys),
             *_fact_statements(asked, keys, keys, exclusion_buffer_seconds),

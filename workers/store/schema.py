@@ -127,6 +127,9 @@ message_items = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     #: The version of the message's template this recipient was rendered with (migration 0004).
     Column("template_version", Integer),
+    #: How many times a claim of it ran out of its lease (migration 0010): capped by
+    #: ``NUDGE_MAX_TAKEOVERS``.
+    Column("takeovers", Integer, nullable=False, server_default=text("0")),
     PrimaryKeyConstraint("message_id", "contact_id"),
     CheckConstraint(f"status IN ({_item_statuses})", name="status"),
     # window checks: what was sent to this contact lately, and what is being sent now (no
