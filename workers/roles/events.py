@@ -33,13 +33,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import amqp, contract
 from shared.amqp import Incoming, Outgoing, Publisher
 from shared.contract import TrackEvent
-from shared.errors import BrokerError, StoreUnavailable
+from shared.errors import BrokerError, StoreError, StoreUnavailable
 from shared.topology import EVENTS_QUEUE, INTAKE_EXCHANGE, SCHEDULE_KEY
 from workers.rules import firing
 from workers.runtime import metrics
@@ -147,14 +146,14 @@ class EventsHandler:
                 try:
                     async with transaction(self._engine) as conn:
                         await watermarks.record(conn, self.name, until)
-                except (StoreUnavailable, SQLAlchemyError) as exc:
+                except StoreError as exc:
                     log.debug("events watermark not stored", error=str(exc))
                 await asyncio.sleep(PROGRESS_TICK)
         finally:
             try:
                 async with transaction(self._engine) as conn:
                     await watermarks.forget(conn, self.name)
-            except (StoreUnavailable, SQLAlchemyError) as exc:
+            except StoreError as exc:
                 log.info("events watermark left behind", error=str(exc))
 
     async def _record(self, batch: Sequence[Inbound]) -> Sequence[Outcome]:
