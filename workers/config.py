@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     #: Events up to this long before a message was scheduled still exclude it (clock skew
     #: between services, an event published just before the message).
     exclusion_buffer_seconds: float = Field(default=5.0, ge=0)
+    #: A message that lists exclusion events waits this long past its due time for the events
+    #: role to record every event published before then; past it, it is deferred (reason
+    #: ``events_behind``) and tried again this much later.
+    events_wait_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=5, ge=1, le=100)
     retry_base_seconds: float = Field(default=2.0, gt=0)
     retry_max_seconds: float = Field(default=3600.0, gt=0)

@@ -20,6 +20,9 @@ class ReasonRule(enum.StrEnum):
     EXPIRED = "expired"
     UNSUBSCRIBED = "unsubscribed"
     EXCLUDED = "excluded"
+    #: The message lists exclusion events and the events role has not recorded every event
+    #: published before it was due: deferred, not sent blind.
+    EVENTS_BEHIND = "events_behind"
     INTERACTION = "interaction"
     CATEGORY = "category"
     FREQUENCY = "frequency"

@@ -213,6 +213,8 @@ class DispatchHandler:
                 interactions=read.interactions.get(c.contact_id, ()),
                 sent=history,
             )
+            if isinstance(d, Send):
+                d = self._after_events(c, read, now) or d
             if isinstance(d, Send) and c.channel not in self._channels:
                 d = Record(
                     ItemStatus.FAILED,
@@ -229,6 +231,17 @@ class DispatchHandler:
         metrics.check_seconds.inc(phases.since("claim"))
         metrics.checked.inc(len(read.claimed))
         return out
+
+    def _after_events(self, c: Claimed, read: ClaimedBatch, now: datetime) -> Defer | None:
+        """A send of a message that lists exclusion events waits until the events role has
+        recorded every event published before it was due (``read.events_recorded_until``
+        has only those recipients: the others are not delayed)."""
+        key = (c.message_id, c.contact_id)
+        if key not in read.events_recorded_until:
+            return None
+        return checks.await_events(
+            c, read.events_recorded_until[key], now, self._settings.events_wait_seconds
+        )
 
     async def _record(
         self, tx: Pipelined, decisions: Sequence[tuple[Claimed, Decision]]

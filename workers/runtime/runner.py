@@ -96,7 +96,9 @@ async def _handlers(
     if role == "scheduler":
         return [(SchedulerHandler(engine, publisher, backend), False)]
     if role == "events":
-        return [(EventsHandler(engine, publisher), False)]
+        events = EventsHandler(engine, publisher)
+        background.append(asyncio.create_task(events.record_progress_forever(connection)))
+        return [(events, False)]
     if role == "receipts":
         return [(ReceiptsHandler(engine), False)]
     if role == "planner":

@@ -244,6 +244,17 @@ rate_slots = Table(
     Column("next_at", DateTime(timezone=True), nullable=False),
 )
 
+#: Per running ``events`` consumer: every event published to ``nudge.events`` before
+#: ``recorded_until`` is in ``contact_events``. Dispatch reads the minimum over the live
+#: consumers before sending a message that lists exclusion events.
+events_watermarks = Table(
+    "events_watermarks",
+    metadata,
+    Column("consumer", Text, primary_key=True),
+    Column("recorded_until", DateTime(timezone=True), nullable=False),
+    Column("beat_at", DateTime(timezone=True), nullable=False),
+)
+
 # Campaigns (migration 0005) are ``messages`` rows of kind ``campaign``; these columns are
 # null for other kinds. Draft is status 0 without ``start_at``; scheduled is status 0 with it.
 CAMPAIGN_COLUMNS = (
