@@ -157,7 +157,7 @@ def run(settings: Settings, p: Params) -> bool:
         f"Postgres {host['postgres']}\nworkers: {worker_settings}\n"
         f"final {final}/{p.n} (not sent: {outcome.not_sent}); exit codes {codes}"
     )
-    report.write(
+    path = report.write(
         "delays",
         asdict(p),
         worker_settings,
@@ -168,10 +168,10 @@ def run(settings: Settings, p: Params) -> bool:
             "final": final,
             "not_sent": outcome.not_sent,
             "worker_exit_codes": codes,
-            "ok": ok,
         },
+        ok=ok,
     )
-    click.echo("wrote bench/results/latest-delays.json")
+    click.echo(f"wrote bench/results/delays/{path.name}")
     if not ok:
         click.echo("RUN FAILED: see bench/results/worker-*.tmp", err=True)
     return ok
