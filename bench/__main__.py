@@ -1,6 +1,7 @@
 """``python -m bench [SCENARIO] [OPTIONS]``: one subcommand per scenario, each in its own module;
 ``delays`` runs when none is named, so ``python -m bench --n 2000`` works. ``make bench`` runs
-it after ``make setup``. Exit code 1 when a run failed (not when a target was missed)."""
+it after ``make setup``. Exit code 1 when a run failed (not when a target was missed).
+``python -m bench table`` regenerates docs/benchmarks.md's tables from the committed results."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 import click
 
-from bench import backends, campaign, celery_compare, delays
+from bench import backends, campaign, celery_compare, delays, report, table
 from shared.errors import NudgeError
 from workers.config import Settings
 
@@ -25,8 +26,22 @@ class _Scenarios(click.Group):
 
 
 @click.group(cls=_Scenarios, context_settings={"show_default": True})
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Nudge benchmarks against the local servers (see docs/benchmarks.md)."""
+    if ctx.invoked_subcommand != "table":
+        report.begin()  # the machine's load before the run (1 s), then sampled during it
+
+
+@main.command("table")
+@click.option("--check", is_flag=True, help="Exit 1 if the docs differ from the results.")
+def table_command(check: bool) -> None:
+    """Regenerate the tables in docs/benchmarks.md from bench/results/<scenario>/*.json."""
+    if check:
+        if table.section(table.DOC.read_text()) != table.render():
+            raise click.ClickException("docs/benchmarks.md is stale: run `python -m bench table`")
+        return
+    click.echo("docs/benchmarks.md " + ("updated" if table.update() else "already up to date"))
 
 
 @main.command("delays")

@@ -175,7 +175,7 @@ def delivery(
         cpu = broker.cpu_seconds() - cpu0
     finally:
         broker.delete(vhost)
-    figures = {f.name.strip(): round(f.value, 1) for f in result.figures}
+    figures = {f.name.strip(): round(f.value, 1) for f in result.figures if f.value is not None}
     wanted = (
         "publish, Producer (sync)",
         "delivered, first to last send",

@@ -123,7 +123,7 @@ def run(settings: Settings, p: Params) -> bool:
         f"Postgres {host['postgres']}\nworkers: {r.worker_settings}\n"
         f"final {r.final}/{p.n} (not sent: {r.not_sent}); exit codes {r.codes}"
     )
-    report.write(
+    path = report.write(
         "delays",
         asdict(p),
         r.worker_settings,
@@ -134,10 +134,10 @@ def run(settings: Settings, p: Params) -> bool:
             "final": r.final,
             "not_sent": r.not_sent,
             "worker_exit_codes": r.codes,
-            "ok": r.ok,
         },
+        ok=r.ok,
     )
-    click.echo("wrote bench/results/latest-delays.json")
+    click.echo(f"wrote bench/results/delays/{path.name}")
     if not r.ok:
         click.echo("RUN FAILED: see bench/results/worker-*.tmp", err=True)
     return r.ok

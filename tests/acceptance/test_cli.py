@@ -115,3 +115,29 @@ def test_nudge_demo_runs_the_main_job_end_to_end(settings: Settings) -> None:
     assert "demo OK" in done.stdout
     assert "6 accepted, 0 duplicates, 0 bad signatures" in done.stdout
     assert "worker stopped on SIGTERM with exit code 0" in done.stdout
+
+
+def test_campaign_pause_loads_neither_templates_nor_migrations_nor_the_http_client(
+    settings: Settings,
+) -> None:
+    """What ``nudge campaign pause`` imports bounds how soon it returns: the database and the
+    broker, not the template engine, alembic or the management API client."""
+    code = (
+        "import json, sys\n"
+        "from workers.cli import main\n"
+        "try:\n"
+        "    main(['campaign', 'pause', 'no-such-campaign'])\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "print(json.dumps([code, [m for m in ('jinja2', 'alembic', 'httpx', 'mako') "
+        "if m in sys.modules]]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "no campaign 'no-such-campaign'" in done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == [4, []]
