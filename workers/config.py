@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     rate_limits: dict[str, float] = Field(default_factory=dict)
 
     claim_lease_seconds: float = Field(default=300.0, gt=0)
+    #: A pending recipient whose due message has not come back from the delay this long after
+    #: its time is published again, straight to the due queue, by a ``scheduler`` worker (the
+    #: delay lost it: the plugin across a broker restart, a purge, a lost node).
+    rescue_after_seconds: float = Field(default=300.0, ge=1)
     #: How many times a recipient whose lease ran out is claimed again before it is recorded
     #: ``failed`` (reason ``lease``): it is sent at most this many times plus one.
     max_takeovers: int = Field(default=3, ge=0, le=100)

@@ -46,6 +46,10 @@ CONCURRENCY = 2
 #: takes on a loaded machine: claims then overtake each other before any finalises, and the
 #: copies re-published for rows held by others multiply (a livelock the lease must prevent).
 LEASE = 12.0
+#: After this many seconds past its time, a recipient still pending is published again by the
+#: scheduler's rescue: the plugin drops the delayed messages whose time passed while the broker
+#: was down, and the rescue is how Nudge still sends them (docs/delays.md).
+RESCUE = 10.0
 SEED = int(os.environ.get("NUDGE_FAULTS_SEED", random.randrange(1_000_000)))
 
 
@@ -64,7 +68,9 @@ def fleet(start_worker: Callable[..., Worker]) -> dict[str, Worker]:
 
 
 def _start(start_worker: Callable[..., Worker], role: str) -> Worker:
-    return start_worker(role, concurrency=CONCURRENCY, claim_lease_seconds=LEASE)
+    return start_worker(
+        role, concurrency=CONCURRENCY, claim_lease_seconds=LEASE, rescue_after_seconds=RESCUE
+    )
 
 
 def _flows(run: str, settings: Settings, engine: Engine) -> list[Flow]:

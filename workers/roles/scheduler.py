@@ -5,25 +5,37 @@ by the idempotency key, publish the due message into the delay exchange with con
 only then ack. The due messages of a batch that leave the delay together travel as one
 ``DueBatch`` (docs/delays.md, "Bundles"). A redelivered or re-published request finds its row
 and publishes again; the dispatch claim makes the duplicate harmless.
+
+It also rescues what the delay lost: every few seconds, the recipients still pending well
+after their time (``NUDGE_RESCUE_AFTER_SECONDS``) are published again straight to the due
+queue (``workers/store/rescue.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract, delay
 from shared.amqp import Incoming, Outgoing, Publisher
 from shared.contract import DueBatch, DueMessage, ScheduleMessage, due_message_id
+from shared.errors import BrokerError, StoreError
 from shared.topology import INTAKE_QUEUE, due_destination
 from workers.runtime import metrics
 from workers.runtime.outcomes import DONE, Outcome, Reject
-from workers.store import messages, templates
+from workers.store import messages, rescue, templates
 from workers.store.db import transaction
 from workers.store.messages import StoredMessage
+
+log = structlog.get_logger("nudge.scheduler")
+
+#: The most recipients of each kind one rescue round publishes again.
+RESCUE_LIMIT = 1000
 
 
 @dataclass(frozen=True)
@@ -106,3 +118,41 @@ class SchedulerHandler:
                 metrics.due_batch_size.observe(len(due))
                 out.append(Publisher.delayed(self._backend, destination, wait, body, message_id))
         return out
+
+    async def rescue_forever(self, after: float) -> None:
+        """Publish again, straight to the due queue, every recipient still pending ``after``
+        seconds past its time; a round every ``after / 4`` seconds (at most 30)."""
+        while True:
+            await asyncio.sleep(min(30.0, after / 4))
+            try:
+                while await self.rescue(after) >= RESCUE_LIMIT:
+                    pass  # a full round: there may be more
+            except (StoreError, BrokerError) as exc:
+                log.warning("rescue failed", error=str(exc))
+
+    async def rescue(self, after: float) -> int:
+        """One round; returns how many recipients it published again. The marks commit only
+        once the broker confirmed every publish."""
+        async with transaction(self._engine) as conn:
+            found = await rescue.take_overdue(conn, after, RESCUE_LIMIT)
+            await self._publisher.publish_many(
+                Publisher.delayed(
+                    self._backend,
+                    due_destination(o.priority),
+                    0,
+                    contract.encode(
+                        DueMessage(
+                            message_id=o.message_id,
+                            contact_id=o.contact_id,
+                            deliver_at=o.deliver_at,
+                            attempt=o.attempt,
+                        )
+                    ),
+                    due_message_id(o.message_id, o.contact_id, o.attempt),
+                )
+                for o in found
+            )
+        if found:
+            metrics.rescued.inc(len(found))
+            log.warning("rescued recipients lost by the delay", count=len(found))
+        return len(found)

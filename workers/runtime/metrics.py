@@ -12,6 +12,10 @@ outcomes = Counter(
     "nudge_outcomes_total", "Recipient outcomes recorded", ["channel", "status", "reason"]
 )
 retries = Counter("nudge_retries_total", "Messages re-published through the delay", ["queue"])
+rescued = Counter(
+    "nudge_rescued_total",
+    "Recipients published again because their due message did not come back from the delay",
+)
 batch_size = Histogram(
     "nudge_batch_size",
     "Messages per handled batch",

@@ -94,7 +94,11 @@ async def _handlers(
     message at a time (planner and campaign batches: none hoarded, so a pause costs at most
     the chunk in flight per slot and other workers get the rest)."""
     if role == "scheduler":
-        return [(SchedulerHandler(engine, publisher, backend), False)]
+        scheduler = SchedulerHandler(engine, publisher, backend)
+        background.append(
+            asyncio.create_task(scheduler.rescue_forever(settings.rescue_after_seconds))
+        )
+        return [(scheduler, False)]
     if role == "events":
         events = EventsHandler(engine, publisher)
         background.append(asyncio.create_task(events.record_progress_forever(connection)))

@@ -96,6 +96,9 @@ messages = Table(
     Column("expires_at", DateTime(timezone=True)),
     Column("status", SmallInteger, nullable=False, server_default=text("0")),
     Column("planned", Integer, nullable=False, server_default=text("0")),
+    #: When the scheduler last published this single message's due message again because it
+    #: had not come back from the delay (migration 0012; ``workers/store/rescue.py``).
+    Column("rescued_at", DateTime(timezone=True)),
     _now(),
     CheckConstraint("kind IN ('single', 'campaign', 'rule')", name="kind"),
     CheckConstraint("priority IN ('transactional', 'automation', 'campaign')", name="priority"),
@@ -105,6 +108,12 @@ messages = Table(
     CheckConstraint("exclude_scope IN ('since_scheduled', 'ever', 'within')", name="exclude_scope"),
     # a contact's single messages not yet due, for `nudge contact show` (migration 0009)
     Index(None, "contact_id"),
+    # the rescue: single messages still pending, by due time (migration 0012)
+    Index(
+        "ix_messages_pending_singles",
+        "deliver_at",
+        postgresql_where=text("kind = 'single' AND status IN (0, 1)"),
+    ),
 )
 
 _item_statuses = ", ".join(f"'{s.value}'" for s in ItemStatus)
@@ -141,6 +150,12 @@ message_items = Table(
         "message_id",
         "contact_id",
         postgresql_where=text("status IN ('planned', 'sending', 'deferred')"),
+    ),
+    # the rescue: deferred recipients by retry time (migration 0012)
+    Index(
+        "ix_message_items_deferred",
+        "next_attempt_at",
+        postgresql_where=text("status = 'deferred'"),
     ),
 )
 
