@@ -37,15 +37,18 @@ def test_dispatch_processes_that_join_and_die_keep_the_fleet_at_its_limit_of_50_
     start_worker: Callable[..., Worker],
 ) -> None:
     # Small prefetch windows and batches, so that every process has work at every moment:
-    # a process that joins takes its share of the backlog, not only of the permits.
+    # a process that joins takes its share of the backlog, not only of the permits. The
+    # scheduler stores intake in batches of 10, so the backlog is 180 due bundles of 10 (with
+    # its default of 500, a handful of bundles that the first two processes would hold all of);
+    # a prefetch of 10 bundles is 100 recipients in flight per process, two batches.
     dispatch = {
         "rate_limits": {"webhook": RATE},
-        "prefetch": 100,
+        "prefetch": 10,
         "batch_size": 50,
         "claim_lease_seconds": 120.0,
     }
     # The backlog is stored and due before any dispatch process starts.
-    start_worker("scheduler")
+    start_worker("scheduler", batch_size=10)
     with Producer(settings.amqp_url) as producer:
         producer.schedule_many(
             scheduled(f"c-{i}", "welcome", "webhook", idempotency_key=f"r-{i}") for i in range(1800)
