@@ -134,8 +134,10 @@ def _parse(properties: pika.BasicProperties, body: bytes, workers: frozenset[str
     else:
         deaths = headers.get("x-death") or [{}]
         last = deaths[0] if isinstance(deaths, list) and deaths else {}
-        source = _text(headers.get("x-first-death-queue") or last.get("queue"))
-        why = _text(headers.get("x-first-death-reason") or last.get("reason")) or "unknown"
+        # The broker writes x-last-death-* at every dead-lettering; x-first-death-* only when
+        # absent, so a publisher may have set those.
+        source = _text(headers.get("x-last-death-queue") or last.get("queue"))
+        why = _text(headers.get("x-last-death-reason") or last.get("reason")) or "unknown"
         reason = f"{why}: parked by RabbitMQ from {source}"
         if why == "delivery_limit":
             reason += " after crashing its consumer on every delivery (x-delivery-limit)"
