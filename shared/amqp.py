@@ -179,10 +179,10 @@ class Publisher:
     ``mandatory`` only means something with confirms: a returned message raises instead of
     being confirmed as if delivered (RabbitMQ confirms unroutable messages at once).
 
-    Every message carries the connection's user as its AMQP ``user_id``: RabbitMQ refuses a
-    ``user_id`` other than the publishing connection's user (unless that user has the
-    ``impersonator`` tag, which Nudge's users never have), so a message in ``nudge.dead`` whose
-    ``user_id`` is a worker user was published by a worker, not forged by a service.
+    What it parks in ``nudge.dead`` carries the connection's user as its AMQP ``user_id``:
+    RabbitMQ refuses a ``user_id`` other than the publishing connection's user (unless that
+    user has the ``impersonator`` tag, which Nudge's users never have), so a parked message
+    whose ``user_id`` is a worker user was published by a worker, not forged by a service.
     """
 
     def __init__(self, channel: AbstractChannel, user_id: str | None = None) -> None:
@@ -212,7 +212,7 @@ class Publisher:
             delivery_mode=DeliveryMode.PERSISTENT,
             message_id=out.message_id,
             headers=dict(out.headers),
-            user_id=self.user_id,
+            user_id=self.user_id if out.exchange == DEAD_EXCHANGE else None,
         )
         try:
             exchange = await self._exchange(out.exchange)
@@ -323,7 +323,8 @@ async def _write_publishes(
     channel: aiormq.abc.AbstractChannel, batch: Sequence[Outgoing], user_id: str | None
 ) -> list[asyncio.Future[Any]]:
     """Put every publish of ``batch`` on the connection's write queue as one frame burst and
-    return their confirmation futures (see :meth:`Publisher.publish_many`)."""
+    return their confirmation futures (see :meth:`Publisher.publish_many`); what goes to
+    ``nudge.dead`` carries ``user_id``."""
     impl: Any = channel  # aiormq.Channel: its confirm bookkeeping is not in the abstract type
     if impl.is_closed:
         raise aio_pika.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
@@ -343,7 +344,7 @@ async def _write_publishes(
                 delivery_mode=int(DeliveryMode.PERSISTENT),
                 message_id=out.message_id,
                 headers=dict(out.headers),
-                user_id=user_id,
+                user_id=user_id if out.exchange == DEAD_EXCHANGE else None,
             )
             frames.append(
                 spec.Basic.Publish(
