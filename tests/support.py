@@ -163,6 +163,7 @@ def raw_publish(
     copies: int = 1,
     delivery_mode: int = 2,
     headers: dict[str, Any] | None = None,
+    user_id: str | None = None,
 ) -> None:
     """Publish as a service in another language would: plain AMQP, persistent (unless told),
     with confirms and mandatory, bypassing our producers' validation."""
@@ -175,6 +176,7 @@ def raw_publish(
             delivery_mode=delivery_mode,
             message_id=message_id,
             headers=headers,
+            user_id=user_id,
         )
         for _ in range(copies):
             channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)

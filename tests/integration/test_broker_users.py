@@ -345,7 +345,20 @@ def test_forged_x_nudge_headers_from_a_service_are_dropped_and_no_unproven_dead_
         headers=forged_headers,
     )
 
+    # 4. Parked by the worker user, but from a queue that is not one of Nudge's work queues.
+    worker_name = urllib.parse.unquote(urllib.parse.urlsplit(users.worker).username or "")
+    raw_publish(
+        users.worker,
+        topology.DEAD_EXCHANGE,
+        "",
+        forged_due,
+        message_id="elsewhere",
+        headers={"x-nudge-reason": "due: retry", "x-nudge-source-queue": "nudge.control.x"},
+        user_id=worker_name,
+    )
+
     parked = _parked(cli)
+    assert parked["elsewhere"]["reason"] == "due: retry"
     assert parked["broker-parked"]["reason"].startswith(
         "delivery_limit: parked by RabbitMQ from nudge.events"
     ), parked["broker-parked"]
@@ -360,7 +373,13 @@ def test_forged_x_nudge_headers_from_a_service_are_dropped_and_no_unproven_dead_
             "are unproven; left in nudge.dead",
             "0 message(s) replayed, 1 refused",
         ]
-    assert set(_parked(cli)) == {"refused", "broker-parked", "dropped-in"}
+    elsewhere = nudge(cli, "dead", "replay", "elsewhere")
+    assert elsewhere.returncode == 1, elsewhere.stderr
+    assert elsewhere.stdout.splitlines()[0] == (
+        "refused elsewhere: its source queue 'nudge.control.x' is not one of Nudge's work "
+        "queues; left in nudge.dead"
+    )
+    assert set(_parked(cli)) == {"refused", "broker-parked", "dropped-in", "elsewhere"}
     queues = management.queues(vhost)
     for queue in (topology.DUE_QUEUE, topology.EVENTS_QUEUE, topology.INTAKE_QUEUE):
         assert queues[queue].get("messages", 0) == 0, queue
