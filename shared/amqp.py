@@ -61,6 +61,14 @@ async def connect(url: str, *, name: str = "nudge") -> AbstractRobustConnection:
         raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc}") from exc
 
 
+def connection_user(connection: AbstractRobustConnection) -> str | None:
+    """The user ``connection`` logged in as (RabbitMQ's default ``guest`` when its URL names
+    none)."""
+    url: Any = getattr(connection, "url", None)  # aio-pika's Connection has it, not the ABC
+    user: str | None = getattr(url, "user", None)
+    return user or "guest"
+
+
 async def declare(connection: AbstractRobustConnection, topology: Topology) -> None:
     """Declare every exchange, queue and binding of ``topology``; idempotent."""
     channel = await connection.channel()
@@ -170,16 +178,22 @@ class Publisher:
 
     ``mandatory`` only means something with confirms: a returned message raises instead of
     being confirmed as if delivered (RabbitMQ confirms unroutable messages at once).
+
+    What it parks in ``nudge.dead`` carries the connection's user as its AMQP ``user_id``:
+    RabbitMQ refuses a ``user_id`` other than the publishing connection's user (unless that
+    user has the ``impersonator`` tag, which Nudge's users never have), so a parked message
+    whose ``user_id`` is a worker user was published by a worker, not forged by a service.
     """
 
-    def __init__(self, channel: AbstractChannel) -> None:
+    def __init__(self, channel: AbstractChannel, user_id: str | None = None) -> None:
         self._channel = channel
         self._exchanges: dict[str, AbstractExchange] = {}
+        self.user_id = user_id
 
     @classmethod
     async def open(cls, connection: AbstractRobustConnection) -> Publisher:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        return cls(channel)
+        return cls(channel, connection_user(connection))
 
     async def close(self) -> None:
         if not self._channel.is_closed:
@@ -198,6 +212,7 @@ class Publisher:
             delivery_mode=DeliveryMode.PERSISTENT,
             message_id=out.message_id,
             headers=dict(out.headers),
+            user_id=self.user_id if out.exchange == DEAD_EXCHANGE else None,
         )
         try:
             exchange = await self._exchange(out.exchange)
@@ -229,7 +244,7 @@ class Publisher:
             return
         try:
             channel = await self._channel.get_underlay_channel()
-            futures = await _write_publishes(channel, batch)
+            futures = await _write_publishes(channel, batch, self.user_id)
         except _PUBLISH_ERRORS as exc:
             raise PublishNotConfirmed(f"publish of {len(batch)} not confirmed: {exc!r}") from exc
         try:
@@ -305,10 +320,11 @@ class Publisher:
 
 
 async def _write_publishes(
-    channel: aiormq.abc.AbstractChannel, batch: Sequence[Outgoing]
+    channel: aiormq.abc.AbstractChannel, batch: Sequence[Outgoing], user_id: str | None
 ) -> list[asyncio.Future[Any]]:
     """Put every publish of ``batch`` on the connection's write queue as one frame burst and
-    return their confirmation futures (see :meth:`Publisher.publish_many`)."""
+    return their confirmation futures (see :meth:`Publisher.publish_many`); what goes to
+    ``nudge.dead`` carries ``user_id``."""
     impl: Any = channel  # aiormq.Channel: its confirm bookkeeping is not in the abstract type
     if impl.is_closed:
         raise aio_pika.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
@@ -328,6 +344,7 @@ async def _write_publishes(
                 delivery_mode=int(DeliveryMode.PERSISTENT),
                 message_id=out.message_id,
                 headers=dict(out.headers),
+                user_id=user_id if out.exchange == DEAD_EXCHANGE else None,
             )
             frames.append(
                 spec.Basic.Publish(
@@ -385,6 +402,12 @@ class Incoming(Protocol):
 
     @property
     def headers(self) -> Mapping[str, Any]: ...
+
+    @property
+    def redelivered(self) -> bool | None:
+        """Set by RabbitMQ when the delivery was made before (its ``x-delivery-count`` header
+        is then the broker's, not the publisher's)."""
+        ...
 
 
 class Inbox(Protocol):

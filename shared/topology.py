@@ -61,6 +61,20 @@ BATCHES_QUEUE = "nudge.batches"
 BATCH_KEY = "batch"
 RECEIPTS_EXCHANGE = "nudge.receipts"
 RECEIPTS_QUEUE = "nudge.receipts"
+
+#: The queues the workers consume; ``nudge dead replay`` publishes back to these only.
+WORK_QUEUES = (
+    INTAKE_QUEUE,
+    EVENTS_QUEUE,
+    DUE_QUEUE,
+    DUE_TRANSACTIONAL_QUEUE,
+    PLAN_QUEUE,
+    BATCHES_QUEUE,
+    RECEIPTS_QUEUE,
+)
+#: The queues fed by what services publish: ``x-nudge-*`` headers on their messages are not
+#: Nudge's and are dropped before anything is handled, republished or parked.
+SERVICE_QUEUES = (INTAKE_QUEUE, EVENTS_QUEUE, RECEIPTS_QUEUE)
 READ_KEY = "read"
 
 

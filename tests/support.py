@@ -162,6 +162,8 @@ def raw_publish(
     content_type: str = "application/json",
     copies: int = 1,
     delivery_mode: int = 2,
+    headers: dict[str, Any] | None = None,
+    user_id: str | None = None,
 ) -> None:
     """Publish as a service in another language would: plain AMQP, persistent (unless told),
     with confirms and mandatory, bypassing our producers' validation."""
@@ -170,7 +172,11 @@ def raw_publish(
         channel = connection.channel()
         channel.confirm_delivery()
         properties = pika.BasicProperties(
-            content_type=content_type, delivery_mode=delivery_mode, message_id=message_id
+            content_type=content_type,
+            delivery_mode=delivery_mode,
+            message_id=message_id,
+            headers=headers,
+            user_id=user_id,
         )
         for _ in range(copies):
             channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)

@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
+from shared.topology import DELIVERY_LIMIT
 
 DelayBackendName = Literal["auto", "plugin", "tiers"]
 
@@ -114,6 +115,10 @@ class Settings(BaseSettings):
     #: ``events_behind``) and tried again this much later.
     events_wait_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=5, ge=1, le=100)
+    #: A message whose handler raises on this many tries is parked in ``nudge.dead`` by the
+    #: worker (reason ``crash: <error class> ...``); below the queues' delivery limit, so the
+    #: broker never parks it as ``delivery_limit``.
+    max_crash_tries: int = Field(default=5, ge=1, le=DELIVERY_LIMIT - 1)
     retry_base_seconds: float = Field(default=2.0, gt=0)
     retry_max_seconds: float = Field(default=3600.0, gt=0)
 

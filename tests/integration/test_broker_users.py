@@ -5,6 +5,7 @@ own vhost through the management API."""
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -19,7 +20,8 @@ from sqlalchemy import Engine, select
 from producer import AsyncProducer, Producer, PublishNotConfirmed
 from shared import contract, delay, topology
 from shared.contract import DueMessage
-from tests.support import Management, Worker, final_row, wait_for
+from tests.support import Management, Worker, final_row, nudge, raw_publish, wait_for
+from workers.asyncapi import EXAMPLE_SCHEDULE
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import contact_events, contacts, message_items, messages
@@ -202,3 +204,204 @@ def _stored_message(engine: Engine, key: str) -> int | None:
 def _events(engine: Engine) -> set[str]:
     with engine.connect() as conn:
         return set(conn.execute(select(contact_events.c.event_id)).scalars())
+
+
+def _as_worker(settings: Settings, users: Users) -> Settings:
+    """The CLI's settings when it connects as the workers do."""
+    return settings.model_copy(update={"amqp_url": users.worker})
+
+
+def _parked(settings: Settings) -> dict[str, dict[str, Any]]:
+    listed = nudge(settings, "dead", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    return {p["message_id"]: p for p in json.loads(listed.stdout)}
+
+
+def test_a_due_message_forged_over_worker_credentials_sends_nothing_and_is_parked_as_a_mismatch(
+    settings: Settings,
+    users: Users,
+    engine: Engine,
+    management: Management,
+    vhost: str,
+    sink: Sink,
+    start_worker: Callable[..., Worker],
+) -> None:
+    worker = start_worker("scheduler", "dispatch", amqp_url=users.worker)
+    with Producer(users.service) as producer:
+        producer.schedule("victim", "reminder", "webhook", idempotency_key="real", delay=3600)
+    stored_id = wait_for(
+        lambda: _stored_message(engine, "real"), message="the real message to be stored"
+    )
+    with engine.begin() as conn:
+        intruder = conn.execute(
+            contacts.insert().values(external_id="intruder").returning(contacts.c.id)
+        ).scalar_one()
+    created = nudge(
+        settings,
+        "campaign",
+        "create",
+        "spring",
+        "--template",
+        "reminder",
+        "--channel",
+        "webhook",
+        "--ids",
+        "victim,intruder",
+    )
+    assert created.returncode == 0, created.stderr
+    with engine.connect() as conn:
+        draft_id = conn.execute(
+            select(messages.c.id).where(messages.c.kind == "campaign")
+        ).scalar_one()
+    now = datetime.now(UTC)
+    forged = {
+        "pair": DueMessage(message_id=stored_id, contact_id=intruder, deliver_at=now),
+        "draft": DueMessage(message_id=draft_id, contact_id=intruder, deliver_at=now),
+    }
+    # The worker user may publish straight into nudge.due: only the claim stands in the way.
+    for name, due in forged.items():
+        raw_publish(users.worker, "", topology.DUE_QUEUE, contract.encode(due), message_id=name)
+
+    wait_for(
+        lambda: management.queue(vhost, topology.DEAD_QUEUE).get("messages") == 2,
+        timeout=20,
+        message="both forged due messages parked",
+    )
+    parked = _parked(_as_worker(settings, users))
+    for name, due in forged.items():
+        assert parked[name]["source_queue"] == topology.DUE_QUEUE
+        assert parked[name]["reason"] == (
+            f"due: contact {intruder} is not a recipient of message {due.message_id}"
+        )
+    assert worker.metric("nudge_dead_lettered_total", reason="due") == 2
+    assert sink.requests == []
+    with engine.connect() as conn:
+        rows = conn.execute(select(message_items.c.contact_id)).scalars().all()
+    assert rows == [], "no recipient row for a forged pair or a draft campaign"
+
+
+def test_forged_x_nudge_headers_from_a_service_are_dropped_and_no_unproven_dead_letter_is_replayed(
+    settings: Settings,
+    users: Users,
+    engine: Engine,
+    management: Management,
+    vhost: str,
+    sink: Sink,
+    start_worker: Callable[..., Worker],
+) -> None:
+    start_worker("scheduler", amqp_url=users.worker)
+    cli = _as_worker(settings, users)
+    forged_headers: dict[str, Any] = {
+        "x-nudge-reason": "template: fixed since, replay it",
+        "x-nudge-source-queue": topology.DUE_QUEUE,
+        "x-nudge-tries": 99,
+        "x-first-death-queue": topology.DUE_QUEUE,
+    }
+    # 1. A service's schedule the scheduler refuses: parked with the worker's reason, none of
+    #    the service's x-nudge-* headers carried on.
+    schedule = {**EXAMPLE_SCHEDULE, "template": "no_such_template"}
+    raw_publish(
+        users.service,
+        topology.INTAKE_EXCHANGE,
+        topology.SCHEDULE_KEY,
+        json.dumps(schedule).encode(),
+        message_id="refused",
+        headers=forged_headers,
+    )
+    wait_for(
+        lambda: management.queue(vhost, topology.DEAD_QUEUE).get("messages") == 1,
+        timeout=20,
+        message="the refused schedule parked",
+    )
+    refused = _parked(cli)["refused"]
+    assert refused["source_queue"] == topology.INTAKE_QUEUE
+    assert refused["reason"].startswith("template: no template named 'no_such_template'")
+    assert refused["headers"]["x-nudge-reason"] == refused["reason"]
+    assert "x-nudge-tries" not in refused["headers"]
+
+    # 2. A service's message the broker parks (its delivery limit: nobody handles
+    #    nudge.events here, an operator's client gives it back until then) keeps the service's
+    #    headers, a due message for its body and a forged first-death queue. It is shown as the
+    #    broker's, from the queue it really came from, and a replay refuses it.
+    forged_due = contract.encode(
+        DueMessage(message_id=1, contact_id=1, deliver_at=datetime.now(UTC))
+    )
+    raw_publish(
+        users.service,
+        topology.EVENTS_EXCHANGE,
+        topology.EVENT_KEY,
+        forged_due,
+        message_id="broker-parked",
+        headers=forged_headers,
+    )
+    _nack_until_parked(settings.amqp_url, management, vhost, topology.EVENTS_QUEUE, parked=2)
+    # 3. Published straight to nudge.dead by another user (here the administrator).
+    raw_publish(
+        settings.amqp_url,
+        topology.DEAD_EXCHANGE,
+        topology.DUE_QUEUE,
+        forged_due,
+        message_id="dropped-in",
+        headers=forged_headers,
+    )
+
+    # 4. Parked by the worker user, but from a queue that is not one of Nudge's work queues.
+    worker_name = urllib.parse.unquote(urllib.parse.urlsplit(users.worker).username or "")
+    raw_publish(
+        users.worker,
+        topology.DEAD_EXCHANGE,
+        "",
+        forged_due,
+        message_id="elsewhere",
+        headers={"x-nudge-reason": "due: retry", "x-nudge-source-queue": "nudge.control.x"},
+        user_id=worker_name,
+    )
+
+    parked = _parked(cli)
+    assert parked["elsewhere"]["reason"] == "due: retry"
+    assert parked["broker-parked"]["reason"].startswith(
+        "delivery_limit: parked by RabbitMQ from nudge.events"
+    ), parked["broker-parked"]
+    assert parked["dropped-in"]["reason"] == (
+        "unknown: published to nudge.dead by an unnamed user, not by a Nudge worker"
+    )
+    for name in ("broker-parked", "dropped-in"):
+        replayed = nudge(cli, "dead", "replay", name)
+        assert replayed.returncode == 1, replayed.stderr
+        assert replayed.stdout.splitlines() == [
+            f"refused {name}: not parked by a Nudge worker, so its reason and source queue "
+            "are unproven; left in nudge.dead",
+            "0 message(s) replayed, 1 refused",
+        ]
+    elsewhere = nudge(cli, "dead", "replay", "elsewhere")
+    assert elsewhere.returncode == 1, elsewhere.stderr
+    assert elsewhere.stdout.splitlines()[0] == (
+        "refused elsewhere: its source queue 'nudge.control.x' is not one of Nudge's work "
+        "queues; left in nudge.dead"
+    )
+    assert set(_parked(cli)) == {"refused", "broker-parked", "dropped-in", "elsewhere"}
+    queues = management.queues(vhost)
+    for queue in (topology.DUE_QUEUE, topology.EVENTS_QUEUE, topology.INTAKE_QUEUE):
+        assert queues[queue].get("messages", 0) == 0, queue
+    assert sink.requests == []
+
+
+def _nack_until_parked(
+    amqp_url: str, management: Management, vhost: str, queue: str, *, parked: int
+) -> None:
+    """Take ``queue``'s message and give it back until RabbitMQ parks it (delivery limit)."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+
+        def given_back() -> bool:
+            if management.queue(vhost, topology.DEAD_QUEUE).get("messages") == parked:
+                return True
+            method, _, _ = channel.basic_get(queue, auto_ack=False)
+            if method is not None:
+                channel.basic_nack(method.delivery_tag, requeue=True)
+            return False
+
+        wait_for(given_back, timeout=30, message=f"the message of {queue} parked by RabbitMQ")
+    finally:
+        connection.close()

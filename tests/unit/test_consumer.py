@@ -306,3 +306,64 @@ async def test_stopping_finishes_the_held_messages_before_it_returns() -> None:
     await consumer.stop(grace=5.0)
     assert broker.on_message is None  # no longer consuming
     assert broker.journal == [("ack", "held")]
+
+
+async def test_a_crashing_item_keeps_its_tries_across_republish_and_redelivery_then_is_parked() -> (
+    None
+):
+    handler = Recorder()
+    bundle = [Item("w1"), Item("poison", "crash")]
+    async with running(handler) as broker:
+        await broker.deliver(
+            json.dumps({"bundle": [json.loads(encode(i)) for i in bundle]}).encode(),
+            message_id="bundle",
+        )
+        await broker.join()
+        [alone] = broker.published
+        assert alone.headers[consumer_module.TRIES_HEADER] == 1
+        # Back from the ladder on its own: given back to the queue while tries remain,
+        # RabbitMQ counting the redeliveries.
+        for count in range(4):
+            await broker.deliver(
+                alone.body,
+                message_id="poison",
+                headers={**alone.headers, "x-delivery-count": count},
+                redelivered=count > 0,
+            )
+            await broker.join()
+    assert broker.nacked == ["poison"] * 3
+    parked = broker.published[-1]
+    assert parked.exchange == DEAD_EXCHANGE
+    assert parked.headers["x-nudge-reason"] == (
+        "crash: ValueError raised by the nudge.test handler on each of 5 tries: "
+        "poison crashes its handler"
+    )
+    assert parked.headers["x-nudge-source-queue"] == QUEUE
+    assert broker.acked[-1] == "poison"
+
+
+async def test_a_delivery_count_set_by_the_publisher_on_a_first_delivery_is_not_a_try() -> None:
+    handler = Recorder()
+    async with running(handler) as broker:
+        await broker.deliver(
+            encode(Item("poison", "crash")), message_id="poison", headers={"x-delivery-count": 9}
+        )
+        await broker.join()
+    assert broker.nacked == ["poison"]
+    assert broker.published == []
+
+
+async def test_x_nudge_headers_on_a_queue_services_feed_are_dropped_before_it_is_handled() -> None:
+    handler = Recorder(queue="nudge.intake")
+    forged = {"X-Nudge-Reason": "forged", "x-nudge-tries": 4, "x-trace": "kept"}
+    async with running(handler) as broker:
+        await broker.deliver(encode(Item("r", "reject")), message_id="r", headers=forged)
+        await broker.deliver(encode(Item("c", "crash")), message_id="c", headers=forged)
+        await broker.join()
+    [parked] = broker.published
+    assert parked.headers == {
+        "x-trace": "kept",
+        "x-nudge-reason": "template: no template named nope",
+        "x-nudge-source-queue": "nudge.intake",
+    }
+    assert broker.nacked == ["c"], "its forged tries did not get it parked"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from shared.errors import InvalidMessage, NotFound
-from workers.cli.base import errors, load_settings, print_json
+from workers.cli.base import EXIT_FAILED, errors, load_settings, print_json
 
 #: ``dead list --json`` shows at most this much of each body (``dead show`` shows it all).
 LIST_BODY_BYTES = 4096
@@ -77,21 +77,39 @@ def _selection(message_ids: tuple[str, ...], everything: bool) -> set[str] | Non
 def dead_replay(
     ctx: click.Context, message_ids: tuple[str, ...], everything: bool, as_json: bool
 ) -> None:
-    """Put parked messages back on the queue they came from (fix the cause first)."""
+    """Put parked messages back on the queue they came from (fix the cause first).
+
+    Only messages a Nudge worker parked from one of Nudge's work queues are replayed; any
+    other (parked by RabbitMQ, or published to nudge.dead by someone else) is refused, named
+    with why, and left parked; the exit status is then 1."""
     from workers import deadletters
 
     settings = load_settings(ctx)
     with errors():
         wanted = _selection(message_ids, everything)
-        done = deadletters.replay(settings.amqp_url, wanted)
-        if wanted is not None and not done:
+        result = deadletters.replay(settings.amqp_url, wanted)
+        if wanted is not None and not result.replayed and not result.refused:
             raise NotFound(f"no parked message {', '.join(sorted(wanted))}")
     if as_json:
-        print_json([{"message_id": d.message_id, "queue": d.source_queue} for d in done])
-        return
-    for d in done:
-        click.echo(f"replayed {d.message_id or '-'} to {d.source_queue}")
-    click.echo(f"{len(done)} message(s) replayed")
+        print_json(
+            {
+                "replayed": [
+                    {"message_id": d.message_id, "queue": d.source_queue} for d in result.replayed
+                ],
+                "refused": [{"message_id": d.message_id, "why": why} for d, why in result.refused],
+            }
+        )
+    else:
+        for d in result.replayed:
+            click.echo(f"replayed {d.message_id or '-'} to {d.source_queue}")
+        for d, why in result.refused:
+            click.echo(f"refused {d.message_id or '-'}: {why}; left in nudge.dead")
+        click.echo(
+            f"{len(result.replayed)} message(s) replayed"
+            + (f", {len(result.refused)} refused" if result.refused else "")
+        )
+    if result.refused:
+        ctx.exit(EXIT_FAILED)
 
 
 @dead.command("purge")

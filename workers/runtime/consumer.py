@@ -11,6 +11,16 @@ held, batched and handled on its own; one that must travel again (a retry, a rej
 alone, with its own body; the delivery is acked once every item is settled, or given back to
 the queue whole when one could not be (its items already done are found done again).
 
+Headers are trusted only when a worker set them: on the queues services feed
+(:data:`~shared.topology.SERVICE_QUEUES`) every ``x-nudge-*`` header is dropped before the
+message is handled, so what a worker republishes or parks carries no header a service forged.
+
+A message whose handler keeps raising is parked by the worker, with a reason naming the error
+class and its source queue, on its ``max_tries``-th try: before the work queue's
+``x-delivery-limit`` parks it without either. Tries are counted across redeliveries (RabbitMQ's
+``x-delivery-count``, read only on a delivery flagged ``redelivered``) and across the
+republishes of an item sent on alone out of its bundle (:data:`TRIES_HEADER`).
+
 The loop sees RabbitMQ through :class:`~shared.amqp.Inbox` and :class:`~shared.amqp.Publishes`
 only: :mod:`workers.runtime.testing` runs it against an in-memory broker.
 """
@@ -21,7 +31,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar, cast
@@ -37,6 +47,7 @@ from shared.errors import (
     SettleFailed,
     StoreUnavailable,
 )
+from shared.topology import DELIVERY_LIMIT, SERVICE_QUEUES
 from workers.runtime import metrics
 from workers.runtime.outcomes import Done, Outcome, Reject, Retry
 
@@ -55,6 +66,13 @@ WARN_EVERY = 10.0
 #: doubling up to :data:`UNAVAILABLE_MAX_WAIT`.
 UNAVAILABLE_FIRST_WAIT = 0.5
 UNAVAILABLE_MAX_WAIT = 10.0
+#: A worker's headers start with this; on a service's message they are dropped.
+NUDGE_HEADER_PREFIX = "x-nudge-"
+#: How many times an item crashed its handler before, carried when it is republished alone.
+TRIES_HEADER = "x-nudge-tries"
+#: Tries before a crashing message is parked, by default: below the queues' delivery limit.
+DEFAULT_MAX_TRIES = 5
+assert DEFAULT_MAX_TRIES < DELIVERY_LIMIT
 
 
 @dataclass(frozen=True)
@@ -93,6 +111,10 @@ class _Delivery:
 
     message: Incoming
     pending: int
+    #: The delivery's headers that a worker may carry on: see :func:`trusted_headers`.
+    headers: dict[str, Any]
+    #: Tries that crashed the handler before this delivery: see :func:`tries_before`.
+    tries: int
     #: An item could not be settled (a republish not confirmed, a worker stopping): the
     #: delivery goes back to the queue instead of being acked.
     give_back: bool = False
@@ -107,6 +129,8 @@ class _Inbound(Generic[T]):
     held: bool = False
     #: When it was put in the ready queue (monotonic).
     ready_at: float = 0.0
+    #: Tries that crashed the handler, this one included; carried by a republish of it alone.
+    tries: int = 0
 
     @property
     def message(self) -> Incoming:
@@ -134,8 +158,12 @@ class Consumer(Generic[T]):
         concurrency: int,
         batch_size: int,
         batch_wait: float,
+        max_tries: int = DEFAULT_MAX_TRIES,
     ) -> None:
+        if not 1 <= max_tries < DELIVERY_LIMIT:
+            raise ValueError(f"max_tries: {max_tries} is not between 1 and {DELIVERY_LIMIT - 1}")
         self.handler = handler
+        self._max_tries = max_tries
         self._inbox = inbox
         self._publisher = publisher
         self._backend = backend
@@ -181,14 +209,18 @@ class Consumer(Generic[T]):
     async def _on_message(self, message: Incoming) -> None:
         self.last_activity = time.monotonic()
         metrics.received.labels(self.handler.queue).inc()
+        headers = trusted_headers(self.handler.queue, message.headers)
+        tries = tries_before(message, headers)
         try:
             decoded = self.handler.decode(message)
         except InvalidMessage as exc:
-            await self._settle_batch([_Inbound(None, _Delivery(message, 1))], [Reject(exc.reason)])
+            await self._settle_batch(
+                [_Inbound(None, _Delivery(message, 1, headers, tries))], [Reject(exc.reason)]
+            )
             return
         bundle = decoded if isinstance(decoded, Bundle) else None
         items: Sequence[T] = bundle.items if bundle else [cast(T, decoded)]
-        delivery = _Delivery(message, len(items))
+        delivery = _Delivery(message, len(items), headers, tries)
         early: list[_Inbound[T]] = []
         retries: list[Outcome] = []
         now = datetime.now(UTC)
@@ -320,12 +352,26 @@ class Consumer(Generic[T]):
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, UNAVAILABLE_MAX_WAIT)
-            except Exception:
+            except Exception as exc:
                 if len(batch) > 1:  # find the poison message: the others go through
                     for inbound in batch:
                         await self._handle([inbound])
                     return
                 inbound = batch[0]
+                inbound.tries = inbound.delivery.tries + 1
+                if inbound.tries >= self._max_tries:
+                    log.exception(
+                        "handler crashed on every try; message parked",
+                        queue=self.handler.queue,
+                        message_id=inbound.message_id,
+                        tries=inbound.tries,
+                    )
+                    reason = (
+                        f"crash: {type(exc).__name__} raised by the {self.handler.queue} "
+                        f"handler on each of {inbound.tries} tries: {exc}"
+                    )
+                    await self._settle_batch(batch, [Reject(reason)])
+                    return
                 if inbound.bundle is not None and self.handler.destination is not None:
                     # Out of its bundle, alone: the queue's delivery limit parks it after
                     # a few crashes without taking the bundle's other items along.
@@ -407,13 +453,16 @@ class Consumer(Generic[T]):
     def _retry(self, inbound: _Inbound[Any], outcome: Retry) -> Outgoing:
         if self.handler.destination is None:
             raise RuntimeError(f"{self.handler.queue} cannot retry: no destination")
+        headers = {k: v for k, v in inbound.delivery.headers.items() if k != TRIES_HEADER}
+        if inbound.tries:  # sent on alone after a crash: the tries so far travel with it
+            headers[TRIES_HEADER] = inbound.tries
         return Publisher.delayed(
             self._backend,
             self.handler.destination,
             outcome.delay_ms,
             outcome.body if outcome.body is not None else inbound.body,
             outcome.message_id or inbound.message_id or "",
-            inbound.message.headers,
+            headers,
         )
 
     def _parked(self, inbound: _Inbound[Any], reason: str) -> Outgoing:
@@ -426,7 +475,7 @@ class Consumer(Generic[T]):
             message_id=inbound.message_id,
         )
         return Publisher.parked(
-            inbound.body, inbound.message_id, reason, self.handler.queue, inbound.message.headers
+            inbound.body, inbound.message_id, reason, self.handler.queue, inbound.delivery.headers
         )
 
     async def _nack(self, message: Incoming) -> None:
@@ -434,3 +483,28 @@ class Consumer(Generic[T]):
             await self._inbox.nack(message)
         except SettleFailed as exc:
             log.info("nack failed, message will be redelivered", error=str(exc))
+
+
+def trusted_headers(queue: str, headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``headers`` without the ``x-nudge-*`` ones when ``queue`` is fed by services: only a
+    worker's headers say why a message was parked or how often it crashed."""
+    if queue not in SERVICE_QUEUES:
+        return dict(headers or {})
+    return {
+        k: v for k, v in (headers or {}).items() if not k.lower().startswith(NUDGE_HEADER_PREFIX)
+    }
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def tries_before(message: Incoming, headers: Mapping[str, Any]) -> int:
+    """How many tries crashed before this delivery: the worker's :data:`TRIES_HEADER` (from
+    ``headers`` as :func:`trusted_headers` left them) plus RabbitMQ's ``x-delivery-count``
+    when the delivery is flagged ``redelivered`` (on a first delivery that header is the
+    publisher's)."""
+    tries = _count(headers.get(TRIES_HEADER))
+    if message.redelivered:
+        tries += _count(message.headers.get("x-delivery-count"))
+    return tries

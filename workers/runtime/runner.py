@@ -238,6 +238,7 @@ async def _consume(
                     concurrency=concurrency,
                     batch_size=1 if single else settings.batch_size,
                     batch_wait=0.0 if single else settings.batch_wait_seconds,
+                    max_tries=settings.max_crash_tries,
                 )
                 await consumer.start()
                 consumers.append(consumer)

@@ -39,6 +39,7 @@ class StubMessage:
     headers: dict[str, Any] = field(default_factory=dict)
     content_type: str | None = CONTENT_TYPE
     delivery_mode: int | None = 2
+    redelivered: bool | None = False
 
 
 class InMemoryInbox:
@@ -109,11 +110,15 @@ class InMemoryBroker:
         message_id: str | None = None,
         headers: dict[str, Any] | None = None,
         content_type: str | None = CONTENT_TYPE,
+        redelivered: bool = False,
     ) -> StubMessage:
-        """Hand a message to the consumer, as RabbitMQ delivers one."""
+        """Hand a message to the consumer, as RabbitMQ delivers one (``redelivered`` as it
+        flags a delivery made before, with its ``x-delivery-count`` header)."""
         if self.on_message is None:
             raise RuntimeError("nothing consumes the in-memory queue: start the consumer")
-        message = StubMessage(body, message_id, dict(headers or {}), content_type)
+        message = StubMessage(
+            body, message_id, dict(headers or {}), content_type, redelivered=redelivered
+        )
         self.delivered.append(message)
         await self.on_message(message)
         return message
