@@ -17,13 +17,16 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import Engine, create_engine
 
-from shared import amqp, topology
+from shared import amqp, delay, topology
 from tests.support import MailServer, Management, Worker
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store import templates
 from workers.store.db import upgrade
 from workers.templating import Renderer
+
+#: The delay backends: the ``delay_backend`` fixture, and the plugin cases' policy.
+pytest_plugins = ["tests.backends"]
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = Settings.load()
@@ -136,8 +139,11 @@ def mail_server() -> Iterator[MailServer]:
 
 
 @pytest.fixture
-def settings(vhost: str, database_url: str, sink: Sink) -> Settings:
-    """Settings pointing at this test's vhost and database, with the topology declared."""
+def settings(
+    vhost: str, database_url: str, sink: Sink, delay_backend: delay.BackendName
+) -> Settings:
+    """Settings pointing at this test's vhost and database, with the topology of
+    ``delay_backend`` declared."""
     parts = urllib.parse.urlsplit(BASE.amqp_url)
     amqp_url = urllib.parse.urlunsplit(
         parts._replace(path="/" + urllib.parse.quote(vhost, safe=""))
@@ -146,7 +152,7 @@ def settings(vhost: str, database_url: str, sink: Sink) -> Settings:
         update={
             "amqp_url": amqp_url,
             "database_url": database_url,
-            "delay_backend": "tiers",
+            "delay_backend": delay_backend,
             "webhook_url": sink.url,
             "webhook_secret": SecretStr(SECRET),
             "unsubscribe_secret": SecretStr(UNSUBSCRIBE_SECRET),
@@ -160,7 +166,7 @@ def settings(vhost: str, database_url: str, sink: Sink) -> Settings:
     async def declare() -> None:
         connection = await amqp.connect(amqp_url)
         try:
-            await amqp.declare(connection, topology.build("tiers"))
+            await amqp.declare(connection, topology.build(delay_backend))
         finally:
             await connection.close()
 

@@ -115,6 +115,22 @@ class Management:
         r.raise_for_status()
         return {q["name"]: q for q in r.json()}
 
+    def exchange(self, vhost: str, name: str) -> dict[str, Any] | None:
+        """The exchange's details (``messages_delayed`` for the plugin's), or None."""
+        r = self._client.get(
+            f"/exchanges/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(name, safe='')}"
+        )
+        if r.status_code == 404:
+            return None
+        r.raise_for_status()
+        doc: dict[str, Any] = r.json()
+        return doc
+
+    def delete_exchange(self, vhost: str, name: str) -> None:
+        self._client.delete(
+            f"/exchanges/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(name, safe='')}"
+        ).raise_for_status()
+
     def get_messages(self, vhost: str, queue: str, count: int = 100) -> list[dict[str, Any]]:
         """Fetch (and requeue) up to ``count`` messages of ``queue``."""
         r = self._client.post(

@@ -102,6 +102,39 @@ def decide(
     return SEND
 
 
+#: While a recipient waits for the events role, it is checked again this often.
+EVENTS_POLL_SECONDS = 0.25
+
+
+def await_events(
+    c: Claimed, recorded_until: datetime | None, now: datetime, wait_seconds: float
+) -> Defer | None:
+    """Before sending a message that lists exclusion events: None once every event published
+    to ``nudge.events`` before the message was due is recorded (``recorded_until``, None
+    when no events consumer runs); else check again shortly, and past ``wait_seconds`` after
+    the due time, ``wait_seconds`` later."""
+    if recorded_until is not None and recorded_until >= c.deliver_at:
+        return None
+    behind = (
+        "no events consumer is running"
+        if recorded_until is None
+        else f"events recorded up to {recorded_until.isoformat(timespec='milliseconds')}"
+    )
+    due = f"due at {c.deliver_at.isoformat(timespec='milliseconds')}"
+    if now - c.deliver_at < timedelta(seconds=wait_seconds):
+        return Defer(
+            now + timedelta(seconds=EVENTS_POLL_SECONDS),
+            Reason(ReasonRule.EVENTS_BEHIND, f"{behind}, {due}: waiting"),
+        )
+    return Defer(
+        now + timedelta(seconds=wait_seconds),
+        Reason(
+            ReasonRule.EVENTS_BEHIND,
+            f"{behind}, {due}: not sent after waiting {_span(wait_seconds)}",
+        ),
+    )
+
+
 def _caps(c: Claimed, policy: Policy, now: datetime, sent: Sequence[Sent]) -> Decision | None:
     if policy.category_window_seconds is not None and c.category is not None:
         since = now - timedelta(seconds=policy.category_window_seconds)

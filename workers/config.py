@@ -48,7 +48,10 @@ class Settings(BaseSettings):
     amqp_url: str = "amqp://guest:guest@127.0.0.1:35672/"
     database_url: str = "postgresql+psycopg://nudge@127.0.0.1:35432/nudge"
     rabbitmq_mgmt_url: str = "http://guest:guest@127.0.0.1:35673"
-    delay_backend: DelayBackendName = "auto"
+    #: ``tiers`` works on every broker and keeps waiting messages replicated in a cluster;
+    #: ``plugin`` is the faster choice on a single node with the plugin (docs/delays.md,
+    #: "Choosing a backend"); ``auto`` takes the plugin whenever the broker has it.
+    delay_backend: DelayBackendName = "tiers"
 
     webhook_url: str | None = None
     #: HMAC key of the webhook signature; required by a dispatch worker when ``webhook_url`` is
@@ -93,12 +96,19 @@ class Settings(BaseSettings):
     rate_limits: dict[str, float] = Field(default_factory=dict)
 
     claim_lease_seconds: float = Field(default=300.0, gt=0)
+    #: How many times a recipient whose lease ran out is claimed again before it is recorded
+    #: ``failed`` (reason ``lease``): it is sent at most this many times plus one.
+    max_takeovers: int = Field(default=3, ge=0, le=100)
     #: How long rendering one recipient's message may take (off the event loop) before the
     #: recipient is recorded failed.
     render_timeout_seconds: float = Field(default=1.0, gt=0, le=60)
     #: Events up to this long before a message was scheduled still exclude it (clock skew
     #: between services, an event published just before the message).
     exclusion_buffer_seconds: float = Field(default=5.0, ge=0)
+    #: A message that lists exclusion events waits this long past its due time for the events
+    #: role to record every event published before then; past it, it is deferred (reason
+    #: ``events_behind``) and tried again this much later.
+    events_wait_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=5, ge=1, le=100)
     retry_base_seconds: float = Field(default=2.0, gt=0)
     retry_max_seconds: float = Field(default=3600.0, gt=0)

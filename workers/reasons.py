@@ -20,6 +20,9 @@ class ReasonRule(enum.StrEnum):
     EXPIRED = "expired"
     UNSUBSCRIBED = "unsubscribed"
     EXCLUDED = "excluded"
+    #: The message lists exclusion events and the events role has not recorded every event
+    #: published before it was due: deferred, not sent blind.
+    EVENTS_BEHIND = "events_behind"
     INTERACTION = "interaction"
     CATEGORY = "category"
     FREQUENCY = "frequency"
@@ -31,6 +34,11 @@ class ReasonRule(enum.StrEnum):
     RETRY = "retry"
     PERMANENT = "permanent"
     ATTEMPTS = "attempts"
+    #: The recipient's claim ran out of its lease too many times (its claimers died after
+    #: the send, or before recording it): never sent again.
+    LEASE = "lease"
+    #: Recording the recipient's outcome raised an error (named in the detail).
+    RECORD = "record"
 
     @property
     def failed_send(self) -> bool:

@@ -16,6 +16,7 @@ from pydantic import SecretStr
 from sqlalchemy import Engine, select
 
 from producer import Producer, scheduled
+from tests.backends import both_backends
 from tests.support import MailServer, Worker, final_row, wait_for
 from workers import unsubscribe
 from workers.config import Settings
@@ -231,6 +232,7 @@ def test_smtp_with_implicit_tls_authenticates_and_delivers(
     ]
 
 
+@both_backends
 def test_a_webhook_answering_503_twice_gets_the_message_on_the_third_attempt_after_backoff(
     settings: Settings, sink: Sink, engine: Engine, start_worker: Callable[..., Worker]
 ) -> None:

@@ -138,7 +138,7 @@ def test_a_message_that_crashes_its_handler_is_parked_after_the_delivery_limit(
         message="the parked ghost",
     )
     headers = management.get_messages(vhost, DEAD_QUEUE)[0]["properties"]["headers"]
-    assert headers["x-nudge-reason"] == "message_id: no message 999 for contact 999"
+    assert headers["x-nudge-reason"] == "due: contact 999 is not a recipient of message 999"
     assert _outcomes(engine) == Counter()
 
 

@@ -53,7 +53,7 @@ def topology_group() -> None:
     "--backend",
     type=click.Choice(["auto", "plugin", "tiers"]),
     default=None,
-    help="Delay backend (default: NUDGE_DELAY_BACKEND, auto).",
+    help="Delay backend (default: NUDGE_DELAY_BACKEND, tiers).",
 )
 @click.pass_context
 def topology_apply(ctx: click.Context, backend: DelayBackendName | None) -> None:

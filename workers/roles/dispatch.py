@@ -166,10 +166,10 @@ class DispatchHandler:
         sent = await self._send_all(prepared)
         phases.mark("send")
         finished, retries = self._after_sends(sent)
-        await self._finalise([*unrendered, *finished], decided)
+        recorded = await self._finalise([*unrendered, *finished], decided)
         phases.mark("finalise")
         phases.observe(len(batch))
-        self._count(read.claimed, [*decided, *unrendered, *finished])
+        self._count(read.claimed, [*decided, *recorded])
         return self._outcomes(batch, read, decisions, retries, now)
 
     async def _read(
@@ -181,6 +181,7 @@ class DispatchHandler:
             tx,
             wanted,
             lease_seconds=self._settings.claim_lease_seconds,
+            max_takeovers=self._settings.max_takeovers,
             exclusion_buffer_seconds=self._settings.exclusion_buffer_seconds,
             asked=self._asked,
         )
@@ -212,6 +213,8 @@ class DispatchHandler:
                 interactions=read.interactions.get(c.contact_id, ()),
                 sent=history,
             )
+            if isinstance(d, Send):
+                d = self._after_events(c, read, now) or d
             if isinstance(d, Send) and c.channel not in self._channels:
                 d = Record(
                     ItemStatus.FAILED,
@@ -228,6 +231,17 @@ class DispatchHandler:
         metrics.check_seconds.inc(phases.since("claim"))
         metrics.checked.inc(len(read.claimed))
         return out
+
+    def _after_events(self, c: Claimed, read: ClaimedBatch, now: datetime) -> Defer | None:
+        """A send of a message that lists exclusion events waits until the events role has
+        recorded every event published before it was due (``read.events_recorded_until``
+        has only those recipients: the others are not delayed)."""
+        key = (c.message_id, c.contact_id)
+        if key not in read.events_recorded_until:
+            return None
+        return checks.await_events(
+            c, read.events_recorded_until[key], now, self._settings.events_wait_seconds
+        )
 
     async def _record(
         self, tx: Pipelined, decisions: Sequence[tuple[Claimed, Decision]]
@@ -381,6 +395,59 @@ class DispatchHandler:
 
     async def _finalise(
         self, finished: Sequence[ItemOutcome], decided: Sequence[ItemOutcome]
+    ) -> list[ItemOutcome]:
+        """Record the sends' outcomes (see :meth:`_finalise_batch`); returns those recorded.
+        When recording them raises anything but an outage (a value Postgres refuses, a
+        constraint, a trigger), each is recorded alone, and one that still raises is recorded
+        ``failed`` with the reason ``record`` naming the error: one recipient's outcome, never
+        a batch that crashes and is handled again after its lease, sending twice."""
+        try:
+            await self._finalise_batch(finished, decided)
+            return list(finished)
+        except Exception as exc:
+            if len(finished) == 1:
+                return [await self._record_failure(finished[0], decided, exc)]
+            log.warning("finalise failed, recording each outcome alone", error=repr(exc))
+        return [o for one in finished for o in await self._finalise([one], decided)]
+
+    async def _record_failure(
+        self, outcome: ItemOutcome, decided: Sequence[ItemOutcome], exc: Exception
+    ) -> ItemOutcome:
+        """Record ``outcome``'s recipient ``failed`` because recording ``outcome`` raised
+        ``exc``; if even that cannot be recorded, log it (the row stays ``sending``, and its
+        lease cap ends it)."""
+        failed = ItemOutcome(
+            outcome.message_id,
+            outcome.contact_id,
+            outcome.attempts,
+            ItemStatus.FAILED,
+            Reason(
+                ReasonRule.RECORD,
+                f"{_error_class(exc)} while recording the outcome {outcome.status}",
+            ),
+            str(exc),
+            None,
+            outcome.failed,
+            outcome.template_version,
+        )
+        log.warning(
+            "outcome could not be recorded, recipient failed",
+            message_id=outcome.message_id,
+            contact_id=outcome.contact_id,
+            error=repr(exc),
+        )
+        try:
+            await self._finalise_batch([failed], decided)
+        except Exception:
+            log.exception(
+                "failure could not be recorded either",
+                message_id=outcome.message_id,
+                contact_id=outcome.contact_id,
+            )
+        return failed
+
+    async def _finalise_batch(
+        self, finished: Sequence[ItemOutcome], decided: Sequence[ItemOutcome]
     ) -> None:
         """Record the sends' outcomes, retrying while Postgres is unavailable: the sends
         happened, and handling the batch again would only wait out the lease and send them
@@ -406,8 +473,10 @@ class DispatchHandler:
                 pause = min(pause * 2, 10.0)
 
     def _not_claimed(self, due: DueMessage, state: ItemState | None, now: datetime) -> Outcome:
-        if state is None:
-            return Reject(f"message_id: no message {due.message_id} for contact {due.contact_id}")
+        if state is None:  # no row, and the claim would not create one: not its recipient
+            return Reject(
+                f"due: contact {due.contact_id} is not a recipient of message {due.message_id}"
+            )
         if state.status.final:
             return DONE  # already recorded: a redelivery or a duplicate
         if state.paused:
@@ -530,6 +599,13 @@ class DispatchHandler:
             ),
             self._retry_at(c, at, now),
         )
+
+
+def _error_class(exc: BaseException) -> str:
+    """The class of the error behind ``exc``: the driver's (``CheckViolation``,
+    ``DataError``) rather than the store's wrapper."""
+    cause = exc.__cause__ or exc
+    return type(getattr(cause, "orig", None) or cause).__name__
 
 
 def _outcome(

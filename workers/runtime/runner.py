@@ -8,14 +8,16 @@ import contextlib
 import gc
 import signal
 import time
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import httpx
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import amqp, delay, topology
-from shared.errors import BrokerError
+from shared.errors import BrokerError, BrokerUnavailable
 from workers.channels import Sender
 from workers.channels.log import LogSender
 from workers.channels.smtp import SmtpConfig, SmtpSender
@@ -94,7 +96,9 @@ async def _handlers(
     if role == "scheduler":
         return [(SchedulerHandler(engine, publisher, backend), False)]
     if role == "events":
-        return [(EventsHandler(engine, publisher), False)]
+        events = EventsHandler(engine, publisher)
+        background.append(asyncio.create_task(events.record_progress_forever(connection)))
+        return [(events, False)]
     if role == "receipts":
         return [(ReceiptsHandler(engine), False)]
     if role == "planner":
@@ -246,7 +250,9 @@ async def _consume(
             burst=burst,
         )
         if burst:
-            watcher = asyncio.create_task(_until_drained(connection, topo, consumers, burst_idle))
+            watcher = asyncio.create_task(
+                _until_drained(connection, topo, consumers, burst_idle, settings)
+            )
             stopper = asyncio.create_task(stop.wait())
             await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
             for task in (watcher, stopper):
@@ -283,21 +289,51 @@ async def _watch_depths(connection: Any, names: Sequence[str], every: float = 5.
         await asyncio.sleep(every)
 
 
+async def plugin_delayed(settings: Settings) -> int:
+    """Messages waiting in the plugin's delay exchange of this vhost (``messages_delayed`` from
+    the management API: AMQP cannot see them)."""
+    mgmt = urllib.parse.urlsplit(settings.rabbitmq_mgmt_url)
+    vhost = urllib.parse.unquote(urllib.parse.urlsplit(settings.amqp_url).path[1:]) or "/"
+    url = (
+        f"{mgmt.scheme}://{mgmt.hostname}:{mgmt.port}/api/exchanges/"
+        f"{urllib.parse.quote(vhost, safe='')}/{delay.PLUGIN_EXCHANGE}"
+    )
+    try:
+        async with httpx.AsyncClient(
+            auth=(mgmt.username or "guest", mgmt.password or "guest"), timeout=10
+        ) as client:
+            r = await client.get(url)
+            r.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise BrokerUnavailable(f"RabbitMQ management API at {url}: {exc}") from exc
+    return int(r.json().get("messages_delayed", 0))
+
+
 async def _until_drained(
-    connection: Any, topo: topology.Topology, consumers: Sequence[Consumer[Any]], idle: float
+    connection: Any,
+    topo: topology.Topology,
+    consumers: Sequence[Consumer[Any]],
+    idle: float,
+    settings: Settings,
 ) -> None:
-    """Return once every consumer is idle, nothing waits in our queues or the delay ladder,
-    and that has held for ``idle`` seconds."""
+    """Return once every consumer is idle, nothing waits in our queues or the delay (ladder
+    queues, or the plugin's exchange), and that has held for ``idle`` seconds."""
     watched = [c.handler.queue for c in consumers]
-    if any(c.handler.queue.startswith(topology.DUE_QUEUE) for c in consumers):
+    due = any(c.handler.queue.startswith(topology.DUE_QUEUE) for c in consumers)
+    if due:
         # what waits in the delay will come to the due queue
         watched += [q.name for q in topo.queues if q.name.startswith("nudge.delay.")]
+    in_plugin = due and topo.backend == "plugin"
     quiet_since: float | None = None
     while True:
         await asyncio.sleep(0.25)
         try:
             empty = not any((await amqp.queue_depths(connection, watched)).values())
-        except BrokerError:
+            if empty and in_plugin:
+                empty = not await plugin_delayed(settings)
+        except BrokerError as exc:
+            if in_plugin:
+                log.warning("burst: cannot tell whether the delay is empty", error=str(exc))
             empty = False
         busy = any(not c.idle or time.monotonic() - c.last_activity < idle for c in consumers)
         if empty and not busy:

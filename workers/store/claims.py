@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from workers.policies import Policy
 from workers.recipients import Claimed, Event, ItemOutcome, ItemState, Key, Sent
-from workers.store import checks, messages, policies, templates
+from workers.store import checks, messages, policies, templates, watermarks
 from workers.store.db import Pipelined, Statement
 from workers.store.templates import StoredTemplate
 
@@ -72,6 +73,9 @@ class ClaimedBatch:
     interactions: Mapping[int, Sequence[Event]]
     #: Per recipient whose message lists exclusion events: the first such event in scope.
     exclusions: Mapping[Key, Event]
+    #: Per recipient whose message lists exclusion events: until when every event published
+    #: to ``nudge.events`` is recorded (None: no events consumer is alive).
+    events_recorded_until: Mapping[Key, datetime | None]
     #: How far back ``history`` and ``interactions`` look.
     asked: Lookback
 
@@ -94,6 +98,7 @@ async def claim(
     wanted: Sequence[tuple[int, int, int]],
     *,
     lease_seconds: float,
+    max_takeovers: int,
     exclusion_buffer_seconds: float,
     asked: Lookback,
 ) -> ClaimedBatch:
@@ -101,12 +106,13 @@ async def claim(
     recipients), and read the policies, the templates and the facts looking back as far as
     ``asked``: one round trip."""
     keys = [(w[0], w[1]) for w in wanted]
-    _locked, claimed, stored_policies, stored_templates, *facts = await tx.run(
+    _locked, claimed, stored_policies, stored_templates, recorded, *facts = await tx.run(
         [
             checks.lock_statement([k[1] for k in keys]),
-            messages.claim_statement(wanted, lease_seconds),
+            messages.claim_statement(wanted, lease_seconds, max_takeovers),
             policies.LOAD_ALL,
             templates.latest_of_messages_statement(k[0] for k in keys),
+            watermarks.recorded_until_statement(keys),
             *_fact_statements(asked, keys, keys, exclusion_buffer_seconds),
         ]
     )
@@ -120,6 +126,7 @@ async def claim(
         history=history,
         interactions=interactions,
         exclusions=exclusions,
+        events_recorded_until=watermarks.recorded_until_from(recorded),
         asked=asked,
     )
 
@@ -151,6 +158,7 @@ async def recheck(
         history=history,
         interactions=interactions,
         exclusions=exclusions,
+        events_recorded_until=batch.events_recorded_until,
         asked=asked,
     )
 

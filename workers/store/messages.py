@@ -16,6 +16,7 @@ from sqlalchemy import Connection, bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.contract import ScheduleMessage
+from workers.reasons import Reason, ReasonRule
 from workers.recipients import Claimed, ItemOutcome, ItemState, ItemStatus, Key, MessageStatus
 from workers.store import contacts as contacts_repo
 from workers.store.db import Statement
@@ -114,17 +115,29 @@ WITH wanted AS (
     INSERT INTO message_items AS mi (message_id, contact_id, status, attempts, claimed_at,
                                      updated_at)
     SELECT w.message_id, w.contact_id, 'sending', w.attempt, now(), now() FROM wanted w
-     WHERE EXISTS (SELECT 1 FROM messages m WHERE m.id = w.message_id AND m.status <> :paused)
-       AND EXISTS (SELECT 1 FROM contacts k WHERE k.id = w.contact_id)
+     WHERE EXISTS (SELECT 1 FROM messages m WHERE m.id = w.message_id AND m.status <> :paused
+                      AND (m.kind = 'single' AND m.contact_id = w.contact_id
+                           OR EXISTS (SELECT 1 FROM message_items r
+                                       WHERE r.message_id = w.message_id
+                                         AND r.contact_id = w.contact_id)))
      ORDER BY w.message_id, w.contact_id
     ON CONFLICT (message_id, contact_id) DO UPDATE
-       SET status = 'sending', claimed_at = now(), updated_at = now(),
+       SET status = CASE WHEN mi.status = 'sending' AND mi.takeovers >= :max_takeovers
+                         THEN 'failed' ELSE 'sending' END,
+           reason = CASE WHEN mi.status = 'sending' AND mi.takeovers >= :max_takeovers
+                         THEN :lease_reason ELSE mi.reason END,
+           takeovers = mi.takeovers + CAST(mi.status = 'sending' AS int),
+           claimed_at = now(), updated_at = now(),
            attempts = CASE WHEN mi.status = 'deferred' THEN excluded.attempts
                            ELSE mi.attempts + 1 END
      WHERE (mi.status = 'deferred' AND excluded.attempts > mi.attempts)
         OR mi.status = 'planned'
         OR (mi.status = 'sending' AND mi.claimed_at < now() - make_interval(secs => :lease))
-    RETURNING mi.message_id, mi.contact_id, mi.attempts, mi.failures
+    RETURNING mi.message_id, mi.contact_id, mi.attempts, mi.failures, mi.status
+), lease_failed AS (
+    UPDATE messages SET status = :completed
+     WHERE id IN (SELECT message_id FROM claimed WHERE status = 'failed')
+       AND kind = 'single' AND status IN (:not_started, :sending)
 )
 SELECT c.message_id, c.contact_id, c.attempts, c.failures, m.status AS message_status,
        m.idempotency_key, m.template,
@@ -133,6 +146,7 @@ SELECT c.message_id, c.contact_id, c.attempts, c.failures, m.status AS message_s
   FROM claimed c
   JOIN messages m ON m.id = c.message_id
   JOIN contacts k ON k.id = c.contact_id
+ WHERE c.status = 'sending'
 """)
 
 _STATES = text("""
@@ -145,23 +159,44 @@ SELECT mi.message_id, mi.contact_id, mi.status, mi.attempts, mi.claimed_at,
 """)
 
 
-def claim_statement(wanted: Sequence[tuple[int, int, int]], lease_seconds: float) -> Statement:
+def claim_statement(
+    wanted: Sequence[tuple[int, int, int]], lease_seconds: float, max_takeovers: int
+) -> Statement:
     """Claim recipient rows for sending, in one statement for the whole batch; read with
     :func:`claimed_from`, then ask :func:`states_statement` about the rest.
 
-    ``wanted`` holds (message_id, contact_id, attempt) without duplicates. A row is claimed
-    when it does not exist yet, when it is ``deferred`` and this is a later attempt, or when
-    it is ``sending`` but its claimer's lease ran out (the claimer crashed between send and
-    finalise), or it is a campaign's ``planned`` recipient. Nothing of a paused message is
-    claimed: its recipients wait for resume.
+    ``wanted`` holds (message_id, contact_id, attempt) without duplicates. Only a recipient
+    of the message is claimed: a single message's contact (its row is created by the first
+    claim), or a contact that has a row already (a started campaign's ``planned``
+    recipient); any other pair is left unclaimed, with no row, and dispatch parks its due
+    message. A row is claimed when it does not exist yet, when it is ``deferred`` and this is
+    a later attempt, or when it is ``sending`` but its claimer's lease ran out (the claimer
+    crashed between send and finalise), or it is a campaign's ``planned`` recipient. A
+    ``sending`` row already taken over ``max_takeovers`` times is recorded ``failed`` with
+    the reason ``lease`` instead: it may have been sent each time, and is never sent again.
+    Nothing of a paused message is claimed: its recipients wait for resume.
     """
     return _CLAIM, {
         "mids": [w[0] for w in wanted],
         "cids": [w[1] for w in wanted],
         "attempts": [w[2] for w in wanted],
         "lease": lease_seconds,
+        "max_takeovers": max_takeovers,
+        "lease_reason": str(lease_reason(max_takeovers)),
         "paused": int(MessageStatus.PAUSED),
+        "not_started": int(MessageStatus.NOT_STARTED),
+        "sending": int(MessageStatus.SENDING),
+        "completed": int(MessageStatus.COMPLETED),
     }
+
+
+def lease_reason(max_takeovers: int) -> Reason:
+    """Why a recipient whose claims kept expiring is recorded ``failed``."""
+    return Reason(
+        ReasonRule.LEASE,
+        f"the lease ran out {max_takeovers + 1} times before the outcome was recorded "
+        f"(NUDGE_MAX_TAKEOVERS={max_takeovers}); not sent again",
+    )
 
 
 def claimed_from(rows: Sequence[Any]) -> list[Claimed]:
@@ -278,6 +313,19 @@ async def repair(conn: AsyncConnection, outcomes: Sequence[ItemOutcome]) -> int:
     return int((await conn.execute(_REPAIR, params)).scalar_one())
 
 
+#: Text from outside (a receiver's error body) is stored at most this long.
+MAX_STORED_TEXT = 1000
+
+
+def stored_text(text: str) -> str:
+    """``text`` as it can be stored: without NUL characters (Postgres refuses them in text),
+    at most :data:`MAX_STORED_TEXT` characters."""
+    cleaned = text.replace("\x00", "\ufffd")
+    if len(cleaned) > MAX_STORED_TEXT:
+        cleaned = cleaned[: MAX_STORED_TEXT - 1] + "\u2026"
+    return cleaned
+
+
 def finalise_statement(outcomes: Sequence[ItemOutcome]) -> Statement:
     """Record the outcome of claimed rows, and complete the single-recipient messages among
     them, in one statement (safe to run in autocommit: it commits whole or not at all)."""
@@ -288,8 +336,8 @@ def finalise_statement(outcomes: Sequence[ItemOutcome]) -> Statement:
             "cids": [o.contact_id for o in outcomes],
             "attempts": [o.attempts for o in outcomes],
             "statuses": [o.status.value for o in outcomes],
-            "reasons": [None if o.reason is None else str(o.reason) for o in outcomes],
-            "errors": [o.error for o in outcomes],
+            "reasons": [None if o.reason is None else stored_text(str(o.reason)) for o in outcomes],
+            "errors": [None if o.error is None else stored_text(o.error) for o in outcomes],
             "nexts": [o.next_attempt_at for o in outcomes],
             "failed": [int(o.failed) for o in outcomes],
             "versions": [o.template_version for o in outcomes],

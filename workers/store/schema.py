@@ -127,6 +127,9 @@ message_items = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     #: The version of the message's template this recipient was rendered with (migration 0004).
     Column("template_version", Integer),
+    #: How many times a claim of it ran out of its lease (migration 0010): capped by
+    #: ``NUDGE_MAX_TAKEOVERS``.
+    Column("takeovers", Integer, nullable=False, server_default=text("0")),
     PrimaryKeyConstraint("message_id", "contact_id"),
     CheckConstraint(f"status IN ({_item_statuses})", name="status"),
     # window checks: what was sent to this contact lately, and what is being sent now (no
@@ -239,6 +242,17 @@ rate_slots = Table(
     metadata,
     Column("channel", Text, primary_key=True),
     Column("next_at", DateTime(timezone=True), nullable=False),
+)
+
+#: Per running ``events`` consumer: every event published to ``nudge.events`` before
+#: ``recorded_until`` is in ``contact_events``. Dispatch reads the minimum over the live
+#: consumers before sending a message that lists exclusion events.
+events_watermarks = Table(
+    "events_watermarks",
+    metadata,
+    Column("consumer", Text, primary_key=True),
+    Column("recorded_until", DateTime(timezone=True), nullable=False),
+    Column("beat_at", DateTime(timezone=True), nullable=False),
 )
 
 # Campaigns (migration 0005) are ``messages`` rows of kind ``campaign``; these columns are
