@@ -1,8 +1,8 @@
 """Faults injected while a campaign, delayed messages and events are in flight: workers
 SIGKILLed at random moments (planner included, dispatch at least once), RabbitMQ restarted and
-crashed (SIGKILL of its Erlang VM), PostgreSQL restarted and crashed (immediate shutdown: the
-claims committed without waiting for the disk may be lost, and the finalise must write their
-outcomes again).
+crashed (SIGKILL of its Erlang VM; on the ladder only, for the suite's time), PostgreSQL
+restarted and crashed (immediate shutdown: the claims committed without waiting for the disk
+may be lost, and the finalise must write their outcomes again).
 After each, every confirmed request and every campaign recipient has exactly one final
 outcome, ``sent`` for every message (the sink accepts everything), the sink saw nothing twice
 beyond what was really in flight when the fault hit (and then with the same Idempotency-Key),
