@@ -284,7 +284,9 @@ class Worker:
         text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
         want = ",".join(f'{k}="{v}"' for k, v in labels.items())
         total = 0.0
-        for line in text.splitlines():
+        # Lines end at "\n" only: a label value (a reason's field, from the input) may hold
+        # other line separators, which str.splitlines would split on.
+        for line in text.split("\n"):
             if line.startswith(name) and (
                 not want or all(f'{k}="{v}"' in line for k, v in labels.items())
             ):

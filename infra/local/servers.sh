@@ -5,7 +5,7 @@
 # <checkout>/.local), listen on 127.0.0.1 only and use non-default ports, so
 # they never collide with system services. See infra/local/README.md.
 #
-# Usage: servers.sh up|down|status|delayed-plugin|logs [-f]|env|restart-rabbitmq|restart-postgres|crash-postgres|ctl TOOL ARGS
+# Usage: servers.sh up|down|status|delayed-plugin|logs [-f]|env|restart-rabbitmq|crash-rabbitmq|restart-postgres|crash-postgres|ctl TOOL ARGS
 #
 # Progress goes to stderr; `up` and `env` print only KEY=value lines on stdout.
 set -euo pipefail
@@ -78,6 +78,8 @@ usage: $(basename "$0") COMMAND
   env                print the NUDGE_* variables clients need (NUDGE_SERVICE_AMQP_URL:
                      the user services publish with; NUDGE_WORKER_AMQP_URL: the workers')
   restart-rabbitmq   stop and start RabbitMQ, keeping its data
+  crash-rabbitmq     kill RabbitMQ as a crash would (SIGKILL of the Erlang VM: nothing is
+                     flushed or closed cleanly), then start it (it recovers from its data)
   restart-postgres   stop and start PostgreSQL, keeping its data
   crash-postgres     kill PostgreSQL as a crash would (immediate shutdown: no checkpoint, WAL
                      still in memory is lost), then start it (it recovers from its WAL)
@@ -487,6 +489,20 @@ rmq_down() {
   fi
   rm -f "$RMQ_PID_FILE"
   log "rabbitmq: down"
+}
+
+rmq_crash() {
+  local pid
+  if ! pid=$(rmq_find_pid); then
+    log "rabbitmq: not running"
+    rm -f "$RMQ_PID_FILE"
+    return 0
+  fi
+  log "rabbitmq: crashing (SIGKILL to the Erlang VM, pid $pid)"
+  kill -KILL "$pid" 2>/dev/null || true
+  wait_gone "$pid" 10 || die "rabbitmq: could not kill pid $pid"
+  rm -f "$RMQ_PID_FILE"
+  log "rabbitmq: down (crashed)"
 }
 
 rmq_status() {
@@ -1073,6 +1089,12 @@ main() {
     restart-rabbitmq)
       take_lock
       rmq_down
+      rmq_up
+      delayed_check_loaded
+      ;;
+    crash-rabbitmq)
+      take_lock
+      rmq_crash
       rmq_up
       delayed_check_loaded
       ;;

@@ -2,8 +2,9 @@
 what each flow must find afterwards.
 
 A flow makes batches of requests for the :class:`Stream` to publish, and judges the result:
-every request the broker confirmed has exactly one final outcome in Postgres, nothing the
-sink saw twice falls outside the in-flight bound, and every duplicate carries the same
+every request the broker confirmed has exactly one final outcome in Postgres (``sent``, for
+the flows whose every message must be delivered), nothing the sink saw twice falls outside
+what was really in flight (:class:`InFlight`), and every duplicate carries the same
 ``Idempotency-Key``. Requests whose publish raised are counted apart: they may or may not
 have arrived (a confirm lost with the connection), and those that did must be judged like the
 others.
@@ -64,6 +65,44 @@ class Verdict:
         return not self.problems
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """What the faults of a scenario may make the sink see twice (docs/architecture.md, "What a
+    receiver may see twice"), measured rather than assumed.
+
+    ``claims`` is known when dispatch processes were SIGKILLed: the ``Idempotency-Key`` of every
+    recipient found ``sending`` right after a dispatch died, counted once per distinct claim
+    (a row still ``sending`` under the same claim at a later kill is not counted again). Such a
+    recipient may reach the sink once more per claim; no other recipient may reach it twice.
+    ``faults`` counts the servers going down under a live dispatch: each may cost at most what
+    one dispatch process holds claimed, the flow's ``limit`` (concurrency x batch or chunk).
+    """
+
+    faults: int = 0
+    claims: Counter[str] = field(default_factory=Counter)
+
+    def bound(self, keys: set[str], limit: int) -> int:
+        """How many second copies the recipients ``keys`` of one flow may get in all."""
+        return sum(n for k, n in self.claims.items() if k in keys) + self.faults * limit
+
+    def problems(self, seen: Counter[str], keys: set[str], limit: int) -> list[str]:
+        """What the copies ``seen`` per key at the sink break of this bound."""
+        problems = []
+        duplicates = sum(n - 1 for n in seen.values())
+        bound = self.bound(keys, limit)
+        if duplicates > bound:
+            problems.append(f"{duplicates} duplicates at the sink, more than the {bound} in flight")
+        if not self.faults:
+            # Only the kills: each second copy must go back to a claim a dead dispatch held.
+            beyond = {k: n - 1 for k, n in seen.items() if n - 1 > self.claims[k]}
+            if beyond:
+                problems.append(
+                    f"{len(beyond)} recipients seen twice that no dead dispatch held in flight "
+                    f"(extra copies by key): {dict(sorted(beyond.items())[:3])}"
+                )
+        return problems
+
+
 class Flow(Protocol):
     """One kind of work a service puts in flight."""
 
@@ -78,18 +117,23 @@ class Flow(Protocol):
         """Whether everything that arrived has reached a final state."""
         ...
 
-    def verdict(self, engine: Engine, sink: Sink, bound: int) -> Verdict:
-        """Judge the flow once settled; ``bound`` is how many duplicates the sink may see."""
+    def verdict(self, engine: Engine, sink: Sink, in_flight: InFlight) -> Verdict:
+        """Judge the flow once settled; ``in_flight`` is what the sink may see twice."""
         ...
 
 
 class DelayedMessages:
     """Scheduled messages to the webhook sink, one contact each, due ``delay`` seconds after
-    their publish (a random pick between the bounds), so that faults find them in the delay."""
+    their publish (a random pick between the bounds), so that faults find them in the delay.
+    The sink accepts everything: each must end ``sent``. ``limit`` is what one dispatch process
+    holds claimed of them at most (concurrency x batch size)."""
 
-    def __init__(self, run: str, delay: tuple[float, float] = (0.5, 5.0), seed: int = 0) -> None:
+    def __init__(
+        self, run: str, limit: int, delay: tuple[float, float] = (0.5, 5.0), seed: int = 0
+    ) -> None:
         self.name = "delayed messages"
         self.tally = Tally()
+        self.limit = limit
         self._run = run
         self._delay = delay
         self._rng = random.Random(seed)
@@ -139,7 +183,7 @@ class DelayedMessages:
             len(r) == 1 and r[0][0] in FINAL for r in items.values()
         )
 
-    def verdict(self, engine: Engine, sink: Sink, bound: int) -> Verdict:
+    def verdict(self, engine: Engine, sink: Sink, in_flight: InFlight) -> Verdict:
         items = self._items(engine)
         problems: list[str] = []
         lost = self.tally.confirmed - items.keys()
@@ -154,6 +198,10 @@ class DelayedMessages:
         unexpected = items.keys() - self.tally.confirmed - self.tally.raised
         if unexpected:
             problems.append(f"{len(unexpected)} stored that nobody published")
+        not_sent = Counter(s for r in items.values() for s, _, _ in r if s != "sent")
+        if not_sent:
+            problems.append(f"recipients not sent, by status: {dict(not_sent)}")
+        keys = {f"nudge-{mid}-{cid}" for r in items.values() for _, mid, cid in r}
         sent = {f"nudge-{mid}-{cid}" for r in items.values() for s, mid, cid in r if s == "sent"}
         ours = [
             r
@@ -168,9 +216,9 @@ class DelayedMessages:
                 f"(missing at the sink: {sorted(sent - accepted)[:3]}, "
                 f"not recorded sent: {sorted(accepted - sent)[:3]})"
             )
-        duplicates = len(ours) - len({r.idempotency_key for r in ours})
-        if duplicates > bound:
-            problems.append(f"{duplicates} duplicates at the sink, more than the bound {bound}")
+        seen = Counter(r.idempotency_key for r in ours)
+        duplicates = sum(n - 1 for n in seen.values())
+        problems += in_flight.problems(seen, keys, self.limit)
         by_key: dict[str, set[tuple[object, object]]] = {}
         for r in ours:
             if r.body.get("idempotency_key") != r.idempotency_key:
@@ -189,7 +237,7 @@ class DelayedMessages:
             final,
             len(lost),
             duplicates,
-            bound,
+            in_flight.bound(keys, self.limit),
             tuple(problems),
         )
 
@@ -224,7 +272,7 @@ class Events:
     def settled(self, engine: Engine) -> bool:
         return self.tally.confirmed <= self._recorded(engine).keys()
 
-    def verdict(self, engine: Engine, sink: Sink, bound: int) -> Verdict:
+    def verdict(self, engine: Engine, sink: Sink, in_flight: InFlight) -> Verdict:
         recorded = self._recorded(engine)
         problems: list[str] = []
         lost = self.tally.confirmed - recorded.keys()
@@ -299,14 +347,18 @@ class Stream:
 
 
 class Campaign:
-    """A broadcast campaign to ``size`` contacts, started through the CLI before the faults:
-    every frozen recipient must end with exactly one final outcome, the sink must have what
-    Postgres says was sent, and anything seen twice must stay within the in-flight bound and
-    carry the same ``Idempotency-Key``. Publishes nothing itself: the planner fans it out."""
+    """A broadcast campaign to ``size`` contacts, sent ``chunk`` recipients at a time, started
+    through the CLI before the faults: every frozen recipient must end ``sent`` (the sink
+    accepts everything), the sink must have what Postgres says was sent, and anything seen
+    twice must stay within what was in flight and carry the same ``Idempotency-Key``.
+    Publishes nothing itself: the planner fans it out. One dispatch process holds at most
+    concurrency x chunk of its recipients claimed (``concurrency``: the dispatch's)."""
 
-    def __init__(self, run: str, size: int = 3000) -> None:
+    def __init__(self, run: str, chunk: int, concurrency: int, size: int = 1500) -> None:
         self.name = "campaign"
         self.tally = Tally()
+        self.limit = concurrency * chunk
+        self._chunk = chunk
         self._run = run
         self._size = size
         self._id: int | None = None
@@ -332,6 +384,10 @@ class Campaign:
                 "webhook",
                 "--ids",
                 ",".join(f"{self._run}-k-{i}" for i in range(1, self._size + 1)),
+                "--batch-size",
+                str(self._chunk * 5),
+                "--chunk-size",
+                str(self._chunk),
             ),
             ("campaign", "start", name),
         ):
@@ -374,7 +430,7 @@ class Campaign:
             and self._state(engine) == int(MessageStatus.COMPLETED)
         )
 
-    def verdict(self, engine: Engine, sink: Sink, bound: int) -> Verdict:
+    def verdict(self, engine: Engine, sink: Sink, in_flight: InFlight) -> Verdict:
         items = self._items(engine)
         problems: list[str] = []
         if len(items) != self._size:
@@ -382,9 +438,13 @@ class Campaign:
         pending = [cid for cid, s in items if s not in FINAL]
         if pending:
             problems.append(f"{len(pending)} recipients without a final outcome")
+        not_sent = Counter(s for _, s in items if s != "sent" and s in FINAL)
+        if not_sent:
+            problems.append(f"recipients final but not sent, by status: {dict(not_sent)}")
         state = self._state(engine)
         if state != int(MessageStatus.COMPLETED):
             problems.append(f"campaign status {state}, not completed")
+        keys = {f"nudge-{self._id}-{cid}" for cid, _ in items}
         sent = {f"nudge-{self._id}-{cid}" for cid, s in items if s == "sent"}
         ours = [r for r in sink.requests if r.body.get("message_id") == self._id]
         accepted = {r.idempotency_key for r in ours if 200 <= r.status < 300}
@@ -392,9 +452,9 @@ class Campaign:
             problems.append(
                 f"sink accepted {len(accepted)} recipients, Postgres says {len(sent)} sent"
             )
-        duplicates = len(ours) - len({r.idempotency_key for r in ours})
-        if duplicates > bound:
-            problems.append(f"{duplicates} duplicates at the sink, more than the bound {bound}")
+        seen = Counter(r.idempotency_key for r in ours)
+        duplicates = sum(n - 1 for n in seen.values())
+        problems += in_flight.problems(seen, keys, self.limit)
         by_key: dict[str, set[object]] = {}
         for r in ours:
             by_key.setdefault(r.idempotency_key, set()).add(r.body.get("contact", {}).get("id"))
@@ -403,5 +463,12 @@ class Campaign:
             problems.append(f"one Idempotency-Key for different recipients: {mixed[:3]}")
         final = sum(1 for _, s in items if s in FINAL)
         return Verdict(
-            self.name, self._size, 0, final, self._size - final, duplicates, bound, tuple(problems)
+            self.name,
+            self._size,
+            0,
+            final,
+            self._size - final,
+            duplicates,
+            in_flight.bound(keys, self.limit),
+            tuple(problems),
         )
