@@ -466,8 +466,7 @@ class Consumer(Generic[T]):
         )
 
     def _parked(self, inbound: _Inbound[Any], reason: str) -> Outgoing:
-        field = reason.split(":", 1)[0]
-        metrics.dead_lettered.labels(self.handler.queue, field).inc()
+        metrics.dead_lettered.labels(self.handler.queue, metrics.reason_label(reason)).inc()
         log.warning(
             "rejected to nudge.dead",
             queue=self.handler.queue,

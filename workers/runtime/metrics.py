@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import re
+
 from prometheus_client import Counter, Gauge, Histogram
+from pydantic import BaseModel
+
+from shared import contract
 
 received = Counter("nudge_received_total", "AMQP messages received", ["queue"])
 dead_lettered = Counter(
     "nudge_dead_lettered_total", "Messages parked in nudge.dead", ["queue", "reason"]
 )
+
+#: The ``reason`` labels of ``nudge_dead_lettered_total``: a field of a wire message, or one of
+#: the workers' own reasons. A reason names the field a sender got wrong, and field paths come
+#: from the input (an unknown key, a key of ``data``), so only the top-level name counts, and
+#: only when it is one of these: anything else is ``other``, so no sender can add label values.
+REASON_LABELS = frozenset(
+    {"body", "content_type", "delivery_mode", "crash", "due", "template", "other"}
+    | {
+        name
+        for model in vars(contract).values()
+        if isinstance(model, type) and issubclass(model, BaseModel)
+        for name in model.model_fields
+    }
+)
+
+
+def reason_label(reason: str) -> str:
+    """The ``reason`` label of a parking with ``reason`` (``"field: what was wrong"``)."""
+    top = re.split(r"[:.\[]", reason, maxsplit=1)[0]
+    return top if top in REASON_LABELS else "other"
+
+
 outcomes = Counter(
     "nudge_outcomes_total", "Recipient outcomes recorded", ["channel", "status", "reason"]
 )
