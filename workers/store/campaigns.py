@@ -117,7 +117,10 @@ INSERT INTO messages (kind, idempotency_key, template, channel, category, priori
                       scheduled_at, deliver_at, name, audience, batch_size, chunk_size,
                       rate_per_second, auto_pause_threshold, auto_pause_window,
                       expires_after_seconds)
-VALUES ('campaign', 'campaign:' || :name, :template, :channel, :category, :priority, :data,
+VALUES ('campaign', 'campaign:' || :name, :template, :channel,
+        coalesce(:category, (SELECT category FROM templates WHERE name = :template
+                              ORDER BY version DESC LIMIT 1)),
+        :priority, :data,
         now(), now(), :name, :audience, :batch_size, :chunk_size, :rate_per_second,
         :auto_pause_threshold, :auto_pause_window, :expires_after_seconds)
 ON CONFLICT DO NOTHING
@@ -126,7 +129,8 @@ RETURNING id
 
 
 def create(conn: Connection, new: NewCampaign) -> int | None:
-    """Store a draft; None when the name is taken."""
+    """Store a draft; None when the name is taken. Without a category, the campaign takes
+    its template's."""
     params = {f.name: getattr(new, f.name) for f in fields(NewCampaign)}
     params["data"], params["audience"] = Jsonb(new.data), Jsonb(new.audience)
     return conn.execute(_CREATE, params).scalar()

@@ -6,7 +6,7 @@ round trip per recipient.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
@@ -100,18 +100,22 @@ WITH given AS (
         CAST(:channels AS text[]), CAST(:categories AS text[]), CAST(:priorities AS text[]),
         CAST(:excludes AS jsonb[]), CAST(:scopes AS text[]), CAST(:withins AS float8[]),
         CAST(:data AS jsonb[]), CAST(:deliver_ats AS timestamptz[]),
-        CAST(:expires_ats AS timestamptz[]), CAST(:exclude_sinces AS timestamptz[]))
+        CAST(:expires_ats AS timestamptz[]), CAST(:exclude_sinces AS timestamptz[]),
+        CAST(:kinds AS text[]))
       AS t(idempotency_key, contact_id, template, channel, category, priority,
            exclude_events, exclude_scope, exclude_within_seconds, data, deliver_at, expires_at,
-           exclude_since)
+           exclude_since, kind)
 ), inserted AS (
     INSERT INTO messages (kind, idempotency_key, contact_id, template, channel, category,
                           priority, exclude_events, exclude_scope, exclude_within_seconds,
                           data, scheduled_at, deliver_at, expires_at, planned, exclude_since)
-    SELECT 'single', idempotency_key, contact_id, template, channel, category, priority,
-           exclude_events, exclude_scope, exclude_within_seconds, data, :now, deliver_at,
-           expires_at, 1, exclude_since
-      FROM given
+    SELECT g.kind, g.idempotency_key, g.contact_id, g.template, g.channel,
+           -- a message without a category takes its template's (newest version)
+           coalesce(g.category, (SELECT t.category FROM templates t WHERE t.name = g.template
+                                  ORDER BY t.version DESC LIMIT 1)),
+           g.priority, g.exclude_events, g.exclude_scope, g.exclude_within_seconds, g.data,
+           :now, g.deliver_at, g.expires_at, 1, g.exclude_since
+      FROM given g
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING id, contact_id, deliver_at, idempotency_key
 )
@@ -126,10 +130,13 @@ async def insert_single_messages(
     conn: AsyncConnection,
     requests: Sequence[tuple[str, ScheduleMessage]],
     now: datetime,
+    *,
+    from_rules: Collection[str] = (),
 ) -> list[StoredMessage]:
     """Store scheduled messages keyed by idempotency key, in one statement; a key seen before
-    keeps its first row. Returns every message of the batch, new or old, so the caller can
-    (re)publish it."""
+    keeps its first row. The keys in ``from_rules`` are automation rules' messages (kind
+    ``rule``), the others kind ``single``; a message without a category takes its template's.
+    Returns every message of the batch, new or old, so the caller can (re)publish it."""
     ids = await contacts_repo.ensure(conn, (req.contact for _, req in requests))
     result = await conn.execute(
         _INSERT_SINGLES,
@@ -147,6 +154,7 @@ async def insert_single_messages(
             "deliver_ats": [req.deliver_at for _, req in requests],
             "expires_ats": [req.expires_at for _, req in requests],
             "exclude_sinces": [req.exclude_since for _, req in requests],
+            "kinds": ["rule" if key in from_rules else "single" for key, _ in requests],
             "now": now,
         },
     )
@@ -266,7 +274,7 @@ WITH finalised AS (
     UPDATE messages SET status = :completed
      WHERE id IN (SELECT message_id FROM finalised
                    WHERE status NOT IN ('sending', 'deferred', 'planned'))
-       AND kind = 'single' AND status IN (0, 1)
+       AND kind <> 'campaign' AND status IN (0, 1)
     RETURNING id
 )
 SELECT (SELECT count(*) FROM finalised) AS finalised, (SELECT count(*) FROM completed)
@@ -315,7 +323,7 @@ WITH v AS (
     UPDATE messages SET status = :completed
      WHERE id IN (SELECT message_id FROM repaired
                    WHERE status NOT IN ('sending', 'deferred', 'planned'))
-       AND kind = 'single' AND status IN (0, 1)
+       AND kind <> 'campaign' AND status IN (0, 1)
     RETURNING id
 )
 SELECT (SELECT count(*) FROM repaired) AS repaired, (SELECT count(*) FROM completed)
@@ -331,8 +339,9 @@ async def repair(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> int:
 
 
 def finalise_statement(outcomes: Sequence[Outcome]) -> Statement:
-    """Record the outcome of claimed rows, and complete the single-recipient messages among
-    them, in one statement (safe to run in autocommit: it commits whole or not at all)."""
+    """Record the outcome of claimed rows, and complete the single-recipient messages (kinds
+    ``single`` and ``rule``) among them, in one statement (safe to run in autocommit: it
+    commits whole or not at all)."""
     return (
         _FINALISE,
         {

@@ -195,6 +195,8 @@ templates = Table(
     #: Email tracking (migration 0008): an open pixel, and links rewritten to click redirects.
     Column("track_opens", Boolean, nullable=False, server_default=text("true")),
     Column("track_clicks", Boolean, nullable=False, server_default=text("true")),
+    #: The category of messages that give none (migration 0009), for the dedup window.
+    Column("category", Text),
     PrimaryKeyConstraint("name", "version"),
     CheckConstraint("version >= 1", name="version"),
     CheckConstraint("name ~ '^[A-Za-z0-9_.-]{1,100}$'", name="name"),
