@@ -62,6 +62,10 @@ class Campaign:
     plan_done: bool
     planned: int
     created_at: datetime
+    #: Checked at send time, per recipient, like a single message's (dispatch check 4).
+    exclude_events: list[str]
+    exclude_scope: str
+    exclude_within_seconds: float | None
 
     @property
     def state(self) -> str:
@@ -110,19 +114,26 @@ class NewCampaign:
     auto_pause_threshold: float | None
     auto_pause_window: int | None
     expires_after_seconds: float | None
+    #: Exclusion events and their scope, as a single message's (``since_scheduled`` counts
+    #: from the campaign's creation, less the workers' buffer).
+    exclude_events: tuple[str, ...] = ()
+    exclude_scope: str = "since_scheduled"
+    exclude_within_seconds: float | None = None
 
 
 _CREATE = text("""
 INSERT INTO messages (kind, idempotency_key, template, channel, category, priority, data,
                       scheduled_at, deliver_at, name, audience, batch_size, chunk_size,
                       rate_per_second, auto_pause_threshold, auto_pause_window,
-                      expires_after_seconds)
+                      expires_after_seconds, exclude_events, exclude_scope,
+                      exclude_within_seconds)
 VALUES ('campaign', 'campaign:' || :name, :template, :channel,
         coalesce(:category, (SELECT category FROM templates WHERE name = :template
                               ORDER BY version DESC LIMIT 1)),
         :priority, :data,
         now(), now(), :name, :audience, :batch_size, :chunk_size, :rate_per_second,
-        :auto_pause_threshold, :auto_pause_window, :expires_after_seconds)
+        :auto_pause_threshold, :auto_pause_window, :expires_after_seconds, :exclude_events,
+        :exclude_scope, :exclude_within_seconds)
 ON CONFLICT DO NOTHING
 RETURNING id
 """)
@@ -133,6 +144,7 @@ def create(conn: Connection, new: NewCampaign) -> int | None:
     its template's."""
     params = {f.name: getattr(new, f.name) for f in fields(NewCampaign)}
     params["data"], params["audience"] = Jsonb(new.data), Jsonb(new.audience)
+    params["exclude_events"] = Jsonb(list(new.exclude_events))
     return conn.execute(_CREATE, params).scalar()
 
 
