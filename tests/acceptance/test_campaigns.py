@@ -404,3 +404,56 @@ def test_a_transactional_message_arrives_within_a_second_during_a_20000_recipien
     assert campaign_sent < n - 1000, "the campaign was nearly over: proves nothing"
     assert arrived.at - published < 1.0, f"arrived after {arrived.at - published:.2f} s"
     ok(settings, "campaign", "cancel", "flood")
+
+
+def test_nudge_message_cancel_on_a_campaign_records_its_recipients_and_views_page_them(
+    settings: Settings, engine: Engine
+) -> None:
+    seed(engine, 45)
+    create(settings, "mistake")
+    ok(settings, "campaign", "start", "mistake")  # no worker runs: every recipient planned
+    mid = status(settings, "mistake")["id"]
+    out = ok(settings, "message", "cancel", str(mid)).strip()
+    assert out == f"message {mid} (campaign 'mistake') cancelled: 45 recipients recorded cancelled"
+    assert items(engine, "mistake") == Counter({"cancelled": 45})
+    assert status(settings, "mistake")["state"] == "cancelled"
+    again = ok(settings, "message", "cancel", str(mid)).strip()
+    assert again == f"message {mid} had already completed or been cancelled"
+    # a page at a time, by contact id
+    shown = []
+    after = "0"
+    while True:
+        page = json.loads(
+            ok(settings, "message", "show", str(mid), "--limit", "20", "--after", after, "--json")
+        )
+        assert page["total"] == 45
+        shown += [i["external_id"] for i in page["items"]]
+        if page["next_after"] is None:
+            break
+        after = str(page["next_after"])
+    assert shown == [f"c-{i}" for i in range(1, 46)]
+    text_page = ok(settings, "message", "show", str(mid), "--limit", "2").splitlines()
+    assert text_page[2:] == [
+        "  c-1: cancelled (cancelled: cancelled by an operator)",
+        "  c-2: cancelled (cancelled: cancelled by an operator)",
+        "  ... 2 of 45 recipients shown; next page: --after 2",
+    ]
+    assert ok(settings, "message", "show", str(mid), "--status", "sent").splitlines()[2:] == [
+        "  none sent"
+    ]
+    s = json.loads(
+        ok(
+            settings,
+            "campaign",
+            "status",
+            "mistake",
+            "--status",
+            "cancelled",
+            "--limit",
+            "3",
+            "--json",
+        )
+    )
+    assert [i["external_id"] for i in s["recipients_page"]["items"]] == ["c-1", "c-2", "c-3"]
+    assert s["recipients_page"]["total"] == 45
+    assert "recipients_page" not in status(settings, "mistake"), "counts only by default"

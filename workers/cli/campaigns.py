@@ -33,6 +33,7 @@ from workers.cli.base import (
     load_settings,
     print_json,
 )
+from workers.cli.messages import echo_page, page_options, recipient_page
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
@@ -432,15 +433,23 @@ def campaign_resume(ctx: click.Context, ref: str) -> None:
 @click.pass_context
 def campaign_cancel(ctx: click.Context, ref: str, reason: str) -> None:
     """Cancel campaign REF: recipients not sent are recorded cancelled."""
-    from workers.store import campaigns
-
     settings = load_settings(ctx)
     with _errors():
-        with database(settings, write=True) as conn:
-            found = _find(conn, ref)
-            round_, n = campaigns.cancel(conn, found, reason)
-        _announce(settings, control=(found.id, "cancel", round_))
+        found, n = cancel(settings, ref, reason)
     click.echo(f"campaign {found.name!r} cancelled: {n} recipients recorded cancelled")
+
+
+def cancel(settings: Settings, ref: str, reason: str) -> tuple[Campaign, int]:
+    """Commit the cancel (recording the recipients not claimed yet ``cancelled``), then
+    announce it to every worker; returns the campaign and how many were recorded (also used
+    by ``nudge message cancel``)."""
+    from workers.store import campaigns
+
+    with database(settings, write=True) as conn:
+        found = _find(conn, ref)
+        round_, n = campaigns.cancel(conn, found, reason)
+    _announce(settings, control=(found.id, "cancel", round_))
+    return found, n
 
 
 @campaign.command("retry-failed")
@@ -530,14 +539,22 @@ def progress_line(s: dict[str, Any]) -> str:
 
 @campaign.command("status")
 @click.argument("ref")
+@page_options(limit=0)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def campaign_status(ctx: click.Context, ref: str, as_json: bool) -> None:
+def campaign_status(
+    ctx: click.Context, ref: str, limit: int, status: str | None, after: int, as_json: bool
+) -> None:
     """Progress of campaign REF: recipients per outcome, read, opened and clicked (emails),
-    rate and ETA."""
+    rate and ETA; with --limit or --status, a page of its recipients too (with --status
+    alone, 50 of them)."""
     settings = load_settings(ctx)
+    if status is not None and limit == 0:
+        limit = 50
     with _errors(), database(settings) as conn:
         s = campaign_summary(conn, _find(conn, ref))
+        if limit:
+            s["recipients_page"] = recipient_page(conn, s["id"], status, after, limit)
     if as_json:
         print_json(s)
         return
@@ -549,6 +566,8 @@ def campaign_status(ctx: click.Context, ref: str, as_json: bool) -> None:
     if s["exclude"]["events"]:
         click.echo(f"  {exclusion_text(s['exclude'])}")
     click.echo(f"  {progress_line(s)}")
+    if limit:
+        echo_page(s["recipients_page"], status)
 
 
 @campaign.command("watch")

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from psycopg.types.json import Jsonb
-from sqlalchemy import Connection, bindparam, select, text, update
+from sqlalchemy import Connection, bindparam, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.contract import ScheduleMessage
@@ -361,7 +361,17 @@ def finalise_statement(outcomes: Sequence[Outcome]) -> Statement:
 
 def cancel(conn: Connection, message_id: int) -> bool:
     """Mark a message cancelled; recipients still pending will be recorded ``cancelled`` when
-    they fall due. Returns False when it had already completed or been cancelled."""
+    they fall due. A campaign is cancelled as ``nudge campaign cancel`` does it: its recipients
+    not claimed yet are recorded ``cancelled`` at once. Returns False when it had already
+    completed or been cancelled."""
+    from workers.store import campaigns
+
+    campaign = campaigns.find(conn, str(message_id))
+    if campaign is not None:
+        if campaign.state not in campaigns.ALLOWED["cancel"]:
+            return False
+        campaigns.cancel(conn, campaign, "cancelled by an operator")
+        return True
     result = conn.execute(
         update(messages)
         .where(
@@ -380,20 +390,51 @@ def cancel(conn: Connection, message_id: int) -> bool:
 
 
 def find(conn: Connection, ref: str) -> dict[str, Any] | None:
-    """A message by numeric id or idempotency key, with its recipients' outcomes."""
+    """A message by numeric id or idempotency key (its recipients: :func:`recipients`)."""
     cond = (messages.c.id == int(ref)) if ref.isdigit() else (messages.c.idempotency_key == ref)
     row = conn.execute(select(messages).where(cond)).mappings().first()
-    if row is None:
-        return None
-    items = (
+    return dict(row) if row is not None else None
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a message's recipients, by contact id."""
+
+    items: list[dict[str, Any]]
+    #: Recipients matching the filter, on every page.
+    total: int
+    #: The ``after`` of the next page; None on the last one.
+    next_after: int | None
+
+
+def recipients(
+    conn: Connection,
+    message_id: int,
+    *,
+    status: ItemStatus | None = None,
+    after: int = 0,
+    limit: int = 50,
+) -> Page:
+    """The recipients of a message with contact id above ``after``, ``limit`` of them (keyset
+    on the primary key, never OFFSET), only those with ``status`` if given."""
+    cond = [message_items.c.message_id == bindparam("mid")]
+    if status is not None:
+        cond.append(message_items.c.status == status.value)
+    rows = (
         conn.execute(
             select(message_items, contacts.c.external_id)
             .join(contacts, contacts.c.id == message_items.c.contact_id)
-            .where(message_items.c.message_id == bindparam("mid"))
-            .order_by(message_items.c.contact_id),
-            {"mid": row["id"]},
+            .where(*cond, message_items.c.contact_id > after)
+            .order_by(message_items.c.contact_id)
+            .limit(limit + 1),
+            {"mid": message_id},
         )
         .mappings()
         .all()
     )
-    return {**dict(row), "items": [dict(i) for i in items]}
+    total = conn.execute(
+        select(func.count()).select_from(message_items).where(*cond), {"mid": message_id}
+    ).scalar_one()
+    items = [dict(r) for r in rows[:limit]]
+    more = len(rows) > limit and items
+    return Page(items, int(total), items[-1]["contact_id"] if more else None)
