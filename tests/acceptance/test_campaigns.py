@@ -457,3 +457,47 @@ def test_nudge_message_cancel_on_a_campaign_records_its_recipients_and_views_pag
     assert [i["external_id"] for i in s["recipients_page"]["items"]] == ["c-1", "c-2", "c-3"]
     assert s["recipients_page"]["total"] == 45
     assert "recipients_page" not in status(settings, "mistake"), "counts only by default"
+
+
+def test_a_resumed_campaign_waits_out_a_deferred_recipients_retry_backoff(
+    settings: Settings, engine: Engine, sink: Sink, start_worker: Callable[..., Worker]
+) -> None:
+    seed(engine, 8)
+
+    def respond(doc: dict[str, Any], attempt: int) -> tuple[int, dict[str, str]]:
+        # c-1's first send is refused for an hour; everyone else is accepted
+        if doc["contact"]["id"] == "c-1" and attempt == 0:
+            return 429, {"Retry-After": "3600"}
+        return 200, {}
+
+    sink.respond = respond
+    # one dispatch slot: batches are handled in the order the planner publishes them
+    workers(start_worker, 1)
+    create(settings, "backoff", "--rate", "1")  # one recipient a second, c-1 first
+    ok(settings, "campaign", "start", "backoff")
+
+    def c1() -> dict[str, Any]:
+        with engine.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT mi.status, mi.attempts, mi.next_attempt_at FROM message_items mi "
+                    "JOIN contacts c ON c.id = mi.contact_id WHERE c.external_id = 'c-1'"
+                )
+            ).one()
+        return dict(row._mapping)
+
+    wait_for(lambda: c1()["status"] == "deferred", message="c-1 deferred")
+    deferred = c1()
+    ok(settings, "campaign", "pause", "backoff")
+    assert status(settings, "backoff")["counts"]["planned"] > 0, "all planned: proves nothing"
+    ok(settings, "campaign", "resume", "backoff")
+    # the new round pages c-1 first; once the last recipient is sent, any batch with c-1 in
+    # it has been handled
+    wait_for(
+        lambda: status(settings, "backoff")["counts"]["sent"] >= 7,
+        timeout=60,
+        message="the 7 others sent",
+    )
+    assert c1() == deferred, "c-1 was tried again before its retry time"
+    assert [r.status for r in sink.requests if r.body["contact"]["id"] == "c-1"] == [429]
+    assert status(settings, "backoff")["state"] == "sending"

@@ -305,20 +305,33 @@ def _raced(conn: Connection, campaign: Campaign, action: str) -> NoReturn:
 
 # The workers' side.
 
+
+@dataclass(frozen=True)
+class Unfinished:
+    """A recipient without a final outcome, as the planner pages them."""
+
+    contact_id: int
+    attempts: int
+    #: A ``deferred`` recipient's retry time while it is still ahead (a backoff after a
+    #: failed send, a frequency window, quiet hours): it must not be sent before.
+    retry_at: datetime | None = None
+
+
 _PAGE = text("""
-SELECT contact_id, attempts FROM message_items
+SELECT contact_id, attempts,
+       CASE WHEN status = 'deferred' AND next_attempt_at > now() THEN next_attempt_at END
+         AS retry_at
+  FROM message_items
  WHERE message_id = :id AND status IN ('planned', 'sending', 'deferred') AND contact_id > :after
  ORDER BY contact_id LIMIT :n
 """)
 
 
-async def page(
-    conn: AsyncConnection, campaign_id: int, after: int, n: int
-) -> list[tuple[int, int]]:
+async def page(conn: AsyncConnection, campaign_id: int, after: int, n: int) -> list[Unfinished]:
     """The next ``n`` recipients without a final outcome after contact ``after`` (keyset on
     the partial index of unfinished rows)."""
     rows = await conn.execute(_PAGE, {"id": campaign_id, "after": after, "n": n})
-    return [(r.contact_id, r.attempts) for r in rows]
+    return [Unfinished(r.contact_id, r.attempts, r.retry_at) for r in rows]
 
 
 async def advance(conn: AsyncConnection, campaign_id: int, round_: int, through: int) -> None:
