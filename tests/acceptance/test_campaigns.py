@@ -462,7 +462,8 @@ def test_nudge_message_cancel_on_a_campaign_records_its_recipients_and_views_pag
 def test_a_resumed_campaign_waits_out_a_deferred_recipients_retry_backoff(
     settings: Settings, engine: Engine, sink: Sink, start_worker: Callable[..., Worker]
 ) -> None:
-    seed(engine, 8)
+    n = 20
+    seed(engine, n)
 
     def respond(doc: dict[str, Any], attempt: int) -> tuple[int, dict[str, str]]:
         # c-1's first send is refused for an hour; everyone else is accepted
@@ -473,7 +474,8 @@ def test_a_resumed_campaign_waits_out_a_deferred_recipients_retry_backoff(
     sink.respond = respond
     # one dispatch slot: batches are handled in the order the planner publishes them
     workers(start_worker, 1)
-    create(settings, "backoff", "--rate", "1")  # one recipient a second, c-1 first
+    # one recipient a second, c-1 first: the pause lands long before the last is planned
+    create(settings, "backoff", "--rate", "1")
     ok(settings, "campaign", "start", "backoff")
 
     def c1() -> dict[str, Any]:
@@ -494,9 +496,10 @@ def test_a_resumed_campaign_waits_out_a_deferred_recipients_retry_backoff(
     # the new round pages c-1 first; once the last recipient is sent, any batch with c-1 in
     # it has been handled
     wait_for(
-        lambda: status(settings, "backoff")["counts"]["sent"] >= 7,
-        timeout=60,
-        message="the 7 others sent",
+        lambda: status(settings, "backoff")["counts"]["sent"] >= n - 1,
+        timeout=120,
+        interval=0.5,
+        message="the others sent",
     )
     assert c1() == deferred, "c-1 was tried again before its retry time"
     assert [r.status for r in sink.requests if r.body["contact"]["id"] == "c-1"] == [429]
