@@ -1,6 +1,7 @@
 """``python -m bench [SCENARIO] [OPTIONS]``: one subcommand per scenario, each in its own module;
 ``delays`` runs when none is named, so ``python -m bench --n 2000`` works. ``make bench`` runs
-it after ``make setup``. Exit code 1 when a run failed (not when a target was missed)."""
+it after ``make setup``. Exit code 1 when a run failed (not when a target was missed).
+``python -m bench table`` regenerates docs/benchmarks.md's tables from the committed results."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 import click
 
-from bench import campaign, celery_compare, delays
+from bench import backends, campaign, celery_compare, delays, report, table
 from shared.errors import NudgeError
 from workers.config import Settings
 
@@ -25,8 +26,22 @@ class _Scenarios(click.Group):
 
 
 @click.group(cls=_Scenarios, context_settings={"show_default": True})
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Nudge benchmarks against the local servers (see docs/benchmarks.md)."""
+    if ctx.invoked_subcommand != "table":
+        report.begin()  # the machine's load before the run (1 s), then sampled during it
+
+
+@main.command("table")
+@click.option("--check", is_flag=True, help="Exit 1 if the docs differ from the results.")
+def table_command(check: bool) -> None:
+    """Regenerate the tables in docs/benchmarks.md from bench/results/<scenario>/*.json."""
+    if check:
+        if table.section(table.DOC.read_text()) != table.render():
+            raise click.ClickException("docs/benchmarks.md is stale: run `python -m bench table`")
+        return
+    click.echo("docs/benchmarks.md " + ("updated" if table.update() else "already up to date"))
 
 
 @main.command("delays")
@@ -109,6 +124,22 @@ def celery_command(**options: object) -> None:
     """Nudge and Celery side by side: delayed messages, and memory with long delays pending."""
     try:
         ok = celery_compare.run(Settings.load(), celery_compare.Params(**options))  # type: ignore[arg-type]
+    except (NudgeError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(0 if ok else 1)
+
+
+@main.command("backends")
+@click.option("--n", default=20_000, type=click.IntRange(1), help="Delayed messages.")
+@click.option("--spread", default=10.0, type=click.FloatRange(0.1), help="Seconds due over.")
+@click.option("--pending", default=100_000, type=click.IntRange(1), help="Long-delay requests.")
+@click.option("--hours", default=3.0, type=click.FloatRange(0.1), help="Long delay, hours.")
+@click.option("--concurrency", default=2, type=click.IntRange(1, 64), help="Per worker.")
+def backends_command(n: int, spread: float, pending: int, hours: float, concurrency: int) -> None:
+    """tiers and plugin side by side: delivery, broker CPU, memory and disk with PENDING
+    requests waiting, a broker restart with them."""
+    try:
+        ok = backends.run(Settings.load(), backends.Params(n, spread, pending, hours, concurrency))
     except (NudgeError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(0 if ok else 1)

@@ -1,8 +1,8 @@
 """Scenario ``celery``: Nudge and Celery side by side, on the same RabbitMQ and Postgres.
 
 1. **Delayed messages.** The same N messages due evenly over ``spread`` s from ``lead`` s
-   after the publish starts. Nudge runs the ``delays`` scenario (its figures are read back
-   from ``latest-delays.json``); Celery publishes the same schedule as ETA tasks with
+   after the publish starts. Nudge runs the ``delays`` scenario (which records its own
+   result too); Celery publishes the same schedule as ETA tasks with
    publisher confirms to a quorum queue, so Celery 5.5+ routes them through its native delayed
    delivery, and a prefork worker writes one row to Postgres per task.
 2. **Long delays.** ``long_n`` messages due in ``hours``: the RSS of Nudge's worker (the
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -280,14 +279,16 @@ def celery_delayed(settings: Settings, broker_api: Broker, p: Params, log: Any) 
 
 
 def nudge_delayed(settings: Settings, p: Params) -> Side:
-    """Nudge: the ``delays`` scenario with the same schedule, figures read from its JSON."""
-    delays.run(
+    """Nudge: the ``delays`` scenario with the same schedule, figures as it recorded them."""
+    ok = delays.run(
         settings,
         delays.Params(
             n=p.n, spread=p.spread, lead=p.lead, concurrency=p.concurrency, async_n=min(2000, p.n)
         ),
     )
-    doc = json.loads((report.RESULTS / "latest-delays.json").read_text())
+    if not ok:
+        raise RuntimeError("the delays run failed (see its output above)")
+    doc = report.last("delays")
     got = {f["name"]: f["value"] for f in doc["figures"]}
     rss = sum(v for k, v in got.items() if k.startswith("peak RSS"))
     return Side(
@@ -442,38 +443,72 @@ def _side_by_side(title: str, columns: dict[str, Side]) -> tuple[str, list[dict[
 
 
 def run(settings: Settings, p: Params) -> bool:
-    """Run both scenarios, print them side by side, write ``latest-celery.json``."""
+    """Run both scenarios, print them side by side, record the result. False, and the run
+    recorded as failed, when a half of either comparison failed: each failure is printed."""
     broker_api = Broker(settings)
     report.RESULTS.mkdir(exist_ok=True)
     out: dict[str, Any] = {}
+    failures: dict[str, str] = {}
+
+    def half(name: str, measure: Any) -> Side | None:
+        try:
+            side: Side = measure()
+        except (RuntimeError, OSError, psycopg.Error, httpx.HTTPError) as exc:
+            failures[name] = f"{type(exc).__name__}: {exc}"
+            click.echo(f"FAILED: {name}: {failures[name]}", err=True)
+            return None
+        return side
+
+    def compare(section: str, title: str, sides: dict[str, Side | None]) -> None:
+        done = {name: side for name, side in sides.items() if side is not None}
+        if len(done) == len(sides):
+            text, out[section] = _side_by_side(title, done)
+            click.echo(text + "\n")
+
     with (report.RESULTS / "celery-worker.tmp").open("wb") as log:
         if not p.skip_delayed:
-            columns = {
-                "nudge": nudge_delayed(settings, p),
-                "celery native": celery_delayed(settings, broker_api, p, log),
-            }
-            text, out["delayed"] = _side_by_side(f"delayed: {p.n} over {p.spread:g} s", columns)
-            click.echo(text + "\n")
+            compare(
+                "delayed",
+                f"delayed: {p.n} over {p.spread:g} s",
+                {
+                    "nudge": half("delayed, nudge", lambda: nudge_delayed(settings, p)),
+                    "celery native": half(
+                        "delayed, celery native",
+                        lambda: celery_delayed(settings, broker_api, p, log),
+                    ),
+                },
+            )
         if not p.skip_long:
-            columns = {
-                "nudge": nudge_long(settings, broker_api, p),
-                "celery native": celery_long(settings, broker_api, p, "native", log),
-                "celery eta": celery_long(settings, broker_api, p, "eta", log),
-            }
-            text, out["long"] = _side_by_side(f"long: {p.long_n} due in {p.hours:g} h", columns)
-            click.echo(text)
+            compare(
+                "long",
+                f"long: {p.long_n} due in {p.hours:g} h",
+                {
+                    "nudge": half("long, nudge", lambda: nudge_long(settings, broker_api, p)),
+                    "celery native": half(
+                        "long, celery native",
+                        lambda: celery_long(settings, broker_api, p, "native", log),
+                    ),
+                    "celery eta": half(
+                        "long, celery eta",
+                        lambda: celery_long(settings, broker_api, p, "eta", log),
+                    ),
+                },
+            )
     with psycopg.connect(settings.database_url.replace("postgresql+psycopg", "postgresql")) as c:
         version = str(c.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
     host = report.machine(settings.rabbitmq_mgmt_url, version)
     import celery
 
-    report.write(
+    path = report.write(
         "celery",
         asdict(p),
         {"celery": celery.__version__, "pool": "prefork"},
         host,
         [],
-        {"side_by_side": out, "loaded_machine": True},
+        {"side_by_side": out, "failures": failures},
+        ok=not failures,
     )
-    click.echo("wrote bench/results/latest-celery.json")
-    return True
+    click.echo(f"wrote bench/results/celery/{path.name}")
+    if failures:
+        click.echo(f"RUN FAILED: {', '.join(failures)}", err=True)
+    return not failures

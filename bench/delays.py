@@ -98,9 +98,54 @@ async def publish_async(url: str, prefix: str, p: Params) -> float:
         return time.perf_counter() - began
 
 
+@dataclass
+class Result:
+    """One run's figures and whether the run itself succeeded."""
+
+    run_id: str
+    figures: list[Figure]
+    worker_settings: dict[str, object]
+    host: dict[str, object]
+    final: int
+    not_sent: int
+    codes: list[int]
+    ok: bool
+
+
 def run(settings: Settings, p: Params) -> bool:
     """Run the scenario, print the table, write the JSON. False when the run itself failed
     (messages not final in time, a worker not exiting 0), whatever the figures."""
+    r = measure(settings, p)
+    click.echo(report.table(r.figures))
+    host = r.host
+    click.echo(
+        f"machine: {host['nproc']} x {host['cpu_model']}, RabbitMQ {host['rabbitmq']}, "
+        f"Postgres {host['postgres']}\nworkers: {r.worker_settings}\n"
+        f"final {r.final}/{p.n} (not sent: {r.not_sent}); exit codes {r.codes}"
+    )
+    path = report.write(
+        "delays",
+        asdict(p),
+        r.worker_settings,
+        host,
+        r.figures,
+        {
+            "run": r.run_id,
+            "final": r.final,
+            "not_sent": r.not_sent,
+            "worker_exit_codes": r.codes,
+        },
+        ok=r.ok,
+    )
+    click.echo(f"wrote bench/results/delays/{path.name}")
+    if not r.ok:
+        click.echo("RUN FAILED: see bench/results/worker-*.tmp", err=True)
+    return r.ok
+
+
+def measure(settings: Settings, p: Params) -> Result:
+    """Run the scenario against ``settings`` (its vhost and delay backend); the workers take
+    their settings from the environment, so both must agree."""
     run_id = uuid.uuid4().hex[:8]
     prefix = f"bench-{run_id}-s-"
     engine = sync_engine(settings.database_url)
@@ -151,30 +196,7 @@ def run(settings: Settings, p: Params) -> bool:
         "delay_backend": backend,
     }
     ok = final == p.n and outcome.not_sent == 0 and codes == [0] * len(fleet.workers)
-    click.echo(report.table(figures))
-    click.echo(
-        f"machine: {host['nproc']} x {host['cpu_model']}, RabbitMQ {host['rabbitmq']}, "
-        f"Postgres {host['postgres']}\nworkers: {worker_settings}\n"
-        f"final {final}/{p.n} (not sent: {outcome.not_sent}); exit codes {codes}"
-    )
-    report.write(
-        "delays",
-        asdict(p),
-        worker_settings,
-        host,
-        figures,
-        {
-            "run": run_id,
-            "final": final,
-            "not_sent": outcome.not_sent,
-            "worker_exit_codes": codes,
-            "ok": ok,
-        },
-    )
-    click.echo("wrote bench/results/latest-delays.json")
-    if not ok:
-        click.echo("RUN FAILED: see bench/results/worker-*.tmp", err=True)
-    return ok
+    return Result(run_id, figures, worker_settings, host, final, outcome.not_sent, codes, ok)
 
 
 def _figures(p: Params, m: Measured, o: store.Outcomes) -> list[Figure]:

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, Float, cast, func, select
 from sqlalchemy.sql.elements import ColumnElement
 
+from workers.recipients import ItemStatus
 from workers.store.db import sync_errors
-from workers.store.schema import ItemStatus, message_items, messages
+from workers.store.schema import message_items, messages
 
 _PENDING = [ItemStatus.SENDING.value, ItemStatus.DEFERRED.value]
 

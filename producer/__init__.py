@@ -1,7 +1,7 @@
 """The publishing library services use. No database credentials needed.
 
 >>> from producer import Producer
->>> with Producer("amqp://guest:guest@127.0.0.1:35672/") as nudge:
+>>> with Producer("amqp://nudge-service:PASSWORD@rabbitmq:5672/") as nudge:
 ...     nudge.schedule("42", "trial_end", "webhook", delay=timedelta(days=7),
 ...                    exclude_events=["upgrade_subscription"])
 """

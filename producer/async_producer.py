@@ -16,11 +16,10 @@ from shared.contract import ScheduleOptions
 
 class AsyncProducer:
     """The asyncio twin of :class:`producer.Producer`: confirms and ``mandatory`` on every
-    publish, confirms awaited together in :meth:`publish`, reconnects by itself."""
+    publish, confirms awaited together in :meth:`publish`, reconnects by itself. ``url`` names
+    the ``nudge-service`` user, as for :class:`producer.Producer`."""
 
-    def __init__(
-        self, url: str = "amqp://guest:guest@127.0.0.1:35672/", *, name: str = "nudge-producer"
-    ) -> None:
+    def __init__(self, url: str, *, name: str = "nudge-producer") -> None:
         self._url = url
         self._name = name
         self._connection: AbstractRobustConnection | None = None

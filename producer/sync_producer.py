@@ -30,11 +30,15 @@ class Producer(SyncApi):
     their confirms, instead of one round trip each. A message that is not confirmed raises
     :class:`PublishNotConfirmed`; publishing it again with the same idempotency key is safe.
     Not thread-safe: use one per thread.
+
+    ``url`` names the broker user services publish with, ``nudge-service``
+    (``amqp://nudge-service:PASSWORD@host:5672/``): it may publish to the intake, events and
+    receipts exchanges only, which is all a producer does (no declaration, no consume).
     """
 
     def __init__(
         self,
-        url: str = "amqp://guest:guest@127.0.0.1:35672/",
+        url: str,
         *,
         confirm_timeout: float = 30.0,
         name: str = "nudge-producer",

@@ -1,15 +1,19 @@
 """The aio-pika adapter used by workers, the CLI and :class:`producer.AsyncProducer`.
 
 aio-pika and aiormq errors are translated here into :mod:`shared.errors`, and nowhere else.
+The consumer loop sees RabbitMQ through two small interfaces, :class:`Inbox` (one queue's
+deliveries and their acks) and :class:`Publishes` (confirmed publishes): :class:`QueueInbox`
+and :class:`Publisher` are the AMQP ones, :mod:`workers.runtime.testing` has in-memory ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
 import aio_pika
 import aiormq
@@ -17,6 +21,7 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
+    AbstractQueue,
     AbstractRobustConnection,
     DeliveryMode,
     ExchangeType,
@@ -27,19 +32,25 @@ from pamqp.header import ContentHeader
 
 from shared import delay
 from shared.contract import CONTENT_TYPE
-from shared.errors import BrokerUnavailable, PublishNotConfirmed, TopologyMismatch
+from shared.errors import (
+    BrokerUnavailable,
+    PublishNotConfirmed,
+    SettleFailed,
+    TopologyMismatch,
+)
 from shared.topology import DEAD_EXCHANGE, Topology
 
 #: How long to wait for a publisher confirm. Quorum queues confirm after a quorum fsync, which
 #: the docs say can take "a few hundred milliseconds" under load.
 CONFIRM_TIMEOUT = 30.0
 
-_PUBLISH_ERRORS = (
+#: What an operation on a channel raises when the channel or its connection is gone.
+_CHANNEL_ERRORS = (
     aiormq.exceptions.AMQPError,
     aio_pika.exceptions.ChannelInvalidStateError,
     ConnectionError,
-    asyncio.TimeoutError,
 )
+_PUBLISH_ERRORS = (*_CHANNEL_ERRORS, asyncio.TimeoutError)
 
 
 async def connect(url: str, *, name: str = "nudge") -> AbstractRobustConnection:
@@ -140,6 +151,18 @@ class Outgoing:
     headers: Mapping[str, Any] = field(default_factory=dict)
     mandatory: bool = True
     priority: int | None = None
+
+
+class Publishes(Protocol):
+    """Confirmed publishes: what the consumer loop needs of a publisher."""
+
+    async def publish(self, out: Outgoing) -> None:
+        """Publish one message; raises :class:`PublishNotConfirmed` unless confirmed."""
+        ...
+
+    async def publish_many(self, messages: Iterable[Outgoing]) -> None:
+        """Publish all; raises :class:`PublishNotConfirmed` unless every one was confirmed."""
+        ...
 
 
 class Publisher:
@@ -328,14 +351,123 @@ def _forget(impl: Any, message_id: str, tag: int) -> Any:
 async def ack_many(messages: Iterable[AbstractIncomingMessage]) -> None:
     """Acknowledge deliveries with one write per channel instead of one per message.
 
-    Raises the channel's error when it closed since delivery (RabbitMQ then redelivers).
+    Raises :class:`SettleFailed` when the channel closed since delivery (RabbitMQ then
+    redelivers).
     """
     acks: dict[int, tuple[Any, list[Any]]] = {}
-    for message in messages:
-        if message.delivery_tag is None:
-            continue
-        channel: Any = message.channel  # raises ChannelInvalidStateError when closed
-        frame = spec.Basic.Ack(delivery_tag=message.delivery_tag)
-        acks.setdefault(id(channel), (channel, []))[1].append(frame)
-    for channel, frames in acks.values():
-        await channel.write_queue.put(ChannelFrame.marshall(channel.number, frames))
+    try:
+        for message in messages:
+            if message.delivery_tag is None:
+                continue
+            channel: Any = message.channel  # raises ChannelInvalidStateError when closed
+            frame = spec.Basic.Ack(delivery_tag=message.delivery_tag)
+            acks.setdefault(id(channel), (channel, []))[1].append(frame)
+        for channel, frames in acks.values():
+            await channel.write_queue.put(ChannelFrame.marshall(channel.number, frames))
+    except _CHANNEL_ERRORS as exc:
+        raise SettleFailed(f"ack failed: {exc!r}") from exc
+
+
+class Incoming(Protocol):
+    """A delivery as the consumer loop and the roles read it (aio-pika's messages are one)."""
+
+    @property
+    def body(self) -> bytes: ...
+
+    @property
+    def content_type(self) -> str | None: ...
+
+    @property
+    def message_id(self) -> str | None: ...
+
+    @property
+    def delivery_mode(self) -> int | None: ...
+
+    @property
+    def headers(self) -> Mapping[str, Any]: ...
+
+
+class Inbox(Protocol):
+    """One queue's deliveries, as the consumer loop takes and settles them."""
+
+    async def consume(self, queue: str, on_message: Callable[[Incoming], Awaitable[None]]) -> None:
+        """Start handing ``queue``'s deliveries to ``on_message``, one call each."""
+        ...
+
+    async def cancel(self) -> None:
+        """Stop the deliveries; those already made stay to be settled."""
+        ...
+
+    async def ack(self, messages: Sequence[Incoming]) -> None:
+        """Settle deliveries as done; raises :class:`SettleFailed` (RabbitMQ redelivers)."""
+        ...
+
+    async def nack(self, message: Incoming) -> None:
+        """Give a delivery back to its queue; raises :class:`SettleFailed` (RabbitMQ
+        redelivers it all the same)."""
+        ...
+
+
+class QueueInbox:
+    """:class:`Inbox` on an aio-pika channel (one per consumed queue: its prefetch is the
+    queue's)."""
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self._channel = channel
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+
+    async def consume(self, queue: str, on_message: Callable[[Incoming], Awaitable[None]]) -> None:
+        try:
+            # A passive declare, not ensure=False: the robust channel restores only the queues
+            # it declared, and with them their consumers, after RabbitMQ comes back.
+            self._queue = await self._channel.get_queue(queue, ensure=True)
+            self._tag = await self._queue.consume(on_message)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise TopologyMismatch(
+                f"queue {queue} does not exist: run `nudge topology apply`"
+            ) from exc
+        except _CHANNEL_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot consume {queue}: {exc!r}") from exc
+
+    async def cancel(self) -> None:
+        if self._queue is None or self._tag is None:
+            return
+        try:
+            await self._queue.cancel(self._tag)
+        except _CHANNEL_ERRORS as exc:
+            raise BrokerUnavailable(f"cancelling the consumer failed: {exc!r}") from exc
+
+    async def ack(self, messages: Sequence[Incoming]) -> None:
+        # Only ever given the messages it delivered, which are aio-pika's.
+        await ack_many(cast(Sequence[AbstractIncomingMessage], messages))
+
+    async def nack(self, message: Incoming) -> None:
+        try:
+            await cast(AbstractIncomingMessage, message).nack(requeue=True)
+        except _CHANNEL_ERRORS as exc:
+            raise SettleFailed(f"nack failed: {exc!r}") from exc
+
+
+async def queue_depths(
+    connection: AbstractRobustConnection, names: Sequence[str]
+) -> dict[str, int]:
+    """Ready messages per queue (passive declare); raises :class:`BrokerError`."""
+    try:
+        channel = await connection.channel()
+    except _CHANNEL_ERRORS as exc:
+        raise BrokerUnavailable(f"cannot open a channel: {exc!r}") from exc
+    try:
+        depths = {}
+        for name in names:
+            q = await channel.declare_queue(name, passive=True)
+            depths[name] = q.declaration_result.message_count or 0
+        return depths
+    except aiormq.exceptions.ChannelNotFoundEntity as exc:
+        raise TopologyMismatch(f"a queue of {list(names)} does not exist: {exc}") from exc
+    except _CHANNEL_ERRORS as exc:
+        raise BrokerUnavailable(f"queue depths unavailable: {exc!r}") from exc
+    finally:
+        with contextlib.suppress(*_CHANNEL_ERRORS):  # a closed connection closed it
+            if not channel.is_closed:
+                await channel.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 import zoneinfo
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     JsonValue,
@@ -34,6 +36,14 @@ from shared.errors import InvalidMessage
 
 CONTENT_TYPE = "application/json"
 MAX_BODY_BYTES = 256 * 1024
+#: The AMQP ``delivery_mode`` services publish with: persistent.
+PERSISTENT = 2
+#: Integers anywhere in a body fit PostgreSQL's bigint (and every 64-bit JSON library).
+MAX_INT = 2**63 - 1
+MIN_INT = -(2**63)
+#: Row ids (messages, contacts) and counters (attempts, rounds) as PostgreSQL stores them.
+MAX_ID = MAX_INT
+MAX_COUNT = 2**31 - 1
 #: The longest delay any backend accepts (the tiers ladder holds 2^28-1 s, about 8.5 years).
 MAX_DELAY = timedelta(seconds=2**28 - 1)
 
@@ -52,6 +62,15 @@ def _time_zone(value: str) -> str:
         raise ValueError("must be an IANA time zone such as Europe/Paris") from exc
     return value
 
+
+def _not_a_boolean(value: Any) -> Any:
+    if isinstance(value, bool):  # JSON true is not the number 1
+        raise ValueError("must be the number 1")
+    return value
+
+
+#: The contract version field.
+Version = Annotated[Literal[1], BeforeValidator(_not_a_boolean)]
 
 #: An IANA time zone name, e.g. ``Europe/Paris``.
 TimeZone = Annotated[str, AfterValidator(_time_zone)]
@@ -102,7 +121,7 @@ class ScheduleMessage(_Model):
     """``nudge.intake``, routing key ``schedule``: send ``template`` to ``contact`` at
     ``deliver_at`` unless, by then, it no longer makes sense."""
 
-    v: Literal[1] = 1
+    v: Version = 1
     contact: ContactRef
     template: Name
     channel: Channel
@@ -146,7 +165,7 @@ class TrackEvent(_Model):
     """``nudge.events``, routing key ``event``: ``contact`` did ``name`` at ``occurred_at``.
     The AMQP ``message_id`` is the event id: an event recorded twice counts once."""
 
-    v: Literal[1] = 1
+    v: Version = 1
     contact: ContactRef
     name: Name
     occurred_at: AwareDatetime
@@ -165,11 +184,11 @@ class DueMessage(_Model):
     """``nudge.due`` (through the delay exchange): message ``message_id`` is due for contact
     ``contact_id``. Internal to the workers; ``attempt`` counts delivery attempts."""
 
-    v: Literal[1] = 1
-    message_id: int = Field(gt=0)
-    contact_id: int = Field(gt=0)
+    v: Version = 1
+    message_id: int = Field(gt=0, le=MAX_ID)
+    contact_id: int = Field(gt=0, le=MAX_ID)
     deliver_at: AwareDatetime
-    attempt: int = Field(default=1, ge=1, le=2**31 - 1)
+    attempt: int = Field(default=1, ge=1, le=MAX_COUNT)
 
 
 def due_message_id(message_id: int, contact_id: int, attempt: int) -> str:
@@ -187,7 +206,7 @@ class DueBatch(_Model):
     delay carries alike; a dispatch worker holds and handles each one as if it had come alone
     and acks the bundle once every one is settled. Internal to the workers."""
 
-    v: Literal[1] = 1
+    v: Version = 1
     due: list[DueMessage] = Field(min_length=2, max_length=MAX_DUE_BATCH)
 
 
@@ -196,8 +215,8 @@ class ReadReceipt(_Model):
     ``message_id`` of the webhook payload) at ``read_at``. Recorded once: a second receipt for
     the same recipient keeps the first time."""
 
-    v: Literal[1] = 1
-    message_id: int = Field(gt=0)
+    v: Version = 1
+    message_id: int = Field(gt=0, le=MAX_ID)
     contact: ExternalId
     read_at: AwareDatetime
 
@@ -214,9 +233,9 @@ class PlanCampaign(_Model):
     """``nudge.plan``: plan (publish the batches of) round ``round`` of a campaign; round 0 is
     a scheduled start that freezes the audience first. Internal to the workers."""
 
-    v: Literal[1] = 1
-    campaign_id: int = Field(gt=0)
-    round: int = Field(ge=0)
+    v: Version = 1
+    campaign_id: int = Field(gt=0, le=MAX_ID)
+    round: int = Field(ge=0, le=MAX_COUNT)
     #: A scheduled start: the planner holds the message until then (the delay ladder
     #: delivers up to a few seconds early, and the consumer's hold makes it exact).
     start_at: AwareDatetime | None = None
@@ -226,11 +245,15 @@ class RecipientBatch(_Model):
     """``nudge.batches``: recipients of a campaign for a dispatch worker, in contact id order,
     with the attempts recorded for each so far. Internal to the workers."""
 
-    v: Literal[1] = 1
-    message_id: int = Field(gt=0)
-    round: int = Field(ge=1)
-    contact_ids: tuple[int, ...] = Field(min_length=1, max_length=10_000)
-    attempts: tuple[Annotated[int, Field(ge=0)], ...] = Field(min_length=1, max_length=10_000)
+    v: Version = 1
+    message_id: int = Field(gt=0, le=MAX_ID)
+    round: int = Field(ge=1, le=MAX_COUNT)
+    contact_ids: tuple[Annotated[int, Field(gt=0, le=MAX_ID)], ...] = Field(
+        min_length=1, max_length=10_000
+    )
+    attempts: tuple[Annotated[int, Field(ge=0, le=MAX_COUNT)], ...] = Field(
+        min_length=1, max_length=10_000
+    )
 
     @model_validator(mode="after")
     def _lengths(self) -> RecipientBatch:
@@ -243,10 +266,10 @@ class CampaignControl(_Model):
     """``nudge.control`` (fanout): every worker hears that a campaign was paused, resumed or
     cancelled in planning round ``round``. Internal to the workers."""
 
-    v: Literal[1] = 1
-    campaign_id: int = Field(gt=0)
+    v: Version = 1
+    campaign_id: int = Field(gt=0, le=MAX_ID)
     action: Literal["pause", "resume", "cancel"]
-    round: int = Field(ge=0)
+    round: int = Field(ge=0, le=MAX_COUNT)
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -267,6 +290,7 @@ def describe(exc: ValidationError) -> str:
 
 def build(model: type[M], **fields: Any) -> M:
     """Construct a contract model from Python values, raising :class:`InvalidMessage`."""
+    _refuse_unstorable(fields)
     try:
         return model.model_validate(fields)
     except ValidationError as exc:
@@ -284,39 +308,76 @@ def encode(model: BaseModel) -> bytes:
 def decode(
     model: type[M], body: bytes, *, content_type: str | None, message_id: str | None = None
 ) -> M:
-    """Parse and validate a received body, raising :class:`InvalidMessage` with a reason that
-    names the field. Never raises anything else, whatever the bytes."""
-    return _validate(model, _parse(body, content_type))
+    """Parse and validate a received body strictly, as the published JSON Schema does (no
+    type coercion: ``"yes"`` is not a boolean, ``1700000000`` not a time), raising
+    :class:`InvalidMessage` with a reason that names the field. Never raises anything else,
+    whatever the bytes."""
+    _parse(body, content_type)
+    return _validate(model, body)
 
 
 def decode_due(body: bytes, *, content_type: str | None) -> DueMessage | DueBatch:
     """:func:`decode` for ``nudge.due``, which carries a :class:`DueMessage` or, with a
     ``due`` list, a :class:`DueBatch`."""
-    raw = _parse(body, content_type)
-    if "due" in raw:
-        return _validate(DueBatch, raw)
-    return _validate(DueMessage, raw)
+    if "due" in _parse(body, content_type):
+        return _validate(DueBatch, body)
+    return _validate(DueMessage, body)
 
 
 def _parse(body: bytes, content_type: str | None) -> dict[str, Any]:
+    """The body as a JSON object, refused with the path of anything PostgreSQL could not
+    store (NUL characters, NaN or infinite numbers, integers beyond bigint)."""
     if content_type not in (None, CONTENT_TYPE):
         raise InvalidMessage(f"content_type: {content_type!r}, expected {CONTENT_TYPE!r}")
     if len(body) > MAX_BODY_BYTES:
         raise InvalidMessage(f"body: {len(body)} bytes, at most {MAX_BODY_BYTES} allowed")
     try:
-        raw = json.loads(body)
+        # decoded first: json.loads(bytes) would also take UTF-16 and UTF-32
+        raw = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidMessage(f"body: not valid UTF-8 JSON ({exc})") from exc
     except RecursionError as exc:  # "[[[[...", well under the size limit, found by fuzzing
         raise InvalidMessage("body: nested too deeply") from exc
     if not isinstance(raw, dict):
         raise InvalidMessage("body: must be a JSON object")
+    _refuse_unstorable(raw)
     return raw
 
 
-def _validate(model: type[M], raw: dict[str, Any]) -> M:
+def _refuse_unstorable(raw: Mapping[str, Any]) -> None:
+    """Raise :class:`InvalidMessage` naming the first value, anywhere in ``raw``, that the
+    contract refuses whatever the field: a NUL character (in a key or a string), a NaN or
+    infinite number, an integer outside bigint."""
+    stack: list[tuple[str, Any]] = [(k, v) for k, v in raw.items()]
+    seen = 0
+    while stack:
+        path, value = stack.pop()
+        seen += 1
+        if seen > MAX_BODY_BYTES:  # a Python caller's self-referencing structure
+            raise InvalidMessage("body: too many values")
+        if "\x00" in path:
+            where = path.rpartition(".")[0] or "body"
+            raise InvalidMessage(f"{where}: keys must not contain NUL characters (\\u0000)")
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise InvalidMessage(f"{path}: must not contain NUL characters (\\u0000)")
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, int):
+            if not MIN_INT <= value <= MAX_INT:
+                raise InvalidMessage(f"{path}: integers must be between -2^63 and 2^63-1")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise InvalidMessage(f"{path}: must be a finite number (not NaN or Infinity)")
+        elif isinstance(value, Mapping):
+            stack += ((f"{path}.{k}", v) for k, v in value.items())
+        elif isinstance(value, list | tuple):
+            stack += ((f"{path}[{i}]", v) for i, v in enumerate(value))
+
+
+def _validate(model: type[M], body: bytes) -> M:
     try:
-        return model.model_validate(raw)
+        return model.model_validate_json(body, strict=True)
     except ValidationError as exc:
         raise InvalidMessage(describe(exc)) from exc
     except RecursionError as exc:  # absurdly nested JSON
@@ -329,7 +390,18 @@ def idempotency_key(message_id: str | None) -> str:
         raise InvalidMessage("message_id: required, it is the idempotency key")
     if len(message_id) > 200:
         raise InvalidMessage("message_id: at most 200 characters")
+    if "\x00" in message_id:
+        raise InvalidMessage("message_id: must not contain NUL characters (\\u0000)")
     return message_id
+
+
+def published_by_a_service(message_id: str | None, delivery_mode: int | None) -> str:
+    """Check the AMQP properties a service must set (a persistent ``delivery_mode`` and the
+    ``message_id``); returns the ``message_id``."""
+    if delivery_mode is None or int(delivery_mode) != PERSISTENT:
+        given = "absent" if delivery_mode is None else int(delivery_mode)
+        raise InvalidMessage(f"delivery_mode: {given}, must be {PERSISTENT} (persistent)")
+    return idempotency_key(message_id)
 
 
 def contact_ref(contact: str | Mapping[str, Any] | ContactRef) -> ContactRef:

@@ -44,6 +44,11 @@ class PublishNotConfirmed(BrokerError):
     enqueued; publish it again with the same idempotency key."""
 
 
+class SettleFailed(BrokerError):
+    """An ack or a nack did not reach RabbitMQ (its channel closed since the delivery):
+    RabbitMQ redelivers the message."""
+
+
 class TopologyMismatch(BrokerError):
     """An exchange or queue exists on the broker with arguments other than ours."""
 

@@ -1,4 +1,5 @@
-"""Topology as data: every exchange, queue, binding and argument Nudge uses, defined once.
+"""Topology as data: every exchange, queue, binding and argument Nudge uses, defined once,
+and the broker users that may touch them.
 
 ``nudge topology apply`` declares it, every worker declares it at start (declaring is
 idempotent), and ``infra/rabbitmq/definitions.json`` is this same data in RabbitMQ's
@@ -7,6 +8,10 @@ definitions format, kept equal by a test.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,6 +22,18 @@ ExchangeType = Literal["direct", "topic", "fanout", "x-delayed-message"]
 #: Deliveries after which a work queue parks a message in ``nudge.dead``. RabbitMQ 3.10 has no
 #: default (4.0 defaults to 20), so a message that crashes its consumer would loop forever.
 DELIVERY_LIMIT = 10
+
+# Bounds. An ``x-overflow`` behaviour means nothing without a length: past these, a work queue
+# or a delay level refuses the publish (``reject-publish``: the publisher's confirm is a nack,
+# and a broker dead-lettering into it waits, at-least-once), so a backlog pushes back on the
+# publishers instead of filling the broker's disk. nudge.dead drops its oldest message instead
+# (``drop-head``): a full dead-letter queue must never stop the workers.
+WORK_QUEUE_MAX_LENGTH = 1_000_000
+WORK_QUEUE_MAX_BYTES = 1024**3
+DELAY_LEVEL_MAX_LENGTH = 10_000_000
+DELAY_LEVEL_MAX_BYTES = 4 * 1024**3
+DEAD_MAX_LENGTH = 100_000
+DEAD_MAX_BYTES = 1024**3
 
 INTAKE_EXCHANGE = "nudge.intake"
 INTAKE_QUEUE = "nudge.intake"
@@ -87,7 +104,8 @@ def _quorum(**extra: Any) -> dict[str, Any]:
 
 def work_queue(name: str) -> Queue:
     """A quorum queue that parks a message in ``nudge.dead`` after :data:`DELIVERY_LIMIT`
-    deliveries, dead-lettering at-least-once (which requires ``reject-publish``)."""
+    deliveries, dead-lettering at-least-once (which requires ``reject-publish``), and refuses
+    publishes past its bounds."""
     return Queue(
         name,
         _quorum(
@@ -96,6 +114,8 @@ def work_queue(name: str) -> Queue:
                 "x-dead-letter-exchange": DEAD_EXCHANGE,
                 "x-dead-letter-strategy": "at-least-once",
                 "x-overflow": "reject-publish",
+                "x-max-length": WORK_QUEUE_MAX_LENGTH,
+                "x-max-length-bytes": WORK_QUEUE_MAX_BYTES,
             }
         ),
     )
@@ -123,6 +143,8 @@ def _ladder() -> tuple[list[Exchange], list[Queue], list[Binding]]:
                         "x-dead-letter-exchange": below,
                         "x-dead-letter-strategy": "at-least-once",
                         "x-overflow": "reject-publish",
+                        "x-max-length": DELAY_LEVEL_MAX_LENGTH,
+                        "x-max-length-bytes": DELAY_LEVEL_MAX_BYTES,
                     }
                 ),
             )
@@ -161,7 +183,16 @@ def build(backend: delay.BackendName) -> Topology:
         work_queue(EVENTS_QUEUE),
         work_queue(DUE_QUEUE),
         work_queue(DUE_TRANSACTIONAL_QUEUE),
-        Queue(DEAD_QUEUE, _quorum()),
+        Queue(
+            DEAD_QUEUE,
+            _quorum(
+                **{
+                    "x-overflow": "drop-head",
+                    "x-max-length": DEAD_MAX_LENGTH,
+                    "x-max-length-bytes": DEAD_MAX_BYTES,
+                }
+            ),
+        ),
         work_queue(PLAN_QUEUE),
         work_queue(BATCHES_QUEUE),
         work_queue(RECEIPTS_QUEUE),
@@ -226,5 +257,107 @@ def to_definitions(topology: Topology, vhost: str = "/") -> dict[str, Any]:
                 "arguments": {},
             }
             for b in topology.bindings
+        ],
+    }
+
+
+# ------------------------------------------------------------------------------ broker users
+
+#: Services publish with this user: to the intake, events and receipts exchanges, nothing else.
+SERVICE_USER = "nudge-service"
+#: Workers and the ``nudge`` CLI connect with this user.
+WORKER_USER = "nudge-worker"
+
+
+def _only(*names: str) -> str:
+    return "^(" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+#: What no permission grants: a regular expression matching no resource name.
+NOTHING = "^$"
+#: Every name Nudge declares (each worker's ``nudge.control.<id>`` queue included) and the
+#: default exchange (``nudge dead replay`` publishes back to a queue through it).
+_NUDGE_RESOURCES = r"^(nudge\..*|amq\.default)$"
+
+
+@dataclass(frozen=True)
+class User:
+    """A broker user and its permissions (regular expressions over resource names) in Nudge's
+    vhost. ``configure`` declares and deletes, ``write`` publishes to an exchange or binds a
+    queue, ``read`` consumes from a queue or binds from an exchange."""
+
+    name: str
+    configure: str
+    write: str
+    read: str
+    tags: tuple[str, ...] = ()
+
+
+def users() -> tuple[User, ...]:
+    """The users Nudge's processes connect with.
+
+    The service user may publish to the three exchanges of the contract and do nothing else:
+    not declare (the workers and ``nudge topology apply`` declare the topology; a passive
+    declare needs no permission), not read, not publish to the delay ladder, ``nudge.due``,
+    ``nudge.dead``, ``nudge.control`` or through the default exchange. The broker refuses
+    anything else with ``ACCESS_REFUSED`` and closes the channel.
+
+    The workers share one user rather than one per role: every worker declares the whole
+    topology at start (configure on every queue and exchange, read on every exchange it binds
+    from), one process may run any set of roles, every role but ``receipts`` publishes into
+    the delay ladder that leads to ``nudge.due``, and all of them share the database
+    credentials, which decide far more than the broker does. Per-role users would forbid none
+    of what matters."""
+    return (
+        User(
+            SERVICE_USER,
+            configure=NOTHING,
+            write=_only(INTAKE_EXCHANGE, EVENTS_EXCHANGE, RECEIPTS_EXCHANGE),
+            read=NOTHING,
+        ),
+        User(
+            WORKER_USER,
+            configure=_NUDGE_RESOURCES,
+            write=_NUDGE_RESOURCES,
+            read=_NUDGE_RESOURCES,
+        ),
+    )
+
+
+def password_hash(password: str, salt: bytes | None = None) -> str:
+    """``password`` as RabbitMQ stores it (``rabbit_password_hashing_sha256``): base64 of a
+    4-byte salt followed by SHA-256(salt + password), for definitions files and the HTTP API."""
+    salt = secrets.token_bytes(4) if salt is None else salt
+    digest = hashlib.sha256(salt + password.encode()).digest()
+    return base64.b64encode(salt + digest).decode()
+
+
+def users_definitions(
+    vhost: str = "/", passwords: dict[str, str] | None = None, *, suffix: str = ""
+) -> dict[str, Any]:
+    """:func:`users` in RabbitMQ's definitions format. A user without an entry in
+    ``passwords`` has an empty password hash: it cannot log in with a password until one is
+    set (``rabbitmqctl change_password``). ``suffix`` is appended to every user name (tests
+    create users per vhost)."""
+    passwords = passwords or {}
+    return {
+        "users": [
+            {
+                "name": u.name + suffix,
+                "password_hash": (password_hash(passwords[u.name]) if u.name in passwords else ""),
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": ",".join(u.tags),
+            }
+            for u in users()
+        ],
+        "permissions": [
+            {
+                "user": u.name + suffix,
+                "vhost": vhost,
+                "configure": u.configure,
+                "write": u.write,
+                "read": u.read,
+            }
+            for u in users()
         ],
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 import subprocess
 import urllib.parse
 import uuid
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import Engine, create_engine
 
-from shared import amqp, topology
+from shared import amqp, delay, topology
 from tests.support import MailServer, Management, Worker
 from workers.config import Settings
 from workers.demo.sink import Sink
@@ -23,14 +25,41 @@ from workers.store import templates
 from workers.store.db import upgrade
 from workers.templating import Renderer
 
+#: The delay backends: the ``delay_backend`` fixture, and the plugin cases' policy.
+pytest_plugins = ["tests.backends"]
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE = Settings.load()
-SECRET = "test-secret-0123456789"
+#: This run's webhook, unsubscribe and tracking keys, generated: no secret is written down anywhere.
+SECRET = secrets.token_urlsafe(32)
+UNSUBSCRIBE_SECRET = secrets.token_urlsafe(32)
+TRACKING_SECRET = secrets.token_urlsafe(32)
 #: Per checkout, so that two checkouts may share one server without dropping each other's.
 TEMPLATE_DB = f"nudge_test_template_{hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]}"
 #: Templates every test database starts with (a message naming an unknown template is parked
 #: by the scheduler), each a one-line text naming the contact.
 STOCK_TEMPLATES = ("welcome", "reminder", "renewal", "flash_sale", "trial_end", "digest", "tip")
+
+#: The tier markers of each test directory, the one place tiers are assigned: ``make test-fast``
+#: deselects ``acceptance``; fault tests talk to the real servers, so they are integration too.
+TIERS = {
+    "unit": ("unit",),
+    "integration": ("integration",),
+    "acceptance": ("acceptance",),
+    "faults": ("integration", "faults"),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with the tiers of its directory under ``tests/``."""
+    for item in items:
+        tier = item.path.relative_to(ROOT / "tests").parts[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(
+                f"{item.nodeid}: tests live in one of tests/{{{','.join(TIERS)}}}/"
+            )
+        for marker in TIERS[tier]:
+            item.add_marker(marker)
 
 
 def _admin_dsn(database: str = "postgres") -> str:
@@ -110,8 +139,11 @@ def mail_server() -> Iterator[MailServer]:
 
 
 @pytest.fixture
-def settings(vhost: str, database_url: str, sink: Sink) -> Settings:
-    """Settings pointing at this test's vhost and database, with the topology declared."""
+def settings(
+    vhost: str, database_url: str, sink: Sink, delay_backend: delay.BackendName
+) -> Settings:
+    """Settings pointing at this test's vhost and database, with the topology of
+    ``delay_backend`` declared."""
     parts = urllib.parse.urlsplit(BASE.amqp_url)
     amqp_url = urllib.parse.urlunsplit(
         parts._replace(path="/" + urllib.parse.quote(vhost, safe=""))
@@ -120,9 +152,11 @@ def settings(vhost: str, database_url: str, sink: Sink) -> Settings:
         update={
             "amqp_url": amqp_url,
             "database_url": database_url,
-            "delay_backend": "tiers",
+            "delay_backend": delay_backend,
             "webhook_url": sink.url,
-            "webhook_secret": SECRET,
+            "webhook_secret": SecretStr(SECRET),
+            "unsubscribe_secret": SecretStr(UNSUBSCRIBE_SECRET),
+            "tracking_secret": SecretStr(TRACKING_SECRET),
             "claim_lease_seconds": 3.0,
             "retry_base_seconds": 0.5,
             "log_level": "info",
@@ -132,7 +166,7 @@ def settings(vhost: str, database_url: str, sink: Sink) -> Settings:
     async def declare() -> None:
         connection = await amqp.connect(amqp_url)
         try:
-            await amqp.declare(connection, topology.build("tiers"))
+            await amqp.declare(connection, topology.build(delay_backend))
         finally:
             await connection.close()
 

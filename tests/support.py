@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pika
+from pydantic import SecretStr
 from sqlalchemy import Engine, select
 
 from shared.topology import (
@@ -83,6 +84,24 @@ class Management:
     def delete_vhost(self, vhost: str) -> None:
         self._client.delete(f"/vhosts/{urllib.parse.quote(vhost, safe='')}")
 
+    def import_users(self, definitions: dict[str, Any]) -> None:
+        """Create the ``users`` and ``permissions`` of a definitions document one by one (as
+        :func:`shared.topology.users_definitions` makes it)."""
+        for user in definitions["users"]:
+            body = {k: user[k] for k in ("password_hash", "hashing_algorithm", "tags")}
+            self._client.put(
+                f"/users/{urllib.parse.quote(user['name'], safe='')}", json=body
+            ).raise_for_status()
+        for p in definitions["permissions"]:
+            vhost, user = (urllib.parse.quote(p[k], safe="") for k in ("vhost", "user"))
+            self._client.put(
+                f"/permissions/{vhost}/{user}",
+                json={k: p[k] for k in ("configure", "write", "read")},
+            ).raise_for_status()
+
+    def delete_user(self, name: str) -> None:
+        self._client.delete(f"/users/{urllib.parse.quote(name, safe='')}")
+
     def queue(self, vhost: str, name: str) -> dict[str, Any]:
         r = self._client.get(
             f"/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(name, safe='')}"
@@ -95,6 +114,22 @@ class Management:
         r = self._client.get(f"/queues/{urllib.parse.quote(vhost, safe='')}")
         r.raise_for_status()
         return {q["name"]: q for q in r.json()}
+
+    def exchange(self, vhost: str, name: str) -> dict[str, Any] | None:
+        """The exchange's details (``messages_delayed`` for the plugin's), or None."""
+        r = self._client.get(
+            f"/exchanges/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(name, safe='')}"
+        )
+        if r.status_code == 404:
+            return None
+        r.raise_for_status()
+        doc: dict[str, Any] = r.json()
+        return doc
+
+    def delete_exchange(self, vhost: str, name: str) -> None:
+        self._client.delete(
+            f"/exchanges/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(name, safe='')}"
+        ).raise_for_status()
 
     def get_messages(self, vhost: str, queue: str, count: int = 100) -> list[dict[str, Any]]:
         """Fetch (and requeue) up to ``count`` messages of ``queue``."""
@@ -126,15 +161,16 @@ def raw_publish(
     message_id: str | None = None,
     content_type: str = "application/json",
     copies: int = 1,
+    delivery_mode: int = 2,
 ) -> None:
-    """Publish as a service in another language would: plain AMQP, persistent, with confirms
-    and mandatory, bypassing our producers' validation."""
+    """Publish as a service in another language would: plain AMQP, persistent (unless told),
+    with confirms and mandatory, bypassing our producers' validation."""
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
         channel = connection.channel()
         channel.confirm_delivery()
         properties = pika.BasicProperties(
-            content_type=content_type, delivery_mode=2, message_id=message_id
+            content_type=content_type, delivery_mode=delivery_mode, message_id=message_id
         )
         for _ in range(copies):
             channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
@@ -146,6 +182,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The NUDGE_* environment that makes a subprocess use ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUDGE_")}
     for name, value in settings.model_dump().items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         if value is not None:
             text = json.dumps(value) if isinstance(value, dict | list) else str(value)
             env[f"NUDGE_{name.upper()}"] = text

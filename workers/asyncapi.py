@@ -24,6 +24,7 @@ from shared.contract import (
     CONTENT_TYPE,
     MAX_BODY_BYTES,
     MAX_DELAY,
+    PERSISTENT,
     CampaignControl,
     DueBatch,
     DueMessage,
@@ -105,8 +106,15 @@ EXAMPLE_RECEIPT: dict[str, Any] = {
 }
 
 _BODY_RULES: tuple[str, ...] = (
-    f"content_type is {CONTENT_TYPE} (an absent content_type is accepted, any other is not).",
-    f"The body is UTF-8 JSON of at most {MAX_BODY_BYTES} bytes.",
+    f"content_type is {CONTENT_TYPE} (an absent content_type is accepted, any other is not); "
+    f"delivery_mode is {PERSISTENT} (persistent).",
+    f"The body is UTF-8 JSON (not UTF-16 or UTF-32, no byte order mark) of at most "
+    f"{MAX_BODY_BYTES} bytes.",
+    "Anywhere in the body, data and attributes included: no string or key contains a NUL "
+    "character (\\u0000), every number is finite (no NaN or Infinity) and every integer is "
+    "between -2^63 and 2^63-1.",
+    'Types are never coerced: a boolean is true or false (not "yes" or 1), a number is a '
+    'JSON number (not "60"), a time is an ISO-8601 string (not a Unix timestamp).',
 )
 _CONTACT_RULE = (
     "contact.email looks like name@example.com; contact.timezone is an IANA zone name "
@@ -187,10 +195,12 @@ def _exchange(name: str, kind: str) -> dict[str, Any]:
 
 def _amqp_properties(message_id: str) -> dict[str, Any]:
     """The AMQP basic properties a publisher sets, as a JSON Schema (an ``x-`` extension:
-    AsyncAPI's AMQP bindings have no place for ``message_id``)."""
+    AsyncAPI's AMQP bindings have no place for ``message_id``). ``message_id`` and a
+    persistent ``delivery_mode`` are required (:func:`shared.contract.published_by_a_service`);
+    an absent ``content_type`` is accepted (:func:`shared.contract.decode`)."""
     return {
         "type": "object",
-        "required": ["message_id", "delivery_mode", "content_type"],
+        "required": ["message_id", "delivery_mode"],
         "properties": {
             "message_id": {
                 "type": "string",
@@ -198,8 +208,16 @@ def _amqp_properties(message_id: str) -> dict[str, Any]:
                 "maxLength": MAX_MESSAGE_ID,
                 "description": message_id,
             },
-            "delivery_mode": {"const": 2, "description": "Persistent."},
-            "content_type": {"const": CONTENT_TYPE},
+            "delivery_mode": {
+                "const": PERSISTENT,
+                "description": "Required: 2 (persistent); absent or any other value is parked "
+                "in nudge.dead.",
+            },
+            "content_type": {
+                "const": CONTENT_TYPE,
+                "description": "Optional: an absent content_type is accepted; any other value "
+                "(a charset parameter included) is parked in nudge.dead.",
+            },
         },
     }
 
@@ -305,7 +323,7 @@ def _public(spec: Public) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any
         "messages": [{"$ref": f"#/channels/{spec.exchange}/messages/{name}"}],
         "bindings": {
             "amqp": {
-                "deliveryMode": 2,
+                "deliveryMode": PERSISTENT,
                 "mandatory": True,
                 "bindingVersion": AMQP_BINDING_VERSION,
             }

@@ -3,16 +3,41 @@ TOML file, validated once at start and passed down explicitly."""
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
 
 DelayBackendName = Literal["auto", "plugin", "tiers"]
+
+#: The shortest secret accepted: an HMAC-SHA256 key should carry 256 bits, which 32 characters
+#: of ``secrets.token_urlsafe`` (43 of them for 32 bytes) or of hex (64) come close to or reach.
+MIN_SECRET_LENGTH = 32
+#: Placeholders of example files and former defaults: a secret containing one is refused.
+PLACEHOLDERS = ("change-me", "changeme", "change_me")
+#: How to make a good secret, said with every refusal.
+GENERATE = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+def check_secret(value: SecretStr | None) -> SecretStr | None:
+    """A secret that is set must be long and not a placeholder (the message names neither the
+    value nor any part of it)."""
+    if value is None:
+        return None
+    text = value.get_secret_value()
+    if any(p in text.lower() for p in PLACEHOLDERS):
+        raise ValueError(f"is a placeholder, not a secret: generate one with {GENERATE}")
+    if len(text) < MIN_SECRET_LENGTH:
+        raise ValueError(
+            f"must be at least {MIN_SECRET_LENGTH} characters (got {len(text)}): "
+            f"generate one with {GENERATE}"
+        )
+    return value
 
 
 class Settings(BaseSettings):
@@ -23,10 +48,15 @@ class Settings(BaseSettings):
     amqp_url: str = "amqp://guest:guest@127.0.0.1:35672/"
     database_url: str = "postgresql+psycopg://nudge@127.0.0.1:35432/nudge"
     rabbitmq_mgmt_url: str = "http://guest:guest@127.0.0.1:35673"
-    delay_backend: DelayBackendName = "auto"
+    #: ``tiers`` works on every broker and keeps waiting messages replicated in a cluster;
+    #: ``plugin`` is the faster choice on a single node with the plugin (docs/delays.md,
+    #: "Choosing a backend"); ``auto`` takes the plugin whenever the broker has it.
+    delay_backend: DelayBackendName = "tiers"
 
     webhook_url: str | None = None
-    webhook_secret: str = Field(default="change-me", min_length=8)
+    #: HMAC key of the webhook signature; required by a dispatch worker when ``webhook_url`` is
+    #: set (:meth:`require_channel_secrets`).
+    webhook_secret: SecretStr | None = None
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
     #: Messages per webhook request: 1 sends one POST per message, more turns on batch mode.
     webhook_batch_size: int = Field(default=1, ge=1, le=500)
@@ -39,7 +69,7 @@ class Settings(BaseSettings):
     #: ``none`` is for a local relay only.
     smtp_security: Literal["starttls", "tls", "none"] = "starttls"
     smtp_username: str | None = None
-    smtp_password: str | None = None
+    smtp_password: SecretStr | None = None
     #: CA certificates (a PEM file) to trust for the SMTP server, e.g. a private CA.
     smtp_cert_bundle: str | None = None
     smtp_from: str = "Nudge <nudge@localhost>"
@@ -48,24 +78,37 @@ class Settings(BaseSettings):
     smtp_connections: int = Field(default=4, ge=1, le=100)
     #: Base URL of the unsubscribe endpoint; the List-Unsubscribe link adds signed parameters.
     unsubscribe_url: str = "http://localhost:8080/unsubscribe"
-    unsubscribe_secret: str = Field(default="change-me-too", min_length=8)
+    #: HMAC key of the unsubscribe links; required by a dispatch worker when ``smtp_host`` is
+    #: set (:meth:`require_channel_secrets`).
+    unsubscribe_secret: SecretStr | None = None
     #: Base URL of the ``web`` role as recipients reach it, e.g. ``https://t.example.com``;
     #: when set, HTML emails get an open pixel and signed click redirects (templates may opt
     #: out). Unset: no tracking.
     tracking_url: str | None = None
-    tracking_secret: str = Field(default="change-me-three", min_length=8)
+    #: HMAC key of open and click tokens; required by a dispatch worker when ``tracking_url`` is
+    #: set, and by the ``web`` role.
+    tracking_secret: SecretStr | None = None
     #: Where the ``web`` role listens (unsubscribe pages, open pixel, click redirects).
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8080, ge=1, le=65535)
-    #: Sends per second per channel, e.g. ``{"email": 14}``; a channel not named is unlimited.
+    #: Sends per second per channel for the whole fleet of dispatch processes, e.g.
+    #: ``{"email": 14}``; a channel not named is unlimited.
     rate_limits: dict[str, float] = Field(default_factory=dict)
-    #: Dispatch processes sharing the rate limits: each process takes limit / this.
-    dispatch_processes: int = Field(default=1, ge=1, le=10000)
 
     claim_lease_seconds: float = Field(default=300.0, gt=0)
+    #: How many times a recipient whose lease ran out is claimed again before it is recorded
+    #: ``failed`` (reason ``lease``): it is sent at most this many times plus one.
+    max_takeovers: int = Field(default=3, ge=0, le=100)
+    #: How long rendering one recipient's message may take (off the event loop) before the
+    #: recipient is recorded failed.
+    render_timeout_seconds: float = Field(default=1.0, gt=0, le=60)
     #: Events up to this long before a message was scheduled still exclude it (clock skew
     #: between services, an event published just before the message).
     exclusion_buffer_seconds: float = Field(default=5.0, ge=0)
+    #: A message that lists exclusion events waits this long past its due time for the events
+    #: role to record every event published before then; past it, it is deferred (reason
+    #: ``events_behind``) and tried again this much later.
+    events_wait_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=5, ge=1, le=100)
     retry_base_seconds: float = Field(default=2.0, gt=0)
     retry_max_seconds: float = Field(default=3600.0, gt=0)
@@ -92,6 +135,40 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value
+
+    @field_validator("webhook_secret", "unsubscribe_secret", "tracking_secret")
+    @classmethod
+    def _strong_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        return check_secret(value)
+
+    def require_channel_secrets(self) -> None:
+        """Raise :class:`ConfigError` naming each secret that a channel this configuration
+        enables needs but that is not set: ``NUDGE_WEBHOOK_SECRET`` with ``NUDGE_WEBHOOK_URL``,
+        ``NUDGE_UNSUBSCRIBE_SECRET`` with ``NUDGE_SMTP_HOST``."""
+        missing = [
+            f"NUDGE_{secret.upper()}: required when NUDGE_{enabler.upper()} is set "
+            f"(generate one with {GENERATE})"
+            for secret, enabler in (
+                ("webhook_secret", "webhook_url"),
+                ("unsubscribe_secret", "smtp_host"),
+                ("tracking_secret", "tracking_url"),
+            )
+            if getattr(self, enabler) and getattr(self, secret) is None
+        ]
+        if missing:
+            raise ConfigError(f"invalid configuration: {'; '.join(missing)}")
+
+    def require_web_secrets(self) -> None:
+        """Raise :class:`ConfigError` unless the ``web`` role's keys are set: it verifies
+        unsubscribe links (``NUDGE_UNSUBSCRIBE_SECRET``) and tracking tokens
+        (``NUDGE_TRACKING_SECRET``)."""
+        missing = [
+            f"NUDGE_{secret.upper()}: required by the web role (generate one with {GENERATE})"
+            for secret in ("unsubscribe_secret", "tracking_secret")
+            if getattr(self, secret) is None
+        ]
+        if missing:
+            raise ConfigError(f"invalid configuration: {'; '.join(missing)}")
 
     @field_validator("rate_limits")
     @classmethod
@@ -120,6 +197,7 @@ class Settings(BaseSettings):
                 values.update(tomllib.loads(config_file.read_text()))
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise ConfigError(f"config file {config_file}: {exc}") from exc
+        _refuse_removed(values)
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             # Environment variables win over the file: explicit init values would win over the
@@ -130,7 +208,23 @@ class Settings(BaseSettings):
             return cls(**merged)
         except ValidationError as exc:
             problems = "; ".join(
-                f"NUDGE_{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+                f"NUDGE_{'.'.join(str(p) for p in err['loc']).upper()}: "
+                f"{err['msg'].removeprefix('Value error, ')}"
                 for err in exc.errors()
             )
-            raise ConfigError(f"invalid configuration: {problems}") from exc
+            # Not chained: the validation error holds the raw input, secrets included.
+            raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+#: Settings that no longer exist, and what replaced them.
+REMOVED = {
+    "dispatch_processes": "rate limits are the fleet's: every dispatch process reserves its "
+    "sends from one schedule in Postgres, whatever their number (docs/delivery.md); unset it",
+}
+
+
+def _refuse_removed(file_values: dict[str, Any]) -> None:
+    """A removed setting is an error, not silently ignored: the operator meant something."""
+    for name, why in REMOVED.items():
+        if name in file_values or f"NUDGE_{name.upper()}" in os.environ:
+            raise ConfigError(f"invalid configuration: NUDGE_{name.upper()} was removed: {why}")

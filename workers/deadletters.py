@@ -42,19 +42,46 @@ class DeadLetter:
     headers: dict[str, Any]
     body: bytes
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-friendly view (the body as JSON when it is, else as text)."""
-        try:
-            body: Any = json.loads(self.body)
-        except ValueError:
-            body = self.body.decode(errors="replace")
-        return {
+    def describe(self, max_body: int | None = None) -> dict[str, Any]:
+        """A JSON-friendly view of any body the broker can hold: the body as JSON when it is
+        JSON nested at most :data:`MAX_VIEW_DEPTH` deep, else as text (bytes that are not
+        UTF-8 replaced); with ``max_body``, a longer body is shown as its first ``max_body``
+        bytes of text and ``body_bytes`` says how long it is."""
+        view: dict[str, Any] = {
             "message_id": self.message_id,
             "source_queue": self.source_queue,
             "reason": self.reason,
             "headers": {k: _plain(v) for k, v in self.headers.items()},
-            "body": body,
         }
+        if max_body is not None and len(self.body) > max_body:
+            view["body"] = self.body[:max_body].decode(errors="replace")
+            view["body_bytes"] = len(self.body)
+        else:
+            view["body"] = body_view(self.body)
+        return view
+
+
+#: Parked JSON nested deeper than this is shown as text: printing it back as JSON would
+#: recurse as deep (``[[[[...`` parked by a worker made the listing crash).
+MAX_VIEW_DEPTH = 64
+
+
+def body_view(body: bytes) -> Any:
+    """``body`` as JSON when it is JSON and not nested too deeply, else as text."""
+    try:
+        parsed: Any = json.loads(body)
+    except (ValueError, RecursionError):
+        return body.decode(errors="replace")
+    stack = [(parsed, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_VIEW_DEPTH:
+            return body.decode(errors="replace")
+        if isinstance(value, dict):
+            stack += ((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack += ((v, depth + 1) for v in value)
+    return parsed
 
 
 def _plain(value: Any) -> Any:

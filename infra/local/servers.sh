@@ -5,7 +5,7 @@
 # <checkout>/.local), listen on 127.0.0.1 only and use non-default ports, so
 # they never collide with system services. See infra/local/README.md.
 #
-# Usage: servers.sh up|down|status|logs [-f]|env|restart-rabbitmq|restart-postgres|crash-postgres|ctl TOOL ARGS
+# Usage: servers.sh up|down|status|delayed-plugin|logs [-f]|env|restart-rabbitmq|restart-postgres|crash-postgres|ctl TOOL ARGS
 #
 # Progress goes to stderr; `up` and `env` print only KEY=value lines on stdout.
 set -euo pipefail
@@ -70,9 +70,13 @@ usage: $(basename "$0") COMMAND
 
   up                 start RabbitMQ and PostgreSQL (no-op for a server already up)
   down               stop both (no-op if already stopped)
-  status             show both servers; exit 0 if both are up, 3 otherwise
+  status             show both servers and the delayed-message plugin; exit 0 if both
+                     servers are up, 3 otherwise (the plugin is optional)
+  delayed-plugin     whether the broker has the delayed-message plugin loaded: exit 0
+                     loaded, 4 none available, 5 available but not loaded, 3 broker down
   logs [-f]          last $LOG_LINES lines of both logs (-f: follow)
-  env                print the NUDGE_* variables clients need
+  env                print the NUDGE_* variables clients need (NUDGE_SERVICE_AMQP_URL:
+                     the user services publish with; NUDGE_WORKER_AMQP_URL: the workers')
   restart-rabbitmq   stop and start RabbitMQ, keeping its data
   restart-postgres   stop and start PostgreSQL, keeping its data
   crash-postgres     kill PostgreSQL as a crash would (immediate shutdown: no checkpoint, WAL
@@ -293,6 +297,7 @@ rmq_env() {
     RABBITMQ_CTL_DIST_PORT_MIN="$ctl_min"
     RABBITMQ_CTL_DIST_PORT_MAX="$((ctl_min + 10))"
   )
+  delayed_env
 }
 
 # rmq_tool TOOL ARGS...: runs a RabbitMQ CLI tool against our node.
@@ -361,8 +366,10 @@ rmq_render_config() {
     printf 'prometheus.tcp.port = %s\n' "$RMQ_PROM_PORT"
     # Not config, but part of what the node was started with (see rmq_apply_config).
     printf '# node=%s dist_port=%s\n' "$RMQ_NODE" "$RMQ_DIST_PORT"
+    delayed_conf_note
   } >"$RMQ_DIR/rabbitmq.conf.new"
   cp "$plugins" "$RMQ_DIR/enabled_plugins.new"
+  delayed_enable "$RMQ_DIR/enabled_plugins.new"
 }
 
 # Moves the freshly rendered files into place. While the node runs they must
@@ -422,6 +429,7 @@ rmq_fail_timeout() {
 rmq_up() {
   local pid rc=0
   ensure_rabbitmq_installed
+  delayed_prepare
   rmq_prepare
   if pid=$(rmq_find_pid); then
     rmq_apply_config yes
@@ -494,6 +502,302 @@ rmq_status() {
   fi
   printf 'rabbitmq  down      amqp=%s:%s\n' "$HOST" "$RMQ_PORT"
   return 1
+}
+
+# ----------------------------------------------------------- broker users
+
+# Nudge's broker users (nudge-service, nudge-worker) with the permissions of
+# infra/rabbitmq/definitions.json on vhost /, each with a password generated on
+# the first `up` and kept in $RMQ_USERS_FILE. guest stays the local administrator
+# (loopback only).
+RMQ_USERS_FILE=$RMQ_DIR/users.env
+
+rmq_user_passwords() {
+  if [[ ! -s $RMQ_USERS_FILE ]]; then
+    (
+      umask 077
+      printf 'nudge-service=%s\nnudge-worker=%s\n' \
+        "$(od -An -N18 -tx1 /dev/urandom | tr -d ' \n')" \
+        "$(od -An -N18 -tx1 /dev/urandom | tr -d ' \n')" >"$RMQ_USERS_FILE.new"
+    )
+    mv -f "$RMQ_USERS_FILE.new" "$RMQ_USERS_FILE"
+  fi
+}
+
+# Creates or updates the users through the management API (idempotent, and
+# cheap: no rabbitmqctl VM to boot on every `up`).
+rmq_ensure_users() {
+  local definitions=$RMQ_SHIPPED_DIR/definitions.json
+  [[ -f $definitions ]] || die "missing $definitions"
+  rmq_user_passwords
+  python3 - "$definitions" "$RMQ_USERS_FILE" "http://$HOST:$RMQ_MGMT_PORT/api" <<'PY' ||
+import base64, json, sys, urllib.parse, urllib.request
+definitions, passwords_file, api = sys.argv[1:]
+passwords = dict(line.split("=", 1) for line in open(passwords_file).read().split())
+auth = "Basic " + base64.b64encode(b"guest:guest").decode()
+
+def put(path, body):
+    req = urllib.request.Request(api + path, json.dumps(body).encode(), method="PUT")
+    req.add_header("Authorization", auth)
+    req.add_header("Content-Type", "application/json")
+    urllib.request.urlopen(req, timeout=10).close()
+
+doc = json.load(open(definitions))
+for user in doc["users"]:
+    name = user["name"]
+    put("/users/" + urllib.parse.quote(name, safe=""),
+        {"password": passwords[name], "tags": user["tags"]})
+for p in doc["permissions"]:
+    put("/permissions/%s/%s" % tuple(urllib.parse.quote(p[k], safe="") for k in ("vhost", "user")),
+        {k: p[k] for k in ("configure", "write", "read")})
+PY
+    die "rabbitmq: could not create the users of $definitions"
+  log "rabbitmq: users nudge-service and nudge-worker ready (passwords in $RMQ_USERS_FILE)"
+}
+
+# The AMQP URL of each Nudge user, once `up` has created them.
+print_users_env() {
+  [[ -s $RMQ_USERS_FILE ]] || return 0
+  local service worker
+  service=$(sed -n 's/^nudge-service=//p' "$RMQ_USERS_FILE")
+  worker=$(sed -n 's/^nudge-worker=//p' "$RMQ_USERS_FILE")
+  printf 'NUDGE_SERVICE_AMQP_URL=amqp://nudge-service:%s@%s:%s/\n' "$service" "$HOST" "$RMQ_PORT"
+  printf 'NUDGE_WORKER_AMQP_URL=amqp://nudge-worker:%s@%s:%s/\n' "$worker" "$HOST" "$RMQ_PORT"
+}
+
+# ------------------------------------------------ delayed-message plugin
+#
+# The rabbitmq_delayed_message_exchange plugin (the `plugin` delay backend) is
+# not shipped by Debian's rabbitmq-server. `up` makes it available, in order:
+#   - NUDGE_DELAYED_PLUGIN=off: not at all;
+#   - NUDGE_RABBITMQ_PLUGINS_DIR: a folder holding a prebuilt plugin (the
+#     release .ez, or its unpacked folder), used as is;
+#   - NUDGE_DELAYED_PLUGIN_SRC: the plugin's source (upstream tag matching the
+#     broker's series), compiled with erlc against the broker's own headers
+#     into $LOCAL_DIR/plugins, once (again when the source or broker changes);
+#   - else <checkout>/../shared/vendor/rabbitmq-delayed-message-exchange-*, if
+#     it exists, built the same way.
+# An explicit setting that does not work stops `up`; a found source that does
+# not build only warns (the ladder backend needs no plugin). The outcome is
+# kept in $LOCAL_DIR/plugins/delayed.state for `status` and `delayed-plugin`.
+
+DELAYED_APP=rabbitmq_delayed_message_exchange
+DELAYED_DIR=$LOCAL_DIR/plugins
+DELAYED_STATE=$DELAYED_DIR/delayed.state
+
+# Prints the broker's installation folder (rabbitmq_server-X.Y.Z).
+broker_home() { dirname "$(dirname "$(readlink -f "$RMQ_BIN/rabbitmq-server")")"; }
+
+broker_version() { local h; h=$(broker_home) && echo "${h##*rabbitmq_server-}"; }
+
+# delayed_state RESULT DETAIL [PATH [PROBLEM]]: records the outcome for status and tests.
+delayed_state() {
+  mkdir -p "$DELAYED_DIR"
+  printf 'result=%s\ndetail=%s\npath=%s\nproblem=%s\n' "$1" "$2" "${3:-}" "${4:-}" >"$DELAYED_STATE.new"
+  mv -f "$DELAYED_STATE.new" "$DELAYED_STATE"
+}
+
+# delayed_state_get KEY: a value from the recorded outcome (empty if none).
+delayed_state_get() {
+  [[ -r $DELAYED_STATE ]] || return 0
+  sed -n "s/^$1=//p" "$DELAYED_STATE" | head -n 1
+}
+
+# Prints the plugin source folder to build, or nothing.
+delayed_find_src() {
+  local series candidate best=''
+  if [[ -n ${NUDGE_DELAYED_PLUGIN_SRC:-} ]]; then
+    echo "$NUDGE_DELAYED_PLUGIN_SRC"
+    return 0
+  fi
+  series=$(broker_version) && series=${series%.*}
+  for candidate in "$CHECKOUT"/../shared/vendor/rabbitmq-delayed-message-exchange-*; do
+    [[ -d $candidate/src ]] || continue
+    # Prefer the release of the broker's series (3.10.x for RabbitMQ 3.10).
+    if [[ ${candidate##*-} == "$series".* ]]; then best=$candidate; fi
+    [[ -n $best ]] || best=$candidate
+  done
+  [[ -z $best ]] || readlink -f "$best"
+}
+
+# delayed_fail EXPLICIT MESSAGE: dies for an explicit setting, else warns.
+delayed_fail() {
+  if [[ $1 == yes ]]; then
+    delayed_state failed "$2"
+    die "delayed-message plugin: $2"
+  fi
+  log "delayed-message plugin: WARNING: $2 (the broker starts without it; only the tiers backend works)"
+  delayed_state failed "$2"
+}
+
+# Compiles SRC into $DELAYED_DIR unless the same source was built for the same broker.
+delayed_build() {
+  local src=$1 explicit=$2 vsn bversion home p stamp out tmp mods
+  vsn=${src##*-}
+  if [[ ! $vsn =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]]; then
+    delayed_fail "$explicit" "cannot tell the plugin version of $src: name the folder rabbitmq-delayed-message-exchange-X.Y.Z (its upstream tag)"
+    return 0
+  fi
+  if ! compgen -G "$src/src/*.erl" >/dev/null; then
+    delayed_fail "$explicit" "$src has no src/*.erl: expected the plugin's upstream source tree"
+    return 0
+  fi
+  bversion=$(broker_version)
+  if [[ ${vsn%.*} != "${bversion%.*}" ]]; then
+    delayed_fail "$explicit" "plugin $vsn is for RabbitMQ ${vsn%.*}.x, the broker is $bversion: use the plugin tag of the broker's series"
+    return 0
+  fi
+  command -v erlc >/dev/null || apt_install erlang-base # Debian's erlc is in erlang-base
+  home=$(broker_home)
+  p=$home/plugins
+  stamp=$( {
+    echo "broker=$bversion vsn=$vsn erlc=$(readlink -f "$(command -v erlc)")"
+    cat "$src"/src/*.erl
+  } | sha256sum | cut -c1-16)
+  out=$DELAYED_DIR/$DELAYED_APP-$vsn
+  if [[ -f $DELAYED_DIR/.built-$stamp && -f $out/ebin/$DELAYED_APP.app ]]; then
+    delayed_state built "$DELAYED_APP $vsn (cached build of $src)" "$DELAYED_DIR"
+    return 0
+  fi
+  log "delayed-message plugin: building $vsn from $src"
+  rm -rf "$DELAYED_DIR"/"$DELAYED_APP"-* "$DELAYED_DIR"/.built-*
+  tmp=$DELAYED_DIR/.build
+  rm -rf "$tmp"
+  mkdir -p "$tmp/ebin"
+  if ! erlc -o "$tmp/ebin" -I "$p/rabbit_common-$bversion/include" -I "$p/rabbit-$bversion/include" \
+    -pa "$p/rabbit_common-$bversion/ebin" -pa "$p/rabbit-$bversion/ebin" \
+    "$src"/src/*.erl >"$DELAYED_DIR/build.log" 2>&1; then
+    rm -rf "$tmp"
+    delayed_fail "$explicit" "erlc failed on $src (see $DELAYED_DIR/build.log)"
+    return 0
+  fi
+  # erlang.mk writes the application resource file upstream; the same content by hand.
+  mods=$(cd "$tmp/ebin" && for f in *.beam; do printf '%s,' "${f%.beam}"; done)
+  cat >"$tmp/ebin/$DELAYED_APP.app" <<APP
+{application, '$DELAYED_APP', [
+  {description, "RabbitMQ Delayed Message Exchange"},
+  {vsn, "$vsn"},
+  {modules, [${mods%,}]},
+  {registered, []},
+  {applications, [kernel, stdlib, rabbit_common, rabbit]},
+  {mod, {rabbit_delayed_message_app, []}},
+  {env, []},
+  {broker_version_requirements, ["${vsn%.*}.0"]}
+]}.
+APP
+  mv "$tmp" "$out"
+  chmod -R a+rX "$DELAYED_DIR"
+  touch "$DELAYED_DIR/.built-$stamp"
+  delayed_state built "$DELAYED_APP $vsn (built from $src)" "$DELAYED_DIR"
+}
+
+# Decides where the plugin comes from (see the top of this section); before the config is rendered.
+delayed_prepare() {
+  local src extra=${NUDGE_RABBITMQ_PLUGINS_DIR:-}
+  mkdir -p "$DELAYED_DIR"
+  chmod a+rx "$DELAYED_DIR"
+  case ${NUDGE_DELAYED_PLUGIN:-on} in
+    on) ;;
+    off)
+      delayed_state off "NUDGE_DELAYED_PLUGIN=off"
+      return 0
+      ;;
+    *) die "NUDGE_DELAYED_PLUGIN must be 'on' or 'off', got '$NUDGE_DELAYED_PLUGIN'" ;;
+  esac
+  if [[ -n $extra ]]; then
+    extra=$(readlink -f "$extra") || die "NUDGE_RABBITMQ_PLUGINS_DIR: no such folder"
+    compgen -G "$extra/$DELAYED_APP-*" >/dev/null ||
+      die "NUDGE_RABBITMQ_PLUGINS_DIR=$extra holds no $DELAYED_APP-*.ez (download the release matching RabbitMQ $(broker_version))"
+    delayed_state built "prebuilt $(basename "$(compgen -G "$extra/$DELAYED_APP-*" | head -n 1)") from $extra" "$extra"
+    return 0
+  fi
+  src=$(delayed_find_src)
+  if [[ -z $src ]]; then
+    delayed_state absent "no plugin source: set NUDGE_DELAYED_PLUGIN_SRC to its upstream source, or NUDGE_RABBITMQ_PLUGINS_DIR to a folder with its release .ez"
+    log "delayed-message plugin: not available ($(delayed_state_get detail))"
+    return 0
+  fi
+  if [[ ! -d $src ]]; then
+    delayed_fail yes "NUDGE_DELAYED_PLUGIN_SRC=$src is not a folder"
+  fi
+  delayed_build "$src" "$([[ -n ${NUDGE_DELAYED_PLUGIN_SRC:-} ]] && echo yes || echo no)"
+}
+
+# Appends the plugin's folder to RMQ_ENV's plugins path (server and CLI alike).
+delayed_env() {
+  local path
+  path=$(delayed_state_get path)
+  [[ -n $path && $(delayed_state_get result) != off ]] || return 0
+  RMQ_ENV+=(RABBITMQ_PLUGINS_DIR="$(broker_home)/plugins:$path")
+}
+
+# delayed_enable FILE: adds the plugin to an enabled_plugins file being rendered.
+delayed_enable() {
+  [[ -n $(delayed_state_get path) ]] || return 0
+  case $(delayed_state_get result) in built | loaded) ;; *) return 0 ;; esac
+  sed -i "s/\][[:space:]]*\.[[:space:]]*\$/,$DELAYED_APP]./" "$1"
+}
+
+# A line for the rendered rabbitmq.conf: a node started with another plugin build differs.
+delayed_conf_note() {
+  printf '# delayed-message plugin: %s %s\n' "$(delayed_state_get path)" \
+    "$(cd "$DELAYED_DIR" 2>/dev/null && compgen -G '.built-*' || true)"
+}
+
+# Succeeds if the running broker knows the x-delayed-message exchange type.
+delayed_loaded() {
+  local body
+  body=$(curl -fsS --max-time 5 -u guest:guest "http://$HOST:$RMQ_MGMT_PORT/api/overview" 2>/dev/null) || return 1
+  grep -qF '"name":"x-delayed-message"' <<<"$body"
+}
+
+# After the broker is up: records whether the plugin it was given is loaded.
+delayed_check_loaded() {
+  case $(delayed_state_get result) in built | loaded) ;; *) return 0 ;; esac
+  local detail
+  detail=$(delayed_state_get detail)
+  if delayed_loaded; then
+    delayed_state loaded "$detail" "$(delayed_state_get path)"
+    log "delayed-message plugin: loaded ($detail)"
+  else
+    # Keep the path: the plugin may only be disabled on the running node (rabbitmq-plugins),
+    # and enabling it again needs the folder in the CLI's plugins path.
+    local problem="not loaded by the running node (disabled with rabbitmq-plugins? else see $RMQ_LOG)"
+    delayed_state failed "$detail" "$(delayed_state_get path)" "$problem"
+    if [[ -n ${NUDGE_DELAYED_PLUGIN_SRC:-}${NUDGE_RABBITMQ_PLUGINS_DIR:-} ]]; then
+      die "delayed-message plugin: $detail: $problem"
+    fi
+    log "delayed-message plugin: WARNING: $detail: $problem"
+  fi
+}
+
+# `status` line; returns 0 loaded, 4 no plugin available, 5 available but not loaded, 3 broker down.
+delayed_status() {
+  local result detail
+  result=$(delayed_state_get result)
+  detail=$(delayed_state_get detail)
+  if ! rmq_find_pid >/dev/null; then
+    printf 'delayed   unknown   rabbitmq is down%s\n' "${detail:+ (last up: $result, $detail)}"
+    return 3
+  fi
+  if delayed_loaded; then
+    printf 'delayed   loaded    x-delayed-message: %s\n' "${detail:-shipped with the broker}"
+    return 0
+  fi
+  case $result in
+    absent | off | '')
+      printf 'delayed   absent    %s\n' "${detail:-the broker was started before servers.sh handled the plugin: restart-rabbitmq}"
+      return 4
+      ;;
+    failed)
+      printf 'delayed   failed    %s%s\n' "$detail" "$(p=$(delayed_state_get problem) && [[ -n $p ]] && echo ": $p")"
+      return 5
+      ;;
+    *)
+      printf 'delayed   failed    not loaded by the running node (disabled with rabbitmq-plugins?): %s\n' "$detail"
+      return 5
+      ;;
+  esac
 }
 
 # ------------------------------------------------------------- PostgreSQL
@@ -709,6 +1013,7 @@ cmd_status() {
   local rc=0
   rmq_status || rc=3
   pg_status || rc=3
+  delayed_status || true # optional: the tiers backend needs no plugin
   return "$rc"
 }
 
@@ -747,7 +1052,10 @@ main() {
       take_lock
       pg_up
       rmq_up
+      rmq_ensure_users
+      delayed_check_loaded
       print_env
+      print_users_env
       ;;
     down)
       take_lock
@@ -755,13 +1063,18 @@ main() {
       pg_down
       ;;
     status) cmd_status ;;
+    delayed-plugin) delayed_status ;;
     logs) cmd_logs "$@" ;;
-    env) print_env ;;
+    env)
+      print_env
+      print_users_env
+      ;;
     ctl) cmd_ctl "$@" ;;
     restart-rabbitmq)
       take_lock
       rmq_down
       rmq_up
+      delayed_check_loaded
       ;;
     restart-postgres)
       take_lock

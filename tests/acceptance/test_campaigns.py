@@ -13,16 +13,17 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 from sqlalchemy import Engine, text
 
 from producer import Producer
-from tests.support import Worker, nudge, wait_for
+from shared import contract
+from shared.contract import PlanCampaign
+from shared.topology import PLAN_EXCHANGE, PLAN_KEY
+from tests.support import Worker, nudge, raw_publish, wait_for
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store import templates
-
-pytestmark = pytest.mark.acceptance
+from workers.store.campaigns import PLANNING_LOCK_SPACE as SPACE
 
 FINAL = ("sent", "failed", "excluded", "suppressed", "expired", "cancelled")
 
@@ -504,3 +505,54 @@ def test_a_resumed_campaign_waits_out_a_deferred_recipients_retry_backoff(
     assert c1() == deferred, "c-1 was tried again before its retry time"
     assert [r.status for r in sink.requests if r.body["contact"]["id"] == "c-1"] == [429]
     assert status(settings, "backoff")["state"] == "sending"
+
+
+def test_two_planners_given_the_same_campaign_twice_plan_it_one_at_a_time(
+    settings: Settings,
+    engine: Engine,
+    sink: Sink,
+    start_worker: Callable[..., Worker],
+) -> None:
+    # Given two planners, and a campaign of 1,000 recipients held by a third planner (this
+    # test, holding the campaign's planning lock)
+    seed(engine, 1000)
+    start_worker("dispatch", concurrency=2)
+    planners = [start_worker("planner", concurrency=1) for _ in range(2)]
+    create(settings, "twice")
+    with engine.connect() as conn:
+        cid = conn.scalar(text("SELECT id FROM messages WHERE name = 'twice'"))
+    with engine.connect() as holder:
+        holder.execute(text("SELECT pg_advisory_lock(:space, :id)"), {"space": SPACE, "id": cid})
+        # When it is started, and its plan message arrives a second time (as a redelivery
+        # would), so that each planner may get a copy
+        ok(settings, "campaign", "start", "twice")
+        with engine.connect() as conn:
+            round_ = conn.scalar(
+                text("SELECT plan_round FROM messages WHERE id = :id"), {"id": cid}
+            )
+        raw_publish(
+            settings.amqp_url,
+            PLAN_EXCHANGE,
+            PLAN_KEY,
+            contract.encode(PlanCampaign(campaign_id=cid, round=round_)),
+            message_id=f"plan-{cid}-{round_}",
+        )
+
+        # Then both copies wait (a retry each, at least) and nothing is planned or sent
+        def published() -> list[float]:
+            return [p.metric("nudge_campaign_batches_planned_total") for p in planners]
+
+        def refused_or_planned() -> bool:
+            retries = sum(p.metric("nudge_retries_total", queue="nudge.plan") for p in planners)
+            return retries >= 2 or any(published())
+
+        wait_for(refused_or_planned, timeout=60, message="both copies refused")
+        assert published() == [0, 0], "a planner planned a campaign another one holds"
+        assert not sink.requests
+        holder.execute(text("SELECT pg_advisory_unlock(:space, :id)"), {"space": SPACE, "id": cid})
+    # And once it is released, one planner plans it and everyone gets it once
+    done = completed(settings, "twice", timeout=90)
+    assert done["counts"]["sent"] == 1000
+    keys = sent_keys(sink)
+    assert len(keys) == 1000
+    assert set(keys.values()) == {1}, "a recipient sent twice"

@@ -6,22 +6,20 @@ import json
 import subprocess
 import sys
 
-import pytest
-
+from tests.backends import both_backends
 from tests.support import nudge, settings_env
 from workers.config import Settings
 from workers.demo.sink import Sink
 
-pytestmark = pytest.mark.acceptance
 
-
+@both_backends
 def test_an_operator_schedules_runs_a_burst_worker_and_reads_the_outcomes(
     settings: Settings, sink: Sink
 ) -> None:
     assert nudge(settings, "db", "upgrade").returncode == 0
     applied = nudge(settings, "topology", "apply")
     assert applied.returncode == 0, applied.stderr
-    assert "backend=tiers" in applied.stdout
+    assert f"backend={settings.delay_backend}" in applied.stdout
     for i, delay in enumerate(("500ms", "1.5s", "3s")):
         done = nudge(
             settings,
@@ -75,6 +73,19 @@ def test_an_operator_schedules_runs_a_burst_worker_and_reads_the_outcomes(
     ]
 
 
+@both_backends
+def test_a_burst_dispatch_worker_waits_for_what_is_still_in_the_delay(
+    settings: Settings, sink: Sink
+) -> None:
+    # The plugin's exchange holds its messages where AMQP cannot count them: burst must ask.
+    done = nudge(settings, "message", "schedule", "u-1", "welcome", "webhook", "--delay", "25s")
+    assert done.returncode == 0, done.stderr
+    assert nudge(settings, "worker", "scheduler", "--burst").returncode == 0
+    dispatch = nudge(settings, "worker", "dispatch", "--burst")
+    assert dispatch.returncode == 0, dispatch.stderr
+    assert [r.body["contact"]["id"] for r in sink.accepted()] == ["u-1"]
+
+
 def test_cli_errors_name_the_problem_and_exit_with_documented_codes(settings: Settings) -> None:
     missing = nudge(settings, "message", "show", "no-such-key")
     assert missing.returncode == 4
@@ -104,3 +115,29 @@ def test_nudge_demo_runs_the_main_job_end_to_end(settings: Settings) -> None:
     assert "demo OK" in done.stdout
     assert "6 accepted, 0 duplicates, 0 bad signatures" in done.stdout
     assert "worker stopped on SIGTERM with exit code 0" in done.stdout
+
+
+def test_campaign_pause_loads_neither_templates_nor_migrations_nor_the_http_client(
+    settings: Settings,
+) -> None:
+    """What ``nudge campaign pause`` imports bounds how soon it returns: the database and the
+    broker, not the template engine, alembic or the management API client."""
+    code = (
+        "import json, sys\n"
+        "from workers.cli import main\n"
+        "try:\n"
+        "    main(['campaign', 'pause', 'no-such-campaign'])\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "print(json.dumps([code, [m for m in ('jinja2', 'alembic', 'httpx', 'mako') "
+        "if m in sys.modules]]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "no campaign 'no-such-campaign'" in done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == [4, []]

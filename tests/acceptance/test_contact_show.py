@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-import pytest
 from sqlalchemy import Engine, text
 
 from producer import Producer
 from tests.support import Worker, final_row, nudge, wait_for
 from workers.config import Settings
-
-pytestmark = pytest.mark.acceptance
 
 
 def _count(engine: Engine, sql: str) -> int:

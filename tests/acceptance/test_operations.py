@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import Engine
 
 from producer import Producer
@@ -18,8 +17,6 @@ from tests.support import Worker, settings_env, wait_for
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store import templates
-
-pytestmark = pytest.mark.acceptance
 
 
 def _get(worker: Worker, path: str) -> httpx.Response:

@@ -14,8 +14,6 @@ from workers.config import Settings
 from workers.store import templates
 from workers.store.schema import contact_events, contacts
 
-pytestmark = pytest.mark.acceptance
-
 ROOT = Path(__file__).resolve().parents[2]
 MATRIX = ROOT / "examples/rules/service-matrix.yaml"
 TEMPLATES = ("usage-guide", "shipping-status", "satisfaction-survey", "churn-offer")

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from tests.support import nudge
 from workers.config import Settings
-
-pytestmark = pytest.mark.acceptance
 
 
 def test_an_operator_adds_updates_renders_and_lists_templates(settings: Settings) -> None:

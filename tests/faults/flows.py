@@ -30,13 +30,8 @@ from producer import NudgeError, Producer, Request, scheduled, tracked
 from tests.support import settings_env
 from workers.config import Settings
 from workers.demo.sink import Sink
-from workers.store.schema import (
-    ItemStatus,
-    MessageStatus,
-    contact_events,
-    message_items,
-    messages,
-)
+from workers.recipients import ItemStatus, MessageStatus
+from workers.store.schema import contact_events, message_items, messages
 
 FINAL = [s.value for s in ItemStatus if s.final]
 

@@ -25,6 +25,7 @@ import pytest
 from sqlalchemy import Engine
 
 from shared.topology import DUE_QUEUE, EVENTS_QUEUE, INTAKE_QUEUE, PLAN_QUEUE
+from tests.backends import both_backends
 from tests.conftest import ROOT
 from tests.faults import report
 from tests.faults.flows import Campaign, DelayedMessages, Events, Flow, Stream
@@ -33,9 +34,7 @@ from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store import templates
 
-pytestmark = [pytest.mark.integration, pytest.mark.faults]
-
-#: Each role's process and the queue it consumes. Roles added later (planner, receipts) go here.
+#: Each role the faults hit, with the queue it consumes (no flow sends read receipts).
 QUEUES = {
     "scheduler": INTAKE_QUEUE,
     "dispatch": DUE_QUEUE,
@@ -147,6 +146,7 @@ def _judge(
     assert row.ok, report.table([row])
 
 
+@both_backends
 def test_workers_sigkilled_at_random_moments_lose_nothing_and_send_nothing_twice(
     settings: Settings,
     sink: Sink,
@@ -172,7 +172,7 @@ def test_workers_sigkilled_at_random_moments_lose_nothing_and_send_nothing_twice
         stream.stop()
     injected = "SIGKILL " + ", ".join(f"{role} x{n}" for role, n in sorted(kills.items()))
     _judge(
-        "workers SIGKILLed",
+        f"workers SIGKILLed ({settings.delay_backend})",
         injected,
         stream,
         engine,
@@ -181,6 +181,7 @@ def test_workers_sigkilled_at_random_moments_lose_nothing_and_send_nothing_twice
     )
 
 
+@both_backends
 def test_a_rabbitmq_restart_mid_stream_loses_no_confirmed_message(
     settings: Settings, sink: Sink, engine: Engine, run: str, fleet: dict[str, Worker]
 ) -> None:
@@ -192,7 +193,7 @@ def test_a_rabbitmq_restart_mid_stream_loses_no_confirmed_message(
     finally:
         stream.stop()
     _judge(
-        "RabbitMQ restarted",
+        f"RabbitMQ restarted ({settings.delay_backend})",
         f"restart-rabbitmq ({took:.0f} s)",
         stream,
         engine,

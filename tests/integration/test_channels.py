@@ -3,6 +3,7 @@ when they fail, throttle or answer slowly."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -11,16 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import Engine, select
 
 from producer import Producer, scheduled
+from tests.backends import both_backends
 from tests.support import MailServer, Worker, final_row, wait_for
 from workers import unsubscribe
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import message_items
 
-pytestmark = pytest.mark.integration
+UNSUBSCRIBE = secrets.token_urlsafe(32)
 
 
 def test_an_email_arrives_rendered_with_a_signed_unsubscribe_header_on_a_reused_connection(
@@ -41,7 +44,7 @@ def test_an_email_arrives_rendered_with_a_signed_unsubscribe_header_on_a_reused_
         smtp_port=mail_server.port,
         smtp_security="none",
         smtp_connections=2,
-        unsubscribe_secret="unsub-secret-123",
+        unsubscribe_secret=SecretStr(UNSUBSCRIBE),
     )
     n = 8
     with Producer(settings.amqp_url) as producer:
@@ -69,8 +72,8 @@ def test_an_email_arrives_rendered_with_a_signed_unsubscribe_header_on_a_reused_
     assert "<p>Hi Ann3, &lt;pro&gt;</p>" in html  # HTML parts are autoescaped
     header = mail.message["List-Unsubscribe"]
     assert header.startswith("<http://localhost:8080/unsubscribe?")
-    assert unsubscribe.verify("unsub-secret-123", header.strip("<>")) == "u-3"
-    assert unsubscribe.verify("another-secret", header.strip("<>")) is None
+    assert unsubscribe.verify(UNSUBSCRIBE, header.strip("<>")) == "u-3"
+    assert unsubscribe.verify(secrets.token_urlsafe(32), header.strip("<>")) is None
     assert mail.message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     # connections are reused: at most the configured two for eight messages
     assert len({m.peer for m in mail_server.received}) <= 2
@@ -129,7 +132,7 @@ def _smtp_settings(server: MailServer, cert: str, security: str) -> dict[str, An
         "smtp_security": security,
         "smtp_cert_bundle": cert,
         "smtp_username": "nudge",
-        "smtp_password": "s3cret",
+        "smtp_password": SecretStr("s3cret"),
     }
 
 
@@ -139,6 +142,33 @@ def secure_mail_server(tmp_path: Path) -> Iterator[tuple[MailServer, str]]:
     ``start_worker``, so it stops after the workers closed their connections."""
     with _tls_mail_server(tmp_path, implicit=False) as served:
         yield served
+
+
+def test_an_email_to_a_contact_without_an_address_fails_with_the_reason_but_is_no_failed_send(
+    settings: Settings,
+    mail_server: MailServer,
+    engine: Engine,
+    add_template: Callable[..., int],
+    start_worker: Callable[..., Worker],
+) -> None:
+    add_template("hello", "Hello")
+    worker = start_worker(smtp_host="127.0.0.1", smtp_port=mail_server.port, smtp_security="none")
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule("no-address", "hello", "email", idempotency_key="no-address")
+        producer.schedule(
+            {"id": "ann", "email": "ann@example.com"}, "hello", "email", idempotency_key="ann"
+        )
+    item = final_row(engine, "no-address")
+    assert (item["status"], item["reason"], item["failures"]) == (
+        "failed",
+        "email: the contact has no email address",
+        0,
+    )
+    assert final_row(engine, "ann")["status"] == "sent"
+    assert [m.recipients for m in mail_server.received] == [["ann@example.com"]]
+    failed = {"channel": "email", "status": "failed"}
+    assert worker.metric("nudge_outcomes_total", **failed, reason="email") == 1
+    assert worker.metric("nudge_outcomes_total", **failed, reason="permanent") == 0
 
 
 def test_smtp_upgrades_with_starttls_authenticates_fails_a_5xx_at_once_and_retries_a_4xx(
@@ -202,6 +232,7 @@ def test_smtp_with_implicit_tls_authenticates_and_delivers(
     ]
 
 
+@both_backends
 def test_a_webhook_answering_503_twice_gets_the_message_on_the_third_attempt_after_backoff(
     settings: Settings, sink: Sink, engine: Engine, start_worker: Callable[..., Worker]
 ) -> None:

@@ -9,17 +9,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
-import pytest
 from sqlalchemy import Engine, select
 
 from producer import Producer, scheduled
 from shared.topology import DEAD_QUEUE, EVENT_KEY, EVENTS_EXCHANGE
+from tests.backends import both_backends, waiting_in_delay
 from tests.support import Management, Worker, nudge, raw_publish, wait_for
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import contacts, message_items, messages
-
-pytestmark = pytest.mark.integration
 
 
 def outcomes(engine: Engine) -> dict[str, tuple[str, str | None]]:
@@ -131,6 +129,7 @@ def _zone_at(local_hour: int, now: datetime) -> str:
     return "Etc/UTC" if offset == 0 else f"Etc/GMT{'-' if offset > 0 else '+'}{abs(offset)}"
 
 
+@both_backends
 def test_quiet_hours_defer_to_each_contacts_local_opening(
     settings: Settings,
     engine: Engine,
@@ -179,19 +178,59 @@ def test_quiet_hours_defer_to_each_contacts_local_opening(
     assert outcomes(engine)["late"][1] == (
         f"quiet_hours: 22:00-01:00 in {late}, until {nxt['late'].isoformat()}"
     )
-    # the re-check waits in the delay ladder, not in a worker's memory
+    # the re-check waits in the delay (ladder queues or the plugin), not in a worker's memory
     wait_for(
-        lambda: (
-            sum(
-                q.get("messages", 0)
-                for name, q in management.queues(vhost).items()
-                if name.startswith("nudge.delay.")
-            )
-            == 2
-        ),
+        lambda: sum(waiting_in_delay(management, vhost).values()) == 2,
         timeout=15,
-        message="2 deferred messages parked in the ladder",
+        message="2 deferred messages waiting in the delay",
     )
+
+
+@both_backends
+def test_a_capped_message_deferred_waits_in_the_delay_until_the_window_frees_then_is_sent(
+    settings: Settings,
+    sink: Sink,
+    engine: Engine,
+    vhost: str,
+    management: Management,
+    start_worker: Callable[..., Worker],
+) -> None:
+    window = 8.0
+    done = nudge(
+        settings,
+        "policy",
+        "set",
+        "automation",
+        "--frequency-cap",
+        "1",
+        "--frequency-window",
+        f"{window:.0f}s",
+        "--category-window",
+        "none",
+        "--cap-action",
+        "defer",
+    )
+    assert done.returncode == 0, done.stderr
+    start_worker()
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule("busy", "tip", "webhook", idempotency_key="first")
+        wait_for(lambda: sink.accepted(), timeout=20, message="the first message sent")
+        producer.schedule("busy", "digest", "webhook", idempotency_key="second")
+    wait_for(
+        lambda: outcomes(engine).get("second", ("", None))[0] == "deferred",
+        timeout=20,
+        message="the second message deferred by the cap",
+    )
+    assert (outcomes(engine)["second"][1] or "").startswith("frequency: 1 sent on all channels")
+    wait_for(
+        lambda: sum(waiting_in_delay(management, vhost).values()) == 1,
+        timeout=15,
+        message="the deferred message waiting in the delay",
+    )
+    wait_for(final(engine, 2), timeout=30, message="2 outcomes")
+    assert outcomes(engine)["second"] == ("sent", None)
+    first, second = sink.accepted()
+    assert second.at - first.at >= window - 0.5, "sent before the window freed"
 
 
 def test_eight_workers_racing_on_one_contact_send_exactly_the_cap(

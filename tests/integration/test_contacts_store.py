@@ -7,14 +7,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
 from sqlalchemy import Engine, text
 
 from shared.contract import ContactRef
 from workers.store import contacts
 from workers.store.db import async_engine, transaction
-
-pytestmark = pytest.mark.integration
 
 
 def _apply(database_url: str, *refs: ContactRef) -> None:

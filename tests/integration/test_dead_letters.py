@@ -10,19 +10,25 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pika
-import pytest
 from sqlalchemy import Engine, select, text
 
 from producer import Producer
 from shared import amqp, contract, delay
 from shared.contract import DueMessage
-from shared.topology import DEAD_QUEUE, DUE_QUEUE
-from tests.support import Management, Worker, final_row, nudge, ready_count, wait_for
+from shared.topology import DEAD_QUEUE, DUE_QUEUE, INTAKE_EXCHANGE, INTAKE_QUEUE, SCHEDULE_KEY
+from tests.support import (
+    Management,
+    Worker,
+    final_row,
+    nudge,
+    raw_publish,
+    ready_count,
+    wait_for,
+)
+from workers.asyncapi import EXAMPLE_SCHEDULE
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import messages
-
-pytestmark = pytest.mark.integration
 
 
 def test_a_message_crashing_its_handler_on_every_delivery_is_parked_then_replayed_once_fixed(
@@ -197,3 +203,59 @@ def test_a_re_delayed_message_is_not_dropped_by_dead_letter_cycle_detection(
     for level in (delay.level_name(3), delay.level_name(2)):
         assert ready_count(settings.amqp_url, level) == 0
     assert ready_count(settings.amqp_url, DUE_QUEUE) == 1
+
+
+def test_input_postgres_cannot_store_is_parked_at_once_naming_the_field_and_every_view_copes(
+    settings: Settings, management: Management, vhost: str, start_worker: Callable[..., Worker]
+) -> None:
+    deep = b"[" * 50_000 + b"]" * 50_000  # parked by the workers, well under the size limit
+    inputs = {
+        "nul": (json.dumps({**EXAMPLE_SCHEDULE, "data": {"name": "a\x00"}}).encode(), 2),
+        "nan": (json.dumps({**EXAMPLE_SCHEDULE, "data": {"n": float("nan")}}).encode(), 2),
+        "big": (json.dumps({**EXAMPLE_SCHEDULE, "data": {"n": [2**64]}}).encode(), 2),
+        "transient": (json.dumps(EXAMPLE_SCHEDULE).encode(), 1),
+        "utf16": (json.dumps(EXAMPLE_SCHEDULE).encode("utf-16"), 2),
+        "deep": (deep, 2),
+        "binary": (bytes(range(256)) * 900, 2),  # 230,400 bytes, not UTF-8
+    }
+    start_worker("scheduler")
+    for key, (body, mode) in inputs.items():
+        raw_publish(
+            settings.amqp_url,
+            INTAKE_EXCHANGE,
+            SCHEDULE_KEY,
+            body,
+            message_id=key,
+            delivery_mode=mode,
+        )
+    wait_for(
+        lambda: management.queue(vhost, DEAD_QUEUE).get("messages") == len(inputs),
+        timeout=60,
+        message="every input parked",
+    )
+    listed = nudge(settings, "dead", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    parked = {p["message_id"]: p for p in json.loads(listed.stdout)}
+    assert {k: (p["source_queue"], p["reason"]) for k, p in parked.items()} == {
+        "nul": (INTAKE_QUEUE, "data.name: must not contain NUL characters (\\u0000)"),
+        "nan": (INTAKE_QUEUE, "data.n: must be a finite number (not NaN or Infinity)"),
+        "big": (INTAKE_QUEUE, "data.n[0]: integers must be between -2^63 and 2^63-1"),
+        "transient": (INTAKE_QUEUE, "delivery_mode: 1, must be 2 (persistent)"),
+        "utf16": (INTAKE_QUEUE, parked["utf16"]["reason"]),
+        "deep": (INTAKE_QUEUE, "body: nested too deeply"),
+        "binary": (INTAKE_QUEUE, parked["binary"]["reason"]),
+    }
+    assert parked["utf16"]["reason"].startswith("body: not valid UTF-8 JSON")
+    assert parked["binary"]["reason"].startswith("body: not valid UTF-8 JSON")
+    assert parked["binary"]["body_bytes"] == 230_400
+    assert parked["nul"]["body"]["data"] == {"name": "a\x00"}
+    text_list = nudge(settings, "dead", "list")
+    assert text_list.returncode == 0, text_list.stderr
+    assert len(text_list.stdout.splitlines()) == len(inputs)
+    for key in ("deep", "binary"):
+        shown = nudge(settings, "dead", "show", key)
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.startswith(f"message {key} from {INTAKE_QUEUE}")
+        as_json = nudge(settings, "dead", "show", key, "--json")
+        assert as_json.returncode == 0, as_json.stderr
+        assert isinstance(json.loads(as_json.stdout)["body"], str)  # shown as text

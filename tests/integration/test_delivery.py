@@ -16,6 +16,7 @@ from producer import Producer, scheduled
 from shared import contract, delay
 from shared.contract import DueBatch, DueMessage
 from shared.topology import DEAD_QUEUE, DUE_QUEUE
+from tests.backends import both_backends, waiting_in_delay
 from tests.support import (
     Management,
     Worker,
@@ -28,8 +29,6 @@ from tests.support import (
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import message_items, messages
-
-pytestmark = pytest.mark.integration
 
 
 def _items(engine: Engine) -> list[tuple[str, str, int]]:
@@ -44,6 +43,7 @@ def _items(engine: Engine) -> list[tuple[str, str, int]]:
         ]
 
 
+@both_backends
 def test_delays_arrive_in_order_and_less_than_a_second_late(
     settings: Settings, sink: Sink, start_worker: Callable[..., Worker]
 ) -> None:
@@ -71,36 +71,89 @@ def test_delays_arrive_in_order_and_less_than_a_second_late(
     assert all(r.signature_ok for r in sink.requests)
 
 
-def test_a_forty_day_delay_is_parked_in_the_tier_queues_of_its_bits(
+def _where_it_waits(backend: delay.BackendName, delay_ms: int) -> str:
+    """Ladder: the level of the highest bit the ladder carries; plugin: its exchange."""
+    if backend == "plugin":
+        return delay.PLUGIN_EXCHANGE
+    return delay.level_name(delay.levels_visited(delay.ladder_units(delay_ms))[0])
+
+
+@both_backends
+@pytest.mark.parametrize("days", [40, 365], ids=["40-days", "one-year"])
+def test_a_long_delay_waits_in_the_delay_not_in_the_due_queue(
     settings: Settings,
     vhost: str,
     management: Management,
     engine: Engine,
     start_worker: Callable[..., Worker],
+    delay_backend: delay.BackendName,
+    days: int,
 ) -> None:
+    # One year is beyond the plugin's 2**32 ms: uncapped, it would route the message at once.
     start_worker("scheduler")
-    forty_days = timedelta(days=40)
+    wait = timedelta(days=days)
     with Producer(settings.amqp_url) as producer:
-        producer.schedule("c-1", "renewal", "webhook", delay=forty_days, idempotency_key="k40")
-    first = delay.level_name(
-        delay.levels_visited(delay.ladder_units(int(forty_days.total_seconds() * 1000)))[0]
-    )
-    assert first == "nudge.delay.L21"
+        producer.schedule("c-1", "renewal", "webhook", delay=wait, idempotency_key="long")
+    where = _where_it_waits(delay_backend, int(wait.total_seconds() * 1000))
+    if delay_backend == "tiers" and days == 40:
+        assert where == "nudge.delay.L21"
     wait_for(
-        lambda: management.queue(vhost, first).get("messages") == 1,
+        lambda: waiting_in_delay(management, vhost) == {where: 1},
         timeout=15,
-        message=f"the message parked in {first}",
+        message=f"the message waiting in {where} alone",
     )
-    others = {
-        name: q.get("messages", 0)
-        for name, q in management.queues(vhost).items()
-        if name.startswith("nudge.delay.") and name != first
-    }
-    assert not any(others.values()), others
-    parked = management.get_messages(vhost, first)[0]
-    assert "expiration" not in parked["properties"], "no per-message TTL inside the ladder"
+    assert management.queue(vhost, DUE_QUEUE).get("messages", 0) == 0
+    if delay_backend == "tiers":
+        parked = management.get_messages(vhost, where)[0]
+        assert "expiration" not in parked["properties"], "no per-message TTL inside the ladder"
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(messages)) == 1
+
+
+@both_backends
+def test_a_message_the_delay_releases_weeks_early_goes_back_into_the_delay_unsent(
+    settings: Settings,
+    vhost: str,
+    management: Management,
+    engine: Engine,
+    sink: Sink,
+    start_worker: Callable[..., Worker],
+    delay_backend: delay.BackendName,
+) -> None:
+    # 60 days is beyond the plugin's 2**32 ms (49.7 days): it releases the message after 49.7
+    # days, and the consumer must send it back for the rest. Here the release is a copy of the
+    # due message handed to nudge.due at once, as the plugin (or a ladder cycle) would.
+    scheduler = start_worker("scheduler")
+    sixty_days = timedelta(days=60)
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule("c-1", "renewal", "webhook", delay=sixty_days, idempotency_key="k60")
+    with engine.connect() as conn:
+        row = wait_for(
+            lambda: conn.execute(select(messages)).first(), timeout=10, message="the stored message"
+        )
+    where = _where_it_waits(delay_backend, int(sixty_days.total_seconds() * 1000))
+    wait_for(
+        lambda: waiting_in_delay(management, vhost) == {where: 1},
+        timeout=15,
+        message=f"the message waiting in {where}",
+    )
+    scheduler.stop()
+    assert row is not None
+    due = DueMessage(message_id=row.id, contact_id=row.contact_id, deliver_at=row.deliver_at)
+    raw_publish(settings.amqp_url, "", DUE_QUEUE, contract.encode(due))
+    start_worker("dispatch")
+    wait_for(
+        lambda: waiting_in_delay(management, vhost) == {where: 2},
+        timeout=15,
+        message=f"the early copy back in {where}",
+    )
+    wait_for(
+        lambda: management.queue(vhost, DUE_QUEUE).get("messages", 0) == 0,
+        timeout=15,
+        message="nudge.due empty (the management API counts every 5 s)",
+    )
+    assert _items(engine) == [], "not claimed: an early message is only sent back"
+    assert sink.requests == []
 
 
 def test_the_same_request_published_twice_is_stored_and_sent_once(
@@ -259,7 +312,7 @@ def test_a_bundled_recipient_that_cannot_be_sent_is_parked_alone(
     assert json.loads(parked["payload"])["message_id"] == unknown, "parked alone"
     assert parked["properties"]["message_id"] == f"due-{unknown}-{cid}-1"
     assert parked["properties"]["headers"]["x-nudge-reason"] == (
-        f"message_id: no message {unknown} for contact {cid}"
+        f"due: contact {cid} is not a recipient of message {unknown}"
     )
     wait_for(
         lambda: management.queue(vhost, DUE_QUEUE).get("messages") == 0,

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-import pytest
 from sqlalchemy import Engine, select
 
 from producer import Producer, scheduled
@@ -15,8 +14,6 @@ from tests.support import Management, Worker, raw_publish, wait_for
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import message_items, messages
-
-pytestmark = pytest.mark.integration
 
 
 def _outcomes(engine: Engine) -> Counter[str]:
@@ -141,7 +138,7 @@ def test_a_message_that_crashes_its_handler_is_parked_after_the_delivery_limit(
         message="the parked ghost",
     )
     headers = management.get_messages(vhost, DEAD_QUEUE)[0]["properties"]["headers"]
-    assert headers["x-nudge-reason"] == "message_id: no message 999 for contact 999"
+    assert headers["x-nudge-reason"] == "due: contact 999 is not a recipient of message 999"
     assert _outcomes(engine) == Counter()
 
 

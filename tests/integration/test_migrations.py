@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine
 
 from workers.store.schema import metadata
-
-pytestmark = pytest.mark.integration
 
 
 def test_migrations_and_schema_agree(engine: Engine) -> None:

@@ -10,11 +10,9 @@ import pika
 import pytest
 
 from producer import AsyncProducer, BrokerUnavailable, Producer, PublishNotConfirmed, scheduled
-from shared.topology import INTAKE_QUEUE
+from shared.topology import INTAKE_EXCHANGE, INTAKE_QUEUE, SCHEDULE_KEY
 from tests.support import Management, free_port, ready_count
 from workers.config import Settings
-
-pytestmark = pytest.mark.integration
 
 
 def test_schedule_many_pipelines_thousands_of_confirmed_publishes(settings: Settings) -> None:
@@ -81,3 +79,25 @@ def test_no_broker_raises_broker_unavailable() -> None:
         pytest.raises(BrokerUnavailable),
     ):
         producer.schedule("c-1", "welcome", "log")
+
+
+def test_the_broker_refuses_a_body_above_its_size_cap_at_the_publish(settings: Settings) -> None:
+    # max_message_size sits just above the contract's limit: such a body is never queued
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        properties = pika.BasicProperties(delivery_mode=2, message_id="huge")
+        channel.basic_publish(
+            INTAKE_EXCHANGE, SCHEDULE_KEY, b"x" * 300_000, properties, mandatory=True
+        )  # at the cap: queued
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
+            channel.basic_publish(
+                INTAKE_EXCHANGE, SCHEDULE_KEY, b"x" * 300_001, properties, mandatory=True
+            )
+        assert info.value.reply_code == 406
+        assert "larger than configured max size" in info.value.reply_text
+    finally:
+        if connection.is_open:
+            connection.close()
+    assert ready_count(settings.amqp_url, INTAKE_QUEUE) == 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import pytest
 from sqlalchemy import Engine, func, select
 
 from producer import Producer, scheduled
@@ -15,8 +14,6 @@ from tests.support import Worker, ready_count, wait_for
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import message_items
-
-pytestmark = pytest.mark.integration
 
 
 def test_a_rate_limit_of_20_per_second_holds_over_200_messages_at_the_receiver(

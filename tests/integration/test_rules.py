@@ -9,7 +9,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from sqlalchemy import Engine, func, select
 
 from producer import Producer
@@ -21,8 +20,6 @@ from workers.rules.definitions import parse
 from workers.store import rules as rules_repo
 from workers.store import templates
 from workers.store.schema import contact_events, message_items, messages, rule_runs
-
-pytestmark = pytest.mark.integration
 
 FAST_MATRIX = Path(__file__).resolve().parents[1] / "rules/service-matrix-fast.yaml"
 #: How late a message may reach the sink on a loaded two-core machine.

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
 from sqlalchemy import Engine, func, select
 
 from producer import Producer
 from shared.topology import DEAD_QUEUE
-from tests.support import Management, Worker, final_row, wait_for
+from tests.support import Management, Worker, final_row, recipient_row, wait_for
 from workers.config import Settings
 from workers.demo.sink import Sink
 from workers.store.schema import messages
-
-pytestmark = pytest.mark.integration
 
 
 def test_a_missing_variable_fails_that_recipient_with_the_reason_and_sends_nothing(
@@ -56,6 +53,45 @@ def test_a_sandbox_escape_in_a_stored_template_fails_the_recipient_and_sends_not
     assert item["status"] == "failed"
     assert item["reason"].startswith("template: evil v1 text_body: SecurityError: ")
     assert sink.requests == []
+
+
+def test_a_worker_keeps_delivering_while_one_recipients_template_runs_to_its_time_limit(
+    settings: Settings,
+    sink: Sink,
+    engine: Engine,
+    add_template: Callable[..., int],
+    start_worker: Callable[..., Worker],
+) -> None:
+    # ten billion loop iterations, no output: it only ever stops at the time limit
+    add_template(
+        "hostile",
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    )
+    add_template("hello", "Hello {{ contact.id }}")
+    start_worker(render_timeout_seconds=10.0, claim_lease_seconds=120.0)
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule("c-0", "hostile", "webhook", idempotency_key="hostile")
+        wait_for(
+            lambda: (recipient_row(engine, "hostile") or {}).get("status") == "sending",
+            timeout=20,
+            message="the hostile recipient to be claimed",
+        )
+        for i in range(1, 4):
+            producer.schedule(f"c-{i}", "hello", "webhook", idempotency_key=f"hello-{i}")
+        for i in range(1, 4):
+            assert final_row(engine, f"hello-{i}")["status"] == "sent"
+    # the others went out while the hostile template was still rendering, off the event loop
+    assert (recipient_row(engine, "hostile") or {})["status"] == "sending"
+    hostile = final_row(engine, "hostile", timeout=60)
+    assert (hostile["status"], hostile["reason"]) == (
+        "failed",
+        "template: hostile v1 text_body: RenderTimeout: took longer than 10 s to render",
+    )
+    assert sorted(r.body["text"] for r in sink.accepted()) == [
+        "Hello c-1",
+        "Hello c-2",
+        "Hello c-3",
+    ]
 
 
 def test_a_new_version_is_used_for_later_messages_and_recorded_on_each(

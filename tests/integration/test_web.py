@@ -4,6 +4,7 @@ redirects, checked with an HTTP client and, for the confirmation page, a real br
 from __future__ import annotations
 
 import re
+import secrets
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import Engine, text
 
 from producer import Producer
@@ -20,10 +22,8 @@ from workers import tracking
 from workers.config import Settings
 from workers.store import templates
 
-pytestmark = pytest.mark.integration
-
-TRACKING_SECRET = "tracking-secret-123"
-UNSUBSCRIBE_SECRET = "unsubscribe-secret-123"
+TRACKING_SECRET = secrets.token_urlsafe(32)
+UNSUBSCRIBE_SECRET = secrets.token_urlsafe(32)
 NEWS_HTML = (
     "<html><body><p>Hi {{ contact.id }}</p>"
     '<a href="https://example.com/offer?x=1&amp;y=2">the offer</a> '
@@ -75,9 +75,9 @@ def web(
         "smtp_security": "none",
         "web_port": port,
         "tracking_url": url,
-        "tracking_secret": TRACKING_SECRET,
+        "tracking_secret": SecretStr(TRACKING_SECRET),
         "unsubscribe_url": f"{url}/unsubscribe",
-        "unsubscribe_secret": UNSUBSCRIBE_SECRET,
+        "unsubscribe_secret": SecretStr(UNSUBSCRIBE_SECRET),
     }
     worker = start_worker("scheduler", "dispatch", "web", **overrides)
     return Web(worker, url, settings.model_copy(update=overrides), mail_server)

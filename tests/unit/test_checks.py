@@ -3,18 +3,18 @@ outside), on the pure decision function with an exact clock."""
 
 from __future__ import annotations
 
+import ast
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
+from workers import checks
 from workers.checks import SEND, Defer, Record, decide
 from workers.policies import DEFAULTS, Policy
-from workers.store.checks import Event, Sent
-from workers.store.messages import Claimed
-from workers.store.schema import ItemStatus, MessageStatus
-
-pytestmark = pytest.mark.unit
+from workers.reasons import Reason, ReasonRule
+from workers.recipients import Claimed, Event, ItemStatus, MessageStatus, Sent
 
 NOW = datetime(2026, 6, 15, 12, 0, 0, tzinfo=UTC)
 S = timedelta(seconds=1)
@@ -63,7 +63,9 @@ def test_a_clean_recipient_is_sent() -> None:
 
 def test_cancelled_and_expired_come_first() -> None:
     cancelled = replace(CLAIMED, message_status=int(MessageStatus.CANCELLED), subscribed=False)
-    assert run(cancelled) == Record(ItemStatus.CANCELLED, "cancelled: message cancelled")
+    assert run(cancelled) == Record(
+        ItemStatus.CANCELLED, Reason(ReasonRule.CANCELLED, "message cancelled")
+    )
     expired = replace(CLAIMED, expires_at=NOW)
     decision = run(expired)
     assert isinstance(decision, Record)
@@ -73,14 +75,17 @@ def test_cancelled_and_expired_come_first() -> None:
 
 def test_unsubscribed_contacts_are_suppressed_unless_the_policy_bypasses() -> None:
     gone = replace(CLAIMED, subscribed=False)
-    assert run(gone) == Record(ItemStatus.SUPPRESSED, "unsubscribed: the contact unsubscribed")
+    assert run(gone) == Record(
+        ItemStatus.SUPPRESSED, Reason(ReasonRule.UNSUBSCRIBED, "the contact unsubscribed")
+    )
     assert run(gone, DEFAULTS["transactional"]) == SEND  # type: ignore[index]
 
 
 def test_an_exclusion_event_names_itself() -> None:
     decision = run(excluded_by=Event("upgrade_subscription", NOW - DAY))
     assert decision == Record(
-        ItemStatus.EXCLUDED, "excluded: upgrade_subscription at 2026-06-14T12:00:00+00:00"
+        ItemStatus.EXCLUDED,
+        Reason(ReasonRule.EXCLUDED, "upgrade_subscription at 2026-06-14T12:00:00+00:00"),
     )
 
 
@@ -89,7 +94,7 @@ def test_recent_interaction_edges() -> None:
     inside = run(policy=policy, interactions=[Event("support_open", NOW - 2 * 3600 * S + S)])
     assert isinstance(inside, Record)
     assert inside.status is ItemStatus.EXCLUDED
-    assert inside.reason.startswith("interaction: support_open at")
+    assert str(inside.reason).startswith("interaction: support_open at")
     outside = run(policy=policy, interactions=[Event("support_open", NOW - 2 * 3600 * S - S)])
     assert outside == SEND
     other = run(policy=policy, interactions=[Event("login", NOW)])
@@ -101,7 +106,7 @@ def test_category_dedup_edges() -> None:
     inside = run(sent=[Sent(NOW - window + S, "log", "billing")])
     assert isinstance(inside, Record)
     assert inside.status is ItemStatus.SUPPRESSED
-    assert inside.reason.startswith("category: billing sent at")
+    assert str(inside.reason).startswith("category: billing sent at")
     assert run(sent=[Sent(NOW - window - S, "log", "billing")]) == SEND
     assert run(sent=[Sent(NOW, "log", "other")]) == SEND
 
@@ -112,7 +117,8 @@ def test_frequency_cap_edges() -> None:
     assert run(policy=policy, sent=[*two, Sent(NOW - DAY - S, "log", None)]) == SEND
     capped = run(policy=policy, sent=[*two, Sent(NOW - DAY + S, "log", None)])
     assert capped == Record(
-        ItemStatus.SUPPRESSED, "frequency: 3 sent on all channels within 1d (cap 3)"
+        ItemStatus.SUPPRESSED,
+        Reason(ReasonRule.FREQUENCY, "3 sent on all channels within 1d (cap 3)"),
     )
 
 
@@ -129,7 +135,7 @@ def test_the_channel_cap_counts_only_its_channel() -> None:
     assert run(policy=policy, sent=[Sent(NOW, "log", None)]) == SEND
     decision = run(policy=policy, sent=[Sent(NOW, "webhook", None)])
     assert isinstance(decision, Record)
-    assert decision.reason.startswith("frequency: 1 sent on channel webhook")
+    assert str(decision.reason).startswith("frequency: 1 sent on channel webhook")
 
 
 def test_transactional_messages_bypass_caps_and_dedup() -> None:
@@ -153,7 +159,7 @@ def test_quiet_hours_defer_to_the_local_opening(zone: str, local_now: str, openi
     decision = decide(c, policy, now, excluded_by=None, interactions=[], sent=[])
     assert isinstance(decision, Defer)
     assert decision.until == datetime.fromisoformat(opening)
-    assert decision.reason.startswith(f"quiet_hours: 22:00-08:00 in {zone}")
+    assert str(decision.reason).startswith(f"quiet_hours: 22:00-08:00 in {zone}")
 
 
 def test_quiet_hours_edges() -> None:
@@ -169,3 +175,14 @@ def test_quiet_hours_edges() -> None:
     daytime = Policy(quiet_hours="12:00-14:00")
     assert daytime.quiet_until(at("13:00:00"), "UTC") == at("14:00:00")
     assert daytime.quiet_until(at("14:00:01"), "UTC") is None
+
+
+def test_the_decision_core_imports_no_store_module() -> None:
+    tree = ast.parse(Path(checks.__file__).read_text())
+    imported = [
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    ]
+    assert [m for m in imported if m and m.startswith("workers.store")] == []

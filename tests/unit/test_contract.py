@@ -13,8 +13,6 @@ from producer.testing import InMemoryProducer
 from shared import contract
 from shared.contract import ScheduleMessage
 
-pytestmark = pytest.mark.unit
-
 
 def _reason(**kwargs: object) -> str:
     args: dict[str, object] = {"contact": "42", "template": "trial_end", "channel": "webhook"}

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from shared import contract
-from shared.contract import DueMessage, ScheduleMessage, TrackEvent
+from shared.contract import DueMessage, ReadReceipt, ScheduleMessage, TrackEvent
 from shared.errors import InvalidMessage
 from shared.topology import (
     DEAD_QUEUE,
@@ -25,8 +25,6 @@ from shared.topology import (
     SCHEDULE_KEY,
 )
 from workers import asyncapi
-
-pytestmark = pytest.mark.unit
 
 COMMITTED = Path(__file__).resolve().parents[2] / "docs" / "contract"
 
@@ -49,8 +47,11 @@ _CHECKED = {
     "maximum",
     "exclusiveMinimum",
     "$ref",
+    "format",
 }
-_ANNOTATIONS = {"$schema", "$comment", "$defs", "title", "description", "default", "format"}
+_ANNOTATIONS = {"$schema", "$comment", "$defs", "title", "description", "default"}
+#: JSON Schema's date-time format is RFC 3339's: the offset is required.
+_DATE_TIME = re.compile(r"^\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)$")
 _TYPES: dict[str, Any] = {
     "object": dict,
     "array": list,
@@ -93,6 +94,8 @@ def _errors(
             found.append(f"{at}: too long")
         if "pattern" in node and not re.search(node["pattern"], instance):
             found.append(f"{at}: does not match {node['pattern']}")
+        if node.get("format") == "date-time" and not _DATE_TIME.match(instance):
+            found.append(f"{at}: not a date-time with an offset")
     if isinstance(instance, int | float) and not isinstance(instance, bool):
         if "minimum" in node and instance < node["minimum"]:
             found.append(f"{at}: below minimum")
@@ -343,15 +346,7 @@ def test_the_asyncapi_document_routes_events_to_the_topology() -> None:
     message = doc["components"]["messages"]["TrackEvent"]
     properties = message["x-amqp-properties"]
     schedule = doc["components"]["messages"]["ScheduleMessage"]["x-amqp-properties"]
-    assert (
-        properties["required"]
-        == schedule["required"]
-        == [
-            "message_id",
-            "delivery_mode",
-            "content_type",
-        ]
-    )
+    assert properties["required"] == schedule["required"] == ["message_id", "delivery_mode"]
     assert properties["properties"].keys() == schedule["properties"].keys()
     assert properties["properties"]["message_id"]["maxLength"] == 200
     assert "event id" in properties["properties"]["message_id"]["description"]
@@ -399,3 +394,178 @@ def test_the_examples_in_the_contract_guide_are_the_exported_ones() -> None:
     blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", guide, re.S)]
     assert asyncapi.EXAMPLE_SCHEDULE in blocks
     assert asyncapi.EXAMPLE_EVENT in blocks
+
+
+@pytest.mark.parametrize("model", asyncapi.PUBLIC_MODELS, ids=lambda m: m.__name__)
+def test_the_asyncapi_document_requires_the_properties_the_workers_require(
+    model: type[Any],
+) -> None:
+    doc: dict[str, Any] = yaml.safe_load((COMMITTED / "asyncapi.yaml").read_text(encoding="utf-8"))
+    properties = doc["components"]["messages"][model.__name__]["x-amqp-properties"]
+    assert properties["required"] == ["message_id", "delivery_mode"]
+    content_type = properties["properties"]["content_type"]["const"]
+    body = json.dumps(next(s.example for s in asyncapi.PUBLIC if s.model is model)).encode()
+    # the workers take the documented content type, or none at all, and nothing else
+    for accepted in (content_type, None):
+        contract.decode(model, body, content_type=accepted)
+    for refused in (f"{content_type}; charset=utf-8", "text/plain", ""):
+        with pytest.raises(InvalidMessage, match="content_type"):
+            contract.decode(model, body, content_type=refused)
+
+
+def _type_words(node: dict[str, Any], root: dict[str, Any]) -> str:
+    """How docs/contract.md words the type of a JSON Schema node."""
+    if "$ref" in node:
+        target: Any = root
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        return _type_words(target, root)
+    if "anyOf" in node:
+        return " or ".join(_type_words(option, root) for option in node["anyOf"])
+    if node.get("type") == "array":
+        return f"array of {_type_words(node['items'], root)}s"
+    return str(node["type"])
+
+
+def _guide_tables() -> dict[str, list[list[str]]]:
+    """The field tables of docs/contract.md, by the ``##`` section holding them (the body
+    first, then the contact's), each row as its cells without backquotes."""
+    guide = (COMMITTED.parent / "contract.md").read_text(encoding="utf-8")
+    tables: dict[str, list[list[list[str]]]] = {}
+    for section in re.split(r"^## ", guide, flags=re.M)[1:]:
+        heading = section.splitlines()[0]
+        for table in re.findall(
+            r"^\| field \| type \| required \| rules \|\n\|[-|]+\|\n((?:\|.*\n)+)", section, re.M
+        ):
+            rows = [
+                [cell.strip().strip("`") for cell in line.strip("|").split(" | ")]
+                for line in table.splitlines()
+            ]
+            tables.setdefault(heading, []).append(rows)
+    return {f"{h}/{i}": t for h, ts in tables.items() for i, t in enumerate(ts)}
+
+
+@pytest.mark.parametrize(
+    ("model", "table", "definition"),
+    [
+        (ScheduleMessage, "Publishing a scheduled message/0", None),
+        (ScheduleMessage, "Publishing a scheduled message/1", "ContactRef"),
+        (TrackEvent, "Recording events/0", None),
+        (ReadReceipt, "Recording read receipts/0", None),
+    ],
+    ids=["ScheduleMessage", "ContactRef", "TrackEvent", "ReadReceipt"],
+)
+def test_the_guide_the_json_schema_and_the_asyncapi_document_agree_field_by_field(
+    model: type[Any], table: str, definition: str | None
+) -> None:
+    schema_doc = _committed_schema(model.__name__)
+    asyncapi_doc: dict[str, Any] = yaml.safe_load(
+        (COMMITTED / "asyncapi.yaml").read_text(encoding="utf-8")
+    )
+    node = schema_doc["$defs"][definition] if definition else schema_doc
+    in_asyncapi = asyncapi_doc["components"]["schemas"][definition or model.__name__]
+    # the AsyncAPI document carries the same schema, with its references moved
+    assert json.dumps(in_asyncapi).replace("#/components/schemas/", "#/$defs/") == json.dumps(
+        {k: v for k, v in node.items() if k != "$defs" and not k.startswith(("$", "x-"))}
+    )
+    rows = _guide_tables()[table]
+    assert [r[0] for r in rows] == list(node["properties"]), "fields and their order"
+    for name, words, required, _ in rows:
+        assert words == _type_words(node["properties"][name], schema_doc), name
+        assert required.startswith("yes") == (name in node.get("required", [])), name
+
+
+@pytest.mark.parametrize(
+    ("model", "change", "field"),
+    [
+        (ScheduleMessage, {"contact": {"id": "42", "subscribed": "yes"}}, "contact.subscribed"),
+        (ScheduleMessage, {"contact": {"id": "42", "subscribed": 1}}, "contact.subscribed"),
+        (
+            ScheduleMessage,
+            {"exclude_scope": "within", "exclude_within_seconds": "60"},
+            "exclude_within_seconds",
+        ),
+        (
+            ScheduleMessage,
+            {"exclude_scope": "within", "exclude_within_seconds": True},
+            "exclude_within_seconds",
+        ),
+        (ScheduleMessage, {"deliver_at": 1900000000}, "deliver_at"),
+        (ScheduleMessage, {"deliver_at": "2030-06-01T09:00:00"}, "deliver_at"),
+        (ScheduleMessage, {"v": True}, "v"),
+        (ScheduleMessage, {"exclude_events": "upgrade"}, "exclude_events"),
+        (TrackEvent, {"occurred_at": 1700000000}, "occurred_at"),
+        (TrackEvent, {"contact": {"id": 42}}, "contact.id"),
+        (ReadReceipt, {"message_id": "1234"}, "message_id"),
+        (ReadReceipt, {"message_id": 1234.0}, "message_id"),
+    ],
+)
+def test_the_workers_refuse_what_the_published_schema_refuses_without_coercing(
+    model: type[Any], change: dict[str, Any], field: str
+) -> None:
+    example: dict[type[Any], dict[str, Any]] = {
+        ScheduleMessage: asyncapi.EXAMPLE_SCHEDULE,
+        TrackEvent: asyncapi.EXAMPLE_EVENT,
+        ReadReceipt: asyncapi.EXAMPLE_RECEIPT,
+    }
+    body = {**example[model], **change}
+    published = _committed_schema(model.__name__)
+    assert _errors(body, published, published) != []
+    with pytest.raises(InvalidMessage) as info:
+        contract.decode(model, json.dumps(body).encode(), content_type=None)
+    assert info.value.reason.startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ({"name": "a\x00b"}, "data.name: must not contain NUL characters"),
+        ({"lines": [{"k\x00": 1}]}, "data.lines[0]: keys must not contain NUL characters"),
+        ({"n": float("nan")}, "data.n: must be a finite number (not NaN or Infinity)"),
+        ({"n": float("-inf")}, "data.n: must be a finite number (not NaN or Infinity)"),
+        ({"n": [1, 2**63]}, "data.n[1]: integers must be between -2^63 and 2^63-1"),
+        ({"n": -(2**63) - 1}, "data.n: integers must be between -2^63 and 2^63-1"),
+    ],
+)
+def test_values_postgres_cannot_store_are_refused_anywhere_naming_the_path(
+    data: dict[str, Any], reason: str
+) -> None:
+    for model, example in (
+        (ScheduleMessage, asyncapi.EXAMPLE_SCHEDULE),
+        (TrackEvent, asyncapi.EXAMPLE_EVENT),
+    ):
+        body = json.dumps({**example, "data": data}).encode()  # NaN and Infinity as Python writes
+        with pytest.raises(InvalidMessage) as info:
+            contract.decode(model, body, content_type=None)
+        assert info.value.reason.startswith(reason)
+        with pytest.raises(InvalidMessage, match=re.escape(reason)):  # and before publishing
+            contract.build(model, **{**example, "data": data})
+    nul_id = {**asyncapi.EXAMPLE_SCHEDULE, "contact": {"id": "user\x00"}}
+    with pytest.raises(InvalidMessage, match=r"^contact\.id: must not contain NUL"):
+        contract.decode(ScheduleMessage, json.dumps(nul_id).encode(), content_type=None)
+    too_big = json.dumps({**asyncapi.EXAMPLE_RECEIPT, "message_id": 2**63}).encode()
+    with pytest.raises(InvalidMessage, match=r"^message_id: integers must be between"):
+        contract.decode(ReadReceipt, too_big, content_type=None)
+    assert any("NUL" in rule for rule in _committed_schema("ScheduleMessage")["x-nudge-rules"])
+
+
+def test_a_body_in_another_encoding_than_utf8_is_refused() -> None:
+    text = json.dumps(asyncapi.EXAMPLE_SCHEDULE)
+    contract.decode(ScheduleMessage, text.encode("utf-8"), content_type=None)
+    for encoding in ("utf-16", "utf-16-le", "utf-32", "utf-8-sig"):
+        with pytest.raises(InvalidMessage, match=r"^body: not valid UTF-8 JSON"):
+            contract.decode(ScheduleMessage, text.encode(encoding), content_type=None)
+
+
+def test_delivery_mode_is_persistent_in_the_document_the_guide_and_the_workers() -> None:
+    doc: dict[str, Any] = yaml.safe_load((COMMITTED / "asyncapi.yaml").read_text(encoding="utf-8"))
+    guide = (COMMITTED.parent / "contract.md").read_text(encoding="utf-8")
+    for spec in asyncapi.PUBLIC:
+        message = doc["components"]["messages"][spec.model.__name__]
+        assert message["x-amqp-properties"]["properties"]["delivery_mode"]["const"] == 2
+        assert doc["operations"][spec.operation]["bindings"]["amqp"]["deliveryMode"] == 2
+    assert guide.count("| `delivery_mode` property | `2` (persistent) |") == 2
+    assert contract.published_by_a_service("key", 2) == "key"
+    for mode in (1, None):
+        with pytest.raises(InvalidMessage, match=r"^delivery_mode: .*must be 2 \(persistent\)"):
+            contract.published_by_a_service("key", mode)

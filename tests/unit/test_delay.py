@@ -18,8 +18,6 @@ from shared.errors import InvalidMessage
 from workers.roles.scheduler import SchedulerHandler
 from workers.store.messages import StoredMessage
 
-pytestmark = pytest.mark.unit
-
 YEAR_MS = 366 * 24 * 3600 * 1000
 TOPO = topology.build("tiers")
 

@@ -10,8 +10,6 @@ from pydantic import TypeAdapter
 
 from workers.rules.delay_policies import Absolute, ByContact, ContactFacts, DelayPolicy, Fixed
 
-pytestmark = pytest.mark.unit
-
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 ACTIVE = T0 - timedelta(hours=3)
 POLICY = ByContact.model_validate(

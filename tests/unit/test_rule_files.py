@@ -12,8 +12,6 @@ import pytest
 from workers.rules.definitions import parse
 from workers.rules.delay_policies import Absolute, ContactFacts
 
-pytestmark = pytest.mark.unit
-
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples/rules/service-matrix.yaml"
 FAST = ROOT / "tests/rules/service-matrix-fast.yaml"

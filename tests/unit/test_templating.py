@@ -3,12 +3,12 @@ nothing in a template reaches Python's internals."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from shared.errors import InvalidTemplate
-from workers.templating import MAX_OUTPUT_CHARS, Renderer, contact_variables
-
-pytestmark = pytest.mark.unit
+from workers.templating import MAX_OUTPUT_CHARS, SUSPECT_FRACTION, Renderer, contact_variables
 
 CONTACT = contact_variables("u-1", "ann@example.com", None, "Europe/Paris", {"tier": "vip"})
 
@@ -129,3 +129,124 @@ def test_a_part_without_tags_reads_as_jinja_renders_it(source: str) -> None:
 def test_a_constant_part_over_the_output_bound_still_fails() -> None:
     with pytest.raises(InvalidTemplate, match="output larger than 100 characters"):
         Renderer(max_output_chars=100).render("t", 1, {"text_body": "x" * 101}, CONTACT, {})
+
+
+LOOPS_TEN_BILLION_TIMES = (
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+)
+
+
+def test_a_template_that_loops_without_output_stops_at_the_time_limit() -> None:
+    with pytest.raises(InvalidTemplate) as info:
+        Renderer(time_limit=0.2).render("t", 1, {"text_body": LOOPS_TEN_BILLION_TIMES}, CONTACT, {})
+    assert info.value.reason == (
+        "template: t v1 text_body: RenderTimeout: took longer than 0.2 s to render"
+    )
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        # every loop is timed, whatever it iterates over
+        "{% for a in xs %}{% for b in xs %}{% for c in xs %}{% for d in xs %}"
+        "{% endfor %}{% endfor %}{% endfor %}{% endfor %}",
+        # so is every call: a macro calling itself twice, 2^60 times
+        "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+        "{{ f(60) }}",
+    ],
+    ids=["nested loops over data", "branching macro"],
+)
+def test_work_without_output_stops_at_the_time_limit(source: str) -> None:
+    with pytest.raises(InvalidTemplate, match=r"RenderTimeout: took longer than 0\.2 s"):
+        Renderer(time_limit=0.2).render(
+            "t", 1, {"text_body": source}, CONTACT, {"xs": list(range(1000))}
+        )
+
+
+def test_a_template_that_ran_out_of_time_gets_a_short_limit_for_a_while() -> None:
+    # so a batch of its recipients costs one limit, not one each (which could outlast a lease)
+    source = "{% for i in range(n) %}{% for j in range(n) %}{% endfor %}{% endfor %}{{ n }}"
+    renderer = Renderer(time_limit=0.2)
+    for _ in range(2):
+        with pytest.raises(InvalidTemplate) as info:
+            renderer.render("t", 1, {"text_body": source}, CONTACT, {"n": 100000})
+    assert info.value.reason.endswith(f"took longer than {0.2 * SUSPECT_FRACTION:g} s to render")
+    # an ordinary recipient of that version still renders, and other versions keep the limit
+    assert renderer.render("t", 1, {"text_body": source}, CONTACT, {"n": 3}).text == "3"
+    with pytest.raises(InvalidTemplate, match=r"took longer than 0\.2 s"):
+        renderer.render("t", 2, {"text_body": source}, CONTACT, {"n": 100000})
+
+
+@pytest.mark.parametrize(
+    ("source", "refused"),
+    [
+        ("{{ '%0999999999d' % 1 }}", "a format width or precision larger than"),
+        ("{{ '%.999999999f' % 1.5 }}", "a format width or precision larger than"),
+        ("{{ '%*d' % (999999999, 1) }}", "'*' widths are not allowed"),
+        ("{{ '%0999999999d'|format(1) }}", "a format width or precision larger than"),
+        ("{{ '{:>999999999}'.format(1) }}", "a format width or precision larger than"),
+        ("{{ '{:>{}}'.format(1, 999999999) }}", "nested format widths are not allowed"),
+        ("{{ 'x'|center(10**9) }}", "a size given to |center larger than"),
+        ("{{ 'x'|center(1000000000) }}", "a size given to |center larger than"),
+        ("{{ 'x'.ljust(10**9) }}", "a size given to ljust() larger than"),
+        ("{{ 'x'.zfill(10**9) }}", "a size given to zfill() larger than"),
+        ("{{ 'a\nb'|indent(10**9) }}", "a size given to |indent larger than"),
+        ("{{ [1]|batch(10**9, 0)|list }}", "a size given to |batch larger than"),
+        ("{{ [1, 2]|tojson(indent=10**9) }}", "a size given to |tojson larger than"),
+        ("{{ ('x' * 100000)|replace('x', 'y' * 100000) }}", "a replacement larger than"),
+        (
+            "{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
+            "{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+            "a concatenation larger than",
+        ),
+        (
+            "{% set ns = namespace(s=['ab']) %}{% for i in range(64) %}"
+            "{% set ns.s = ns.s + ns.s %}{% endfor %}",
+            "a sum larger than",
+        ),
+        (
+            "{% set a = 'x' * 200000 %}{% set b = [a, a, a, a] %}{% set c = [b, b, b, b] %}"
+            "{{ [c, c, c, c] }}",
+            "an output value larger than",
+        ),
+        ("{% set a = 'x' * 200000 %}{{ [a, a, a]|join }}", "an argument of |join larger than"),
+        ("{% set a = 'x' * 200000 %}{{ ''.join([a, a, a]) }}", "a call argument larger than"),
+        (
+            "{% set ns = namespace(n=10) %}{% for i in range(30) %}"
+            "{% set ns.n = ns.n ** 8 %}{% endfor %}",
+            "a power larger than",
+        ),
+        (
+            "{% set ns = namespace(n=10**60) %}{% for i in range(30) %}"
+            "{% set ns.n = ns.n * ns.n %}{% endfor %}",
+            "a product larger than",
+        ),
+    ],
+)
+def test_constructs_that_would_build_a_huge_value_are_refused_before_building_it(
+    source: str, refused: str
+) -> None:
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidTemplate) as info:  # refused, not stopped by the clock
+            Renderer(time_limit=60).render("t", 1, {"text_body": source}, CONTACT, {})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f"SecurityError: {refused}" in info.value.reason
+    assert peak < 16 * 2**20  # bytes: what was refused was never built
+
+
+def test_a_self_calling_macro_fails_the_render_with_the_error_class() -> None:
+    with pytest.raises(InvalidTemplate, match="text_body: RecursionError: "):
+        render("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}")
+
+
+def test_ordinary_formatting_padding_and_loops_still_render() -> None:
+    out = render(
+        "{{ '%05d' % 42 }}|{{ 'ab'|center(6) }}|{{ '{:>5}'.format(1) }}|{{ 'x'.ljust(3) }}|"
+        "{% for x in xs %}{{ x }}{{ ',' if not loop.last }}{% endfor %}|{{ 'a' ~ 'b' }}|"
+        "{{ xs|join('-') }}|{{ 2 ** 10 }}|{{ 'ab' * 2 }}|{{ [1] + [2] }}",
+        {"xs": [1, 2, 3]},
+    )
+    assert out == "00042|  ab  |    1|x  |1,2,3|ab|1-2-3|1024|abab|[1, 2]"

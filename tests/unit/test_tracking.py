@@ -3,12 +3,8 @@ rewritten."""
 
 from __future__ import annotations
 
-import pytest
-
 from workers import tracking
 from workers.tracking import Token
-
-pytestmark = pytest.mark.unit
 
 SECRET = "tracking-secret-123"
 BASE = "https://t.example.com"

@@ -1,10 +1,11 @@
 """Delivery channels: one small interface, several real implementations.
 
 A channel turns each :class:`Delivery` of a call into a :class:`SendResult`: sent, a transient
-failure worth retrying (with an optional ``retry_after`` from the receiver), or a permanent
-failure. A call carries at most ``batch_size`` deliveries (the webhook's batch mode sends them
-in one request; other channels take one at a time). Channels never raise for a failed send;
-they raise only for their own bugs.
+failure worth retrying (with an optional ``retry_after`` from the receiver), a permanent
+failure, or unsendable (the channel could not even try). A call carries at most
+``batch_size`` deliveries (the webhook's batch mode sends them in one request; other channels
+take one at a time). Channels never raise for a failed send; they raise only for their own
+bugs.
 """
 
 from __future__ import annotations
@@ -46,9 +47,17 @@ class Delivery:
 
 
 class Verdict(enum.Enum):
+    """What became of a delivery."""
+
     SENT = "sent"
+    #: The receiver failed for now: worth retrying.
     TRANSIENT = "transient"
+    #: The receiver refused it: a failed send, not retried.
     PERMANENT = "permanent"
+    #: The channel could not even try (an email to a contact without an address): nothing
+    #: was sent and no receiver was contacted, so it is not a failed send. The result's
+    #: ``error`` is the recipient's reason, ``<channel>: <why>``.
+    UNSENDABLE = "unsendable"
 
 
 @dataclass(frozen=True)
@@ -62,8 +71,9 @@ class SendResult:
         return cls(Verdict.SENT)
 
 
-class Channel(Protocol):
-    """Where messages go out."""
+class Sender(Protocol):
+    """What sends a channel's deliveries (the channel itself is named by the contract's
+    :class:`~shared.contract.Channel`)."""
 
     name: str
     #: The most deliveries one :meth:`send` call takes.

@@ -11,7 +11,7 @@ from workers.channels import Delivery, SendResult
 log = structlog.get_logger("nudge.channel.log")
 
 
-class LogChannel:
+class LogSender:
     """Always succeeds."""
 
     name = "log"

@@ -19,6 +19,7 @@ from email.utils import formatdate, parseaddr
 
 import aiosmtplib
 import structlog
+from pydantic import SecretStr
 
 from workers import tracking, unsubscribe
 from workers.channels import Delivery, SendResult, Verdict
@@ -34,16 +35,16 @@ class SmtpConfig:
     port: int
     security: str  # "starttls", "tls" or "none"
     username: str | None
-    password: str | None
+    password: SecretStr | None
     cert_bundle: str | None
     sender: str
     timeout: float
     connections: int
     unsubscribe_url: str
-    unsubscribe_secret: str
+    unsubscribe_secret: SecretStr
     #: The web role's public base URL: HTML gets an open pixel and click redirects (None: off).
     tracking_url: str | None = None
-    tracking_secret: str = ""
+    tracking_secret: SecretStr | None = None
 
 
 def compose(config: SmtpConfig, delivery: Delivery) -> EmailMessage:
@@ -59,7 +60,7 @@ def compose(config: SmtpConfig, delivery: Delivery) -> EmailMessage:
     message["Message-ID"] = f"<{delivery.idempotency_key}@{domain}>"
     link = unsubscribe.link(
         config.unsubscribe_url,
-        config.unsubscribe_secret,
+        config.unsubscribe_secret.get_secret_value(),
         delivery.external_id,
         delivery.message_id,
     )
@@ -68,11 +69,12 @@ def compose(config: SmtpConfig, delivery: Delivery) -> EmailMessage:
     message.set_content(content.text)
     if content.html is not None:
         body = content.html
-        if config.tracking_url is not None and (content.track_opens or content.track_clicks):
+        tracked = content.track_opens or content.track_clicks
+        if config.tracking_url is not None and config.tracking_secret is not None and tracked:
             body = tracking.instrument(
                 body,
                 base_url=config.tracking_url,
-                secret=config.tracking_secret,
+                secret=config.tracking_secret.get_secret_value(),
                 message_id=delivery.message_id,
                 contact_id=delivery.contact_id,
                 opens=content.track_opens,
@@ -95,7 +97,7 @@ def _verdict(
     return SendResult(Verdict.TRANSIENT if transient else Verdict.PERMANENT, error)
 
 
-class SmtpChannel:
+class SmtpSender:
     """Sends email through one SMTP server on up to ``connections`` connections."""
 
     name = "email"
@@ -114,7 +116,7 @@ class SmtpChannel:
             hostname=c.host,
             port=c.port,
             username=c.username,
-            password=c.password,
+            password=c.password.get_secret_value() if c.password is not None else None,
             timeout=c.timeout,
             use_tls=c.security == "tls",
             start_tls=c.security == "starttls",
@@ -126,7 +128,7 @@ class SmtpChannel:
 
     async def _send_one(self, delivery: Delivery) -> SendResult:
         if not delivery.email:
-            return SendResult(Verdict.PERMANENT, "email: the contact has no email address")
+            return SendResult(Verdict.UNSENDABLE, "email: the contact has no email address")
         message = compose(self._config, delivery)
         async with self._slots:
             client = self._idle.get_nowait() if not self._idle.empty() else None

@@ -17,6 +17,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from workers.channels import Delivery, SendResult, Verdict
 
@@ -90,7 +91,7 @@ def _retry_after(response: httpx.Response) -> float | None:
             return None
 
 
-class WebhookChannel:
+class WebhookSender:
     """Delivers over HTTP; 2xx is sent, 408/425/429/5xx, timeouts and network errors are
     transient, other 4xx are permanent. With ``batch_size`` above 1 one POST carries up to
     that many messages, and they share its outcome."""
@@ -100,7 +101,7 @@ class WebhookChannel:
     def __init__(
         self,
         url: str,
-        secret: str,
+        secret: SecretStr,
         *,
         timeout: float = 10.0,
         max_connections: int = 100,
@@ -124,7 +125,7 @@ class WebhookChannel:
         headers = {
             "Content-Type": "application/json",
             "Idempotency-Key": key,
-            SIGNATURE_HEADER: sign(self._secret, body, int(time.time())),
+            SIGNATURE_HEADER: sign(self._secret.get_secret_value(), body, int(time.time())),
         }
         try:
             response = await self._client.post(self._url, content=body, headers=headers)

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from shared.errors import ConfigError, InvalidMessage, NotFound, NudgeError
-from workers.config import Settings
 from workers.durations import parse_duration
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
+
+    from workers.config import Settings
 
 
 EXIT_FAILED, EXIT_INVALID, EXIT_NOT_FOUND = 1, 2, 4
@@ -46,6 +47,8 @@ def errors() -> Iterator[None]:
 def load_settings(ctx: click.Context) -> Settings:
     obj: dict[str, Any] = ctx.ensure_object(dict)
     if "settings" not in obj:
+        from workers.config import Settings  # pydantic-settings: only for commands that run
+
         with errors():
             obj["settings"] = Settings.load(obj.get("config_file"))
     settings: Settings = obj["settings"]

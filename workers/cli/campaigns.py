@@ -475,8 +475,8 @@ def campaign_retry_failed(ctx: click.Context, ref: str) -> None:
 
 def campaign_summary(conn: Connection, found: Campaign) -> dict[str, Any]:
     """What `campaign status --json` prints for one campaign."""
+    from workers.recipients import UNFINISHED
     from workers.store import audiences, campaigns, tracking
-    from workers.store.schema import UNFINISHED
 
     counts = campaigns.progress(conn, found)
     counts.update(tracking.counts(conn, found.id))

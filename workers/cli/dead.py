@@ -8,6 +8,9 @@ import click
 from shared.errors import InvalidMessage, NotFound
 from workers.cli.base import errors, load_settings, print_json
 
+#: ``dead list --json`` shows at most this much of each body (``dead show`` shows it all).
+LIST_BODY_BYTES = 4096
+
 
 @click.group()
 def dead() -> None:
@@ -26,7 +29,7 @@ def dead_list(ctx: click.Context, limit: int, as_json: bool) -> None:
     with errors():
         letters = deadletters.browse(settings.amqp_url, limit)
     if as_json:
-        print_json([d.describe() for d in letters])
+        print_json([d.describe(max_body=LIST_BODY_BYTES) for d in letters])
         return
     if not letters:
         click.echo("nudge.dead is empty")

@@ -129,7 +129,7 @@ def _find(settings: Settings, ref: str) -> dict[str, Any]:
 
 def page_options(limit: int) -> Callable[[Any], Any]:
     """``--limit``, ``--status`` and ``--after``: which page of recipients a view prints."""
-    from workers.store.schema import ItemStatus
+    from workers.recipients import ItemStatus
 
     def decorate(command: Any) -> Any:
         for option in reversed(
@@ -165,8 +165,8 @@ def recipient_page(
     conn: Connection, message_id: int, status: str | None, after: int, limit: int
 ) -> dict[str, Any]:
     """One page of a message's recipients with their opens and clicks, as printed."""
+    from workers.recipients import ItemStatus
     from workers.store import messages, tracking
-    from workers.store.schema import ItemStatus
 
     page = messages.recipients(
         conn,
@@ -213,7 +213,7 @@ def message_show(
 ) -> None:
     """Show message REF (id or idempotency key) and its recipients' outcomes and why, with
     the opens and clicks of an email, a page at a time (by contact id)."""
-    from workers.store.schema import MessageStatus
+    from workers.recipients import MessageStatus
 
     settings = load_settings(ctx)
     with errors():

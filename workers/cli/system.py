@@ -53,7 +53,7 @@ def topology_group() -> None:
     "--backend",
     type=click.Choice(["auto", "plugin", "tiers"]),
     default=None,
-    help="Delay backend (default: NUDGE_DELAY_BACKEND, auto).",
+    help="Delay backend (default: NUDGE_DELAY_BACKEND, tiers).",
 )
 @click.pass_context
 def topology_apply(ctx: click.Context, backend: DelayBackendName | None) -> None:
@@ -84,14 +84,14 @@ def topology_apply(ctx: click.Context, backend: DelayBackendName | None) -> None
     "--backend", type=click.Choice(["plugin", "tiers"]), default="tiers", show_default=True
 )
 def topology_export(backend: str) -> None:
-    """Print the topology as RabbitMQ definitions JSON."""
-    click.echo(
-        json.dumps(
-            topology.to_definitions(topology.build(backend)),  # type: ignore[arg-type]
-            indent=2,
-            sort_keys=True,
-        )
-    )
+    """Print the topology, the broker users and their permissions on vhost / as RabbitMQ
+    definitions JSON. The users have no password: importing the file clears the passwords of
+    existing ones, so set them afterwards (rabbitmqctl change_password)."""
+    definitions = {
+        **topology.to_definitions(topology.build(backend)),  # type: ignore[arg-type]
+        **topology.users_definitions(),
+    }
+    click.echo(json.dumps(definitions, indent=2, sort_keys=True))
 
 
 @click.command()

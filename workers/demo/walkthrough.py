@@ -10,6 +10,7 @@ SIGTERM.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -48,11 +49,13 @@ def _ensure_template(engine: Engine) -> None:
 
 def run_demo(settings: Settings, count: int) -> bool:
     run = uuid.uuid4().hex[:8]
-    sink = Sink(settings.webhook_secret).start()
+    # The demo's receiver and its worker share a key made for this run only.
+    secret = secrets.token_urlsafe(32)
+    sink = Sink(secret).start()
     env = {
         **os.environ,
         "NUDGE_WEBHOOK_URL": sink.url,
-        "NUDGE_WEBHOOK_SECRET": settings.webhook_secret,
+        "NUDGE_WEBHOOK_SECRET": secret,
     }
     worker = subprocess.Popen(
         [sys.executable, "-m", "workers", "worker", "scheduler", "dispatch", "events", "-c", "2"],

@@ -19,20 +19,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract, delay
-from shared.amqp import Publisher
+from shared.amqp import Incoming, Publisher
 from shared.contract import CampaignControl, DueMessage, RecipientBatch, due_message_id
 from shared.topology import BATCHES_QUEUE, DUE_DESTINATION
+from workers.recipients import ItemStatus, MessageStatus
 from workers.runtime import metrics
 from workers.runtime.control import Control, announce
 from workers.runtime.outcomes import DONE, Outcome, Reject, Retry
 from workers.store import campaigns
 from workers.store.campaigns import Campaign
 from workers.store.db import autocommit, transaction
-from workers.store.schema import ItemStatus, MessageStatus
 
 log = structlog.get_logger("nudge.fanout")
 
@@ -63,7 +62,7 @@ class BatchHandler:
         #: Per campaign: True for each recent send that failed (this worker's last N sends).
         self._sends: dict[int, deque[bool]] = {}
 
-    def decode(self, message: AbstractIncomingMessage) -> RecipientBatch:
+    def decode(self, message: Incoming) -> RecipientBatch:
         return contract.decode(RecipientBatch, message.body, content_type=message.content_type)
 
     def due_at(self, item: RecipientBatch) -> datetime | None:
@@ -146,14 +145,10 @@ class BatchHandler:
         async with transaction(self._engine) as conn:
             recorded = await campaigns.recent_outcomes(conn, campaign.id, contact_ids, since)
         sends = self._sends.setdefault(campaign.id, deque(maxlen=window))
-        for status, reason in recorded:
+        for status, why in recorded:
             if status == ItemStatus.SENT:
                 sends.append(False)
-            elif reason is not None and reason.split(":", 1)[0] in (
-                "retry",
-                "attempts",
-                "permanent",
-            ):
+            elif why is not None and why.rule.failed_send:
                 sends.append(True)
         failed = sum(sends)
         if len(sends) < window or failed / len(sends) <= threshold:

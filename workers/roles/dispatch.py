@@ -1,10 +1,12 @@
 """The ``dispatch`` role: delivers due messages from ``nudge.due``, each exactly once.
 
-Per batch: claim the recipients' ``message_items`` rows in one statement, decide what each
-claimed recipient gets (cancelled, expired, or a send), send concurrently through the
-channels, then record every outcome in one statement. The row is claimed before the send and
-finalised after it, so a redelivered AMQP message never sends twice, and a worker that dies
-between the two leaves a ``sending`` row whose lease runs out and is claimed again.
+A batch goes through these phases, each a method of :class:`DispatchHandler`: read (claim
+the recipients' ``message_items`` rows with every fact the checks need, one round trip),
+decide (the checks, pure), record (the decisions not to send, committed with the claims),
+render, send (concurrently through the channels), finalise (every send's outcome in one
+statement), count (metrics). The row is claimed before the send and finalised after it, so
+a redelivered AMQP message never sends twice, and a worker that dies between the two leaves
+a ``sending`` row whose lease runs out and is claimed again.
 """
 
 from __future__ import annotations
@@ -17,33 +19,28 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
-from typing import Any
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract
+from shared.amqp import Incoming
 from shared.contract import DueBatch, DueMessage, Priority, due_message_id
 from shared.errors import InvalidTemplate, StoreUnavailable
 from shared.topology import DUE_DESTINATION, DUE_QUEUE
 from workers import checks
-from workers.channels import Channel, Delivery, SendResult, Verdict
+from workers.channels import Delivery, Sender, SendResult, Verdict
 from workers.checks import Decision, Defer, Record, Send
 from workers.config import Settings
-from workers.policies import Policy
 from workers.ratelimit import Limits
+from workers.reasons import Reason, ReasonRule
+from workers.recipients import Claimed, ItemOutcome, ItemState, ItemStatus, Key, Sent
 from workers.runtime import metrics
 from workers.runtime.consumer import Bundle
 from workers.runtime.outcomes import DONE, Outcome, Reject, Retry
-from workers.store import checks as checks_repo
-from workers.store import messages
-from workers.store import policies as policies_repo
-from workers.store import templates as templates_repo
-from workers.store.checks import Sent
-from workers.store.db import Statement, autocommit, pipelined
-from workers.store.messages import Claimed, ItemState, Key
-from workers.store.schema import ItemStatus
+from workers.store import claims, messages
+from workers.store.claims import ClaimedBatch, Lookback
+from workers.store.db import Pipelined, autocommit, pipelined
 from workers.store.templates import StoredTemplate
 from workers.templating import Rendered, Renderer, contact_variables
 
@@ -71,47 +68,53 @@ def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
 
 
+def _due_message_id(due: DueMessage) -> str:
+    return due_message_id(due.message_id, due.contact_id, due.attempt)
+
+
+def _first_copies(batch: Sequence[DueMessage]) -> list[tuple[int, int, int]]:
+    """(message_id, contact_id, attempt) of each recipient's first copy in the batch: a second
+    copy is dropped, the first carries the work."""
+    first: dict[Key, int] = {}
+    for due in batch:
+        first.setdefault((due.message_id, due.contact_id), due.attempt)
+    return [(m, c, attempt) for (m, c), attempt in first.items()]
+
+
 @dataclass(frozen=True)
-class _Delivery:
-    """A claimed recipient and what goes out to it."""
+class _Prepared:
+    """A claimed recipient and the delivery rendered for it."""
 
     claimed: Claimed
     delivery: Delivery
 
 
-def _due_message_id(due: DueMessage) -> str:
-    return due_message_id(due.message_id, due.contact_id, due.attempt)
+class _Phases:
+    """When each phase of a batch ended; observed as metrics, and logged for a slow batch."""
 
+    def __init__(self) -> None:
+        self._marks = [("start", time.perf_counter())]
 
-@dataclass(frozen=True)
-class _Facts:
-    """How far back the checks look, over every policy: the send history's window, and the
-    interaction events with theirs. Asked for with the claim, before the batch's policies are
-    read, so the dispatch asks with those of the batch before; :meth:`covers` says whether
-    that was enough."""
+    def mark(self, phase: str) -> None:
+        self._marks.append((phase, time.perf_counter()))
 
-    window: float = 0.0
-    names: tuple[str, ...] = ()
-    interaction_window: float = 0.0
+    def since(self, phase: str) -> float:
+        """Seconds from the end of ``phase`` to the last mark."""
+        return self._marks[-1][1] - dict(self._marks)[phase]
 
-    @classmethod
-    def of(cls, policies: Mapping[str, Policy]) -> _Facts:
-        used = policies.values()
-        return cls(
-            window=max(
-                max(p.frequency_window_seconds, p.category_window_seconds or 0) for p in used
-            ),
-            names=tuple(sorted({n for p in used for n in p.interaction_events})),
-            interaction_window=max(p.interaction_window_seconds for p in used),
-        )
+    def seconds(self) -> dict[str, float]:
+        return {phase: at - before for (_, before), (phase, at) in pairwise(self._marks)}
 
-    def covers(self, other: _Facts) -> bool:
-        """Facts fetched as ``self`` include all that ``other`` needs."""
-        return (
-            self.window >= other.window
-            and set(other.names) <= set(self.names)
-            and (not other.names or self.interaction_window >= other.interaction_window)
-        )
+    def observe(self, size: int) -> None:
+        phases = self.seconds()
+        for phase, seconds in phases.items():
+            metrics.dispatch_phase.labels(phase).observe(seconds)
+        if sum(phases.values()) > SLOW_BATCH_SECONDS:
+            log.warning(
+                "slow batch",
+                size=size,
+                **{f"{k}_ms": round(v * 1000, 1) for k, v in phases.items()},
+            )
 
 
 class DispatchHandler:
@@ -124,7 +127,7 @@ class DispatchHandler:
         self,
         settings: Settings,
         engine: AsyncEngine,
-        channels: Mapping[str, Channel],
+        channels: Mapping[str, Sender],
         *,
         limits: Limits | None = None,
         renderer: Renderer | None = None,
@@ -138,11 +141,11 @@ class DispatchHandler:
         self._renderer = renderer or Renderer()
         self.queue = queue
         self.destination = destination
-        #: What the last batch's policies asked the checks to look at (nothing before the
-        #: first batch: it asks a second time).
-        self._facts = _Facts()
+        #: How far back the last batch's policies look, and so the next batch's facts (nothing
+        #: before the first batch: it asks a second time).
+        self._asked = Lookback()
 
-    def decode(self, message: AbstractIncomingMessage) -> DueMessage | Bundle[DueMessage]:
+    def decode(self, message: Incoming) -> DueMessage | Bundle[DueMessage]:
         due = contract.decode_due(message.body, content_type=message.content_type)
         if isinstance(due, DueBatch):
             return Bundle(due.due, contract.encode, _due_message_id)
@@ -152,148 +155,196 @@ class DispatchHandler:
         return item.deliver_at
 
     async def handle(self, batch: Sequence[DueMessage]) -> Sequence[Outcome]:
-        first: dict[Key, int] = {}
-        for i, due in enumerate(batch):
-            first.setdefault((due.message_id, due.contact_id), i)
-        wanted = [
-            (batch[i].message_id, batch[i].contact_id, batch[i].attempt) for i in first.values()
-        ]
-        keys = list(first)
-        # A second copy in the same batch is dropped: the first copy carries the work.
-        result: list[Outcome] = [DONE] * len(batch)
-        records: list[messages.Outcome] = []
-        sends: list[Claimed] = []
-        marks = [("start", time.perf_counter())]
+        phases = _Phases()
         async with pipelined(self._engine) as tx:
-            # One round trip: lock (checks and claims of one contact are serialised across
-            # all workers, so caps hold under concurrency), claim, and every fact the checks
-            # and the rendering need, asked for every recipient before knowing which are
-            # claimed. The checks' windows are those of the policies seen last.
-            asked = self._facts
-            rows = await tx.run(
-                [
-                    checks_repo.lock_statement([k[1] for k in keys]),
-                    messages.claim_statement(wanted, self._settings.claim_lease_seconds),
-                    policies_repo.LOAD_ALL,
-                    templates_repo.latest_of_messages_statement(k[0] for k in keys),
-                    *self._fact_statements(asked, keys, keys),
-                ]
-            )
-            marks.append(("claim", time.perf_counter()))
-            claimed = messages.claimed_from(rows[1])
-            policies = policies_repo.from_rows(rows[2])
-            stored = templates_repo.latest_from(rows[3])
-            facts = rows[4:]
-            started = time.perf_counter()
-            self._facts = _Facts.of(policies)
-            claimed_keys = {(c.message_id, c.contact_id) for c in claimed}
-            rest = [k for k in keys if k not in claimed_keys]
-            if rest or not asked.covers(self._facts):
-                # Rare: a redelivery or a race left rows unclaimed (their state decides
-                # the outcome, and their sends count in the history), or the policies
-                # changed. Ask again, exactly.
-                got = await tx.run(
-                    [
-                        *([messages.states_statement(rest)] if rest else []),
-                        *self._fact_statements(self._facts, keys, sorted(claimed_keys)),
-                    ]
-                )
-                states = messages.states_from(got[0]) if rest else {}
-                facts = got[1:] if rest else got
-                now = datetime.now(UTC)
-                for key in rest:
-                    i = first[key]
-                    result[i] = self._not_claimed(batch[i], states.get(key), now)
-                marks.append(("recheck", time.perf_counter()))
+            read = await self._read(tx, _first_copies(batch), phases)
             now = datetime.now(UTC)
-            decisions = self._decide(claimed, policies, self._facts, facts, now)
-            marks.append(("decide", time.perf_counter()))
-            metrics.check_seconds.inc(time.perf_counter() - started)
-            metrics.checked.inc(len(claimed))
-            for c, decision in decisions:
-                if isinstance(decision, Send):
-                    sends.append(c)
-                elif isinstance(decision, Defer):
-                    records.append(
-                        self._record(
-                            c, ItemStatus.DEFERRED, decision.reason, next_at=decision.until
-                        )
-                    )
-                    result[first[(c.message_id, c.contact_id)]] = self._retry_at(
-                        c, decision.until, now
-                    )
-                else:
-                    records.append(self._record(c, decision.status, decision.reason))
-            # Decisions not to send are final (or deferred) at once, with the claims. With
-            # sends to come, the commit does not wait for the disk (a stall there is the
-            # largest part of the batch's tail): the finalise after the sends commits
-            # synchronously, and repairs what a Postgres crash in between lost.
-            await tx.run(
-                [messages.finalise_statement(records)] if records else [],
-                commit=True,
-                durable=not sends,
+            decisions = self._decide(read, now, phases)
+            decided, sends = await self._record(tx, decisions)
+        phases.mark("commit")
+        prepared, unrendered = await asyncio.to_thread(self._render, sends, read.templates)
+        sent = await self._send_all(prepared)
+        phases.mark("send")
+        finished, retries = self._after_sends(sent)
+        recorded = await self._finalise([*unrendered, *finished], decided)
+        phases.mark("finalise")
+        phases.observe(len(batch))
+        self._count(read.claimed, [*decided, *recorded])
+        return self._outcomes(batch, read, decisions, retries, now)
+
+    async def _read(
+        self, tx: Pipelined, wanted: Sequence[tuple[int, int, int]], phases: _Phases
+    ) -> ClaimedBatch:
+        """Claim the batch with every fact its decisions read: one round trip, two when rows
+        were left unclaimed or the policies look further back than the last batch's did."""
+        read = await claims.claim(
+            tx,
+            wanted,
+            lease_seconds=self._settings.claim_lease_seconds,
+            max_takeovers=self._settings.max_takeovers,
+            exclusion_buffer_seconds=self._settings.exclusion_buffer_seconds,
+            asked=self._asked,
+        )
+        phases.mark("claim")
+        self._asked = read.lookback
+        if not read.complete:
+            read = await claims.recheck(
+                tx, read, exclusion_buffer_seconds=self._settings.exclusion_buffer_seconds
             )
-        marks.append(("commit", time.perf_counter()))
-        deliveries, sent_records = self._render(sends, stored)
-        sent = await self._send_all(deliveries)
-        marks.append(("send", time.perf_counter()))
+            phases.mark("recheck")
+        return read
+
+    def _decide(
+        self, read: ClaimedBatch, now: datetime, phases: _Phases
+    ) -> list[tuple[Claimed, Decision]]:
+        """Decide every claimed recipient with the facts of the whole batch; a send counts in
+        the history of the recipients decided after it."""
+        sent: dict[int, list[Sent]] = {}
+        out: list[tuple[Claimed, Decision]] = []
+        for c in read.claimed:
+            history = sent.get(c.contact_id)
+            if history is None:
+                history = sent[c.contact_id] = list(read.history.get(c.contact_id, ()))
+            d = checks.decide(
+                c,
+                read.policies[c.priority],
+                now,
+                excluded_by=read.exclusions.get((c.message_id, c.contact_id)),
+                interactions=read.interactions.get(c.contact_id, ()),
+                sent=history,
+            )
+            if isinstance(d, Send):
+                d = self._after_events(c, read, now) or d
+            if isinstance(d, Send) and c.channel not in self._channels:
+                d = Record(
+                    ItemStatus.FAILED,
+                    Reason(
+                        ReasonRule.CHANNEL,
+                        f"{c.channel!r} is not configured on this worker "
+                        f"(configured: {', '.join(sorted(self._channels))})",
+                    ),
+                )
+            if isinstance(d, Send):
+                history.append(Sent(now, c.channel, c.category))
+            out.append((c, d))
+        phases.mark("decide")
+        metrics.check_seconds.inc(phases.since("claim"))
+        metrics.checked.inc(len(read.claimed))
+        return out
+
+    def _after_events(self, c: Claimed, read: ClaimedBatch, now: datetime) -> Defer | None:
+        """A send of a message that lists exclusion events waits until the events role has
+        recorded every event published before it was due (``read.events_recorded_until``
+        has only those recipients: the others are not delayed)."""
+        key = (c.message_id, c.contact_id)
+        if key not in read.events_recorded_until:
+            return None
+        return checks.await_events(
+            c, read.events_recorded_until[key], now, self._settings.events_wait_seconds
+        )
+
+    async def _record(
+        self, tx: Pipelined, decisions: Sequence[tuple[Claimed, Decision]]
+    ) -> tuple[list[ItemOutcome], list[Claimed]]:
+        """Record the decisions not to send (final, or deferred) with the claims, and commit;
+        returns them and the recipients to send to. With sends to come, the commit does not
+        wait for the disk (a stall there is the largest part of the batch's tail): the
+        finalise after the sends commits synchronously, and repairs what a Postgres crash in
+        between lost."""
+        decided: list[ItemOutcome] = []
+        sends: list[Claimed] = []
+        for c, d in decisions:
+            if isinstance(d, Send):
+                sends.append(c)
+            elif isinstance(d, Defer):
+                decided.append(_outcome(c, ItemStatus.DEFERRED, d.reason, next_at=d.until))
+            else:
+                decided.append(_outcome(c, d.status, d.reason))
+        await claims.commit(tx, decided, durable=not sends)
+        return decided, sends
+
+    def _after_sends(
+        self, sent: Sequence[tuple[_Prepared, SendResult]]
+    ) -> tuple[list[ItemOutcome], dict[Key, Retry]]:
+        """The outcome of each send, and when to try again those that failed for now."""
         done_at = datetime.now(UTC)
-        for d, send_result in sent:
-            c = d.claimed
-            record, retry = self._after_send(c, send_result, d.delivery.content.version)
-            sent_records.append(record)
+        finished: list[ItemOutcome] = []
+        retries: dict[Key, Retry] = {}
+        for p, result in sent:
+            c = p.claimed
+            outcome, retry = self._after_send(c, result, p.delivery.content.version)
+            finished.append(outcome)
             if retry is not None:
-                result[first[(c.message_id, c.contact_id)]] = retry
-            if record.status is ItemStatus.SENT:
+                retries[(c.message_id, c.contact_id)] = retry
+            if outcome.status is ItemStatus.SENT:
                 metrics.lateness.labels(c.channel).observe(
                     max(0.0, (done_at - c.deliver_at).total_seconds())
                 )
-        await self._finalise(sent_records, records)
-        marks.append(("finalise", time.perf_counter()))
-        self._observe(marks, len(batch))
-        records += sent_records
+        return finished, retries
+
+    @staticmethod
+    def _count(claimed: Sequence[Claimed], outcomes: Sequence[ItemOutcome]) -> None:
+        """Count the batch's recorded outcomes by channel, status and the rule of the reason."""
         channel_of = {(c.message_id, c.contact_id): c.channel for c in claimed}
         counted = Counter(
             (
-                channel_of[(r.message_id, r.contact_id)],
-                r.status.value,
-                (r.reason or "").split(":", 1)[0],
+                channel_of[(o.message_id, o.contact_id)],
+                o.status.value,
+                "" if o.reason is None else o.reason.rule.value,
             )
-            for r in records
+            for o in outcomes
         )
         for labels, n in counted.items():
             metrics.outcomes.labels(*labels).inc(n)
-        return result
 
-    @staticmethod
-    def _observe(marks: Sequence[tuple[str, float]], size: int) -> None:
-        """Time each phase of a batch; a slow batch is logged with them."""
-        phases = {phase: at - before for (_, before), (phase, at) in pairwise(marks)}
-        for phase, seconds in phases.items():
-            metrics.dispatch_phase.labels(phase).observe(seconds)
-        if sum(phases.values()) > SLOW_BATCH_SECONDS:
-            log.warning(
-                "slow batch",
-                size=size,
-                **{f"{k}_ms": round(v * 1000, 1) for k, v in phases.items()},
-            )
+    def _outcomes(
+        self,
+        batch: Sequence[DueMessage],
+        read: ClaimedBatch,
+        decisions: Sequence[tuple[Claimed, Decision]],
+        retries: Mapping[Key, Retry],
+        now: datetime,
+    ) -> list[Outcome]:
+        """What becomes of each due message of the batch: done, unless its recipient comes
+        back later (deferred, a send failed for now, another worker holds it) or does not
+        exist. A second copy in the same batch is done: the first copy carried the work."""
+        later: dict[Key, Outcome] = {
+            (c.message_id, c.contact_id): self._retry_at(c, d.until, now)
+            for c, d in decisions
+            if isinstance(d, Defer)
+        }
+        later.update(retries)
+        out: list[Outcome] = []
+        seen: set[Key] = set()
+        for due in batch:
+            key = (due.message_id, due.contact_id)
+            if key in seen:
+                out.append(DONE)
+            elif key in read.unclaimed:
+                out.append(self._not_claimed(due, read.unclaimed[key], now))
+            else:
+                out.append(later.get(key, DONE))
+            seen.add(key)
+        return out
 
     def _render(
         self, sends: Sequence[Claimed], stored: Mapping[str, StoredTemplate]
-    ) -> tuple[list[_Delivery], list[messages.Outcome]]:
+    ) -> tuple[list[_Prepared], list[ItemOutcome]]:
         """Render each recipient's message; a missing template or a failed render fails that
         recipient with the reason, never the batch."""
-        deliveries: list[_Delivery] = []
-        failed: list[messages.Outcome] = []
+        prepared: list[_Prepared] = []
+        failed: list[ItemOutcome] = []
         for c in sends:
             template = stored.get(c.template)
             if template is None:
                 failed.append(
-                    self._record(
+                    _outcome(
                         c,
                         ItemStatus.FAILED,
-                        f"template: no template named {c.template!r} (add it with "
-                        "`nudge template add`)",
+                        Reason(
+                            ReasonRule.TEMPLATE,
+                            f"no template named {c.template!r} (add it with `nudge template add`)",
+                        ),
                     )
                 )
                 continue
@@ -313,22 +364,22 @@ class DispatchHandler:
                     track_clicks=template.track_clicks,
                 )
             except InvalidTemplate as exc:
-                failed.append(
-                    self._record(c, ItemStatus.FAILED, exc.reason, version=template.version)
+                # the renderer's reason reads "template: <name> v<version> <part>: <error>"
+                reason = Reason(
+                    ReasonRule.TEMPLATE, exc.reason.removeprefix(f"{ReasonRule.TEMPLATE}: ")
                 )
+                failed.append(_outcome(c, ItemStatus.FAILED, reason, version=template.version))
                 continue
-            deliveries.append(_Delivery(c, self._delivery(c, content)))
-        return deliveries, failed
+            prepared.append(_Prepared(c, self._delivery(c, content)))
+        return prepared, failed
 
-    async def _send_all(
-        self, deliveries: Sequence[_Delivery]
-    ) -> list[tuple[_Delivery, SendResult]]:
+    async def _send_all(self, prepared: Sequence[_Prepared]) -> list[tuple[_Prepared, SendResult]]:
         """Send every delivery through its channel, as many requests as the channel's batch
         size asks, all concurrently, each waiting its turn under the channel's rate limit."""
-        by_channel: dict[str, list[_Delivery]] = {}
-        for d in deliveries:
-            by_channel.setdefault(d.claimed.channel, []).append(d)
-        chunks: list[tuple[Channel, list[_Delivery]]] = []
+        by_channel: dict[str, list[_Prepared]] = {}
+        for p in prepared:
+            by_channel.setdefault(p.claimed.channel, []).append(p)
+        chunks: list[tuple[Sender, list[_Prepared]]] = []
         for name, group in by_channel.items():
             channel = self._channels[name]
             # transactional first, so they take the first permits of the rate limit
@@ -343,7 +394,60 @@ class DispatchHandler:
         ]
 
     async def _finalise(
-        self, records: Sequence[messages.Outcome], decided: Sequence[messages.Outcome]
+        self, finished: Sequence[ItemOutcome], decided: Sequence[ItemOutcome]
+    ) -> list[ItemOutcome]:
+        """Record the sends' outcomes (see :meth:`_finalise_batch`); returns those recorded.
+        When recording them raises anything but an outage (a value Postgres refuses, a
+        constraint, a trigger), each is recorded alone, and one that still raises is recorded
+        ``failed`` with the reason ``record`` naming the error: one recipient's outcome, never
+        a batch that crashes and is handled again after its lease, sending twice."""
+        try:
+            await self._finalise_batch(finished, decided)
+            return list(finished)
+        except Exception as exc:
+            if len(finished) == 1:
+                return [await self._record_failure(finished[0], decided, exc)]
+            log.warning("finalise failed, recording each outcome alone", error=repr(exc))
+        return [o for one in finished for o in await self._finalise([one], decided)]
+
+    async def _record_failure(
+        self, outcome: ItemOutcome, decided: Sequence[ItemOutcome], exc: Exception
+    ) -> ItemOutcome:
+        """Record ``outcome``'s recipient ``failed`` because recording ``outcome`` raised
+        ``exc``; if even that cannot be recorded, log it (the row stays ``sending``, and its
+        lease cap ends it)."""
+        failed = ItemOutcome(
+            outcome.message_id,
+            outcome.contact_id,
+            outcome.attempts,
+            ItemStatus.FAILED,
+            Reason(
+                ReasonRule.RECORD,
+                f"{_error_class(exc)} while recording the outcome {outcome.status}",
+            ),
+            str(exc),
+            None,
+            outcome.failed,
+            outcome.template_version,
+        )
+        log.warning(
+            "outcome could not be recorded, recipient failed",
+            message_id=outcome.message_id,
+            contact_id=outcome.contact_id,
+            error=repr(exc),
+        )
+        try:
+            await self._finalise_batch([failed], decided)
+        except Exception:
+            log.exception(
+                "failure could not be recorded either",
+                message_id=outcome.message_id,
+                contact_id=outcome.contact_id,
+            )
+        return failed
+
+    async def _finalise_batch(
+        self, finished: Sequence[ItemOutcome], decided: Sequence[ItemOutcome]
     ) -> None:
         """Record the sends' outcomes, retrying while Postgres is unavailable: the sends
         happened, and handling the batch again would only wait out the lease and send them
@@ -355,8 +459,8 @@ class DispatchHandler:
         while True:
             try:
                 async with autocommit(self._engine) as conn:  # one statement, usually
-                    if await messages.finalise(conn, records) < len(records):
-                        lost = await messages.repair(conn, [*records, *decided])
+                    if await messages.finalise(conn, finished) < len(finished):
+                        lost = await messages.repair(conn, [*finished, *decided])
                         if lost:
                             log.warning(
                                 "claims lost by Postgres, outcomes written again", count=lost
@@ -369,8 +473,10 @@ class DispatchHandler:
                 pause = min(pause * 2, 10.0)
 
     def _not_claimed(self, due: DueMessage, state: ItemState | None, now: datetime) -> Outcome:
-        if state is None:
-            return Reject(f"message_id: no message {due.message_id} for contact {due.contact_id}")
+        if state is None:  # no row, and the claim would not create one: not its recipient
+            return Reject(
+                f"due: contact {due.contact_id} is not a recipient of message {due.message_id}"
+            )
         if state.status.final:
             return DONE  # already recorded: a redelivery or a duplicate
         if state.paused:
@@ -396,82 +502,6 @@ class DispatchHandler:
                 due_message_id(due.message_id, due.contact_id, nxt.attempt),
             )
         return DONE  # a stale copy of an older attempt
-
-    @staticmethod
-    def _record(
-        c: Claimed,
-        status: ItemStatus,
-        reason: str | None = None,
-        error: str | None = None,
-        next_at: datetime | None = None,
-        *,
-        failed: bool = False,
-        version: int | None = None,
-    ) -> messages.Outcome:
-        return messages.Outcome(
-            c.message_id,
-            c.contact_id,
-            c.attempts,
-            status,
-            reason,
-            error,
-            next_at,
-            failed,
-            version,
-        )
-
-    def _fact_statements(
-        self, facts: _Facts, keys: Sequence[Key], mine: Sequence[Key]
-    ) -> list[Statement]:
-        """The statements that fetch the checks' facts about the contacts of ``keys``: what
-        they were sent (``mine``, this batch's claims, left out), their interactions when a
-        policy looks at any, and the exclusion events of their messages. Read by
-        :meth:`_decide` in this order."""
-        cids = [k[1] for k in keys]
-        return [
-            checks_repo.history_statement(cids, facts.window, mine),
-            *(
-                [checks_repo.interactions_statement(cids, facts.names, facts.interaction_window)]
-                if facts.names
-                else []
-            ),
-            checks_repo.exclusions_statement(keys, self._settings.exclusion_buffer_seconds),
-        ]
-
-    def _decide(
-        self,
-        claimed: Sequence[Claimed],
-        policies: Mapping[str, Policy],
-        facts: _Facts,
-        rows: Sequence[Sequence[Any]],
-        now: datetime,
-    ) -> list[tuple[Claimed, Decision]]:
-        """Decide every claimed recipient with the facts of the whole batch (``rows``, as
-        :meth:`_fact_statements` asked for them)."""
-        sent = checks_repo.history_from(rows[0])
-        interactions = checks_repo.interactions_from(rows[1] if facts.names else [])
-        excluded = checks_repo.exclusions_from(rows[-1])
-        out: list[tuple[Claimed, Decision]] = []
-        for c in claimed:
-            key = (c.message_id, c.contact_id)
-            d = checks.decide(
-                c,
-                policies[c.priority],
-                now,
-                excluded_by=excluded.get(key),
-                interactions=interactions[c.contact_id],
-                sent=sent[c.contact_id],
-            )
-            if isinstance(d, Send) and c.channel not in self._channels:
-                d = Record(
-                    ItemStatus.FAILED,
-                    f"channel: {c.channel!r} is not configured on this worker "
-                    f"(configured: {', '.join(sorted(self._channels))})",
-                )
-            if isinstance(d, Send):  # later recipients in this batch see this send
-                sent[c.contact_id].append(Sent(now, c.channel, c.category))
-            out.append((c, d))
-        return out
 
     def _retry_at(self, c: Claimed, at: datetime, now: datetime) -> Retry:
         """Come back at ``at`` as the next attempt of this recipient."""
@@ -504,7 +534,7 @@ class DispatchHandler:
             attributes=c.attributes,
         )
 
-    async def _send(self, channel: Channel, chunk: Sequence[_Delivery]) -> list[SendResult]:
+    async def _send(self, channel: Sender, chunk: Sequence[_Prepared]) -> list[SendResult]:
         urgent = any(d.claimed.priority == Priority.TRANSACTIONAL for d in chunk)
         await self._limits.acquire(channel.name, len(chunk), urgent=urgent)
         started = time.monotonic()
@@ -522,25 +552,29 @@ class DispatchHandler:
 
     def _after_send(
         self, c: Claimed, result: SendResult, version: int
-    ) -> tuple[messages.Outcome, Retry | None]:
+    ) -> tuple[ItemOutcome, Retry | None]:
         """The outcome of a send of template ``version``, and when to try again."""
         if result.verdict is Verdict.SENT:
-            return self._record(c, ItemStatus.SENT, version=version), None
+            return _outcome(c, ItemStatus.SENT, version=version), None
+        if result.verdict is Verdict.UNSENDABLE:  # nothing was tried: not a failed send
+            error = result.error or "the channel cannot send to this contact"
+            reason = Reason.parse(error) or Reason(ReasonRule.CHANNEL, error)
+            return _outcome(c, ItemStatus.FAILED, reason, version=version), None
         if result.verdict is Verdict.PERMANENT:
-            return self._record(
+            return _outcome(
                 c,
                 ItemStatus.FAILED,
-                "permanent: receiver refused",
+                Reason(ReasonRule.PERMANENT, "receiver refused"),
                 result.error,
                 failed=True,
                 version=version,
             ), None
         failures = c.failures + 1
         if failures >= self._settings.max_attempts:
-            return self._record(
+            return _outcome(
                 c,
                 ItemStatus.FAILED,
-                f"attempts: gave up after {failures} failed sends",
+                Reason(ReasonRule.ATTEMPTS, f"gave up after {failures} failed sends"),
                 result.error,
                 failed=True,
                 version=version,
@@ -554,10 +588,10 @@ class DispatchHandler:
         now = datetime.now(UTC)
         at = now + timedelta(seconds=wait)
         return (
-            self._record(
+            _outcome(
                 c,
                 ItemStatus.DEFERRED,
-                f"retry: after {failures} failed sends",
+                Reason(ReasonRule.RETRY, f"after {failures} failed sends"),
                 result.error,
                 at,
                 failed=True,
@@ -565,3 +599,26 @@ class DispatchHandler:
             ),
             self._retry_at(c, at, now),
         )
+
+
+def _error_class(exc: BaseException) -> str:
+    """The class of the error behind ``exc``: the driver's (``CheckViolation``,
+    ``DataError``) rather than the store's wrapper."""
+    cause = exc.__cause__ or exc
+    return type(getattr(cause, "orig", None) or cause).__name__
+
+
+def _outcome(
+    c: Claimed,
+    status: ItemStatus,
+    reason: Reason | None = None,
+    error: str | None = None,
+    next_at: datetime | None = None,
+    *,
+    failed: bool = False,
+    version: int | None = None,
+) -> ItemOutcome:
+    """What the claimed recipient ``c``'s row is finalised with."""
+    return ItemOutcome(
+        c.message_id, c.contact_id, c.attempts, status, reason, error, next_at, failed, version
+    )

@@ -28,12 +28,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract, delay
-from shared.amqp import Outgoing, Publisher
+from shared.amqp import Incoming, Outgoing, Publisher
 from shared.contract import DueMessage, PlanCampaign, RecipientBatch, due_message_id
 from shared.errors import StoreError
 from shared.topology import (
@@ -43,11 +41,11 @@ from shared.topology import (
     PLAN_DESTINATION,
     PLAN_QUEUE,
 )
+from workers.recipients import MessageStatus
 from workers.runtime import metrics
 from workers.runtime.outcomes import DONE, Outcome, Reject, Retry
 from workers.store import campaigns
 from workers.store.db import transaction
-from workers.store.schema import MessageStatus
 
 log = structlog.get_logger("nudge.planner")
 
@@ -56,7 +54,6 @@ SLICE_SECONDS = 20.0
 #: Batches published per round trip to Postgres (their confirms awaited together).
 PAGES_PER_QUERY = 10
 SWEEP_SECONDS = 2.0
-_LOCK_SPACE = 2  # pg advisory lock namespace of campaign planning
 
 
 def batch_message_id(campaign_id: int, round_: int, first_contact: int) -> str:
@@ -76,7 +73,7 @@ class PlannerHandler:
         self._publisher = publisher
         self._backend = backend
 
-    def decode(self, message: AbstractIncomingMessage) -> PlanCampaign:
+    def decode(self, message: Incoming) -> PlanCampaign:
         return contract.decode(PlanCampaign, message.body, content_type=message.content_type)
 
     def due_at(self, item: PlanCampaign) -> datetime | None:
@@ -97,22 +94,10 @@ class PlannerHandler:
                 return DONE  # started by hand, rescheduled, or cancelled
             log.info("scheduled campaign started", campaign_id=plan.campaign_id)
             round_ = started
-        async with self._engine.connect() as lock:
-            got = await lock.scalar(
-                text("SELECT pg_try_advisory_lock(:space, :id)"),
-                {"space": _LOCK_SPACE, "id": plan.campaign_id},
-            )
-            await lock.commit()
-            if not got:
+        async with campaigns.planning_lock(self._engine, plan.campaign_id) as mine:
+            if not mine:
                 return Retry(1000)  # another planner is on it; see what is left then
-            try:
-                return await self._slice(plan.campaign_id, round_)
-            finally:
-                await lock.execute(
-                    text("SELECT pg_advisory_unlock(:space, :id)"),
-                    {"space": _LOCK_SPACE, "id": plan.campaign_id},
-                )
-                await lock.commit()
+            return await self._slice(plan.campaign_id, round_)
 
     async def _slice(self, campaign_id: int, round_: int) -> Outcome:
         deadline = time.monotonic() + SLICE_SECONDS

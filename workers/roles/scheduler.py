@@ -13,11 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract, delay
-from shared.amqp import Outgoing, Publisher
+from shared.amqp import Incoming, Outgoing, Publisher
 from shared.contract import DueBatch, DueMessage, ScheduleMessage, due_message_id
 from shared.topology import INTAKE_QUEUE, due_destination
 from workers.rules.firing import RULE_HEADER
@@ -49,8 +48,8 @@ class SchedulerHandler:
         self._publisher = publisher
         self._backend = backend
 
-    def decode(self, message: AbstractIncomingMessage) -> Intake:
-        key = contract.idempotency_key(message.message_id)
+    def decode(self, message: Incoming) -> Intake:
+        key = contract.published_by_a_service(message.message_id, message.delivery_mode)
         request = contract.decode(ScheduleMessage, message.body, content_type=message.content_type)
         return Intake(key, request, bool((message.headers or {}).get(RULE_HEADER)))
 

@@ -17,16 +17,14 @@ from shared.errors import NotFound
 from workers import checks
 from workers.checks import Decision, Defer, Record
 from workers.policies import Policy
+from workers.recipients import Claimed, Event, MessageStatus, Sent
 from workers.rules import firing
 from workers.rules.definitions import Rule
 from workers.rules.delay_policies import ContactFacts, Plan
 from workers.store import checks as checks_repo
 from workers.store import policies as policies_repo
 from workers.store import rules as rules_repo
-from workers.store.checks import Event, Sent
 from workers.store.db import async_engine, transaction
-from workers.store.messages import Claimed
-from workers.store.schema import MessageStatus
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ def _verdict(name: str, decision: Decision) -> Check:
     if isinstance(decision, Record):
         return Check(name, "fail", f"{decision.status.value}: {decision.reason}")
     if isinstance(decision, Defer):
-        return Check(name, "defer", decision.reason)
+        return Check(name, "defer", str(decision.reason))
     return Check(name, "pass", "")
 
 

@@ -10,6 +10,9 @@ A delivery may carry several items (a :class:`Bundle`: the scheduler's ``DueBatc
 held, batched and handled on its own; one that must travel again (a retry, a rejection) goes
 alone, with its own body; the delivery is acked once every item is settled, or given back to
 the queue whole when one could not be (its items already done are found done again).
+
+The loop sees RabbitMQ through :class:`~shared.amqp.Inbox` and :class:`~shared.amqp.Publishes`
+only: :mod:`workers.runtime.testing` runs it against an in-memory broker.
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar, cast
 
-import aio_pika
-import aiormq
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from shared import delay
-from shared.amqp import Outgoing, Publisher, ack_many
-from shared.errors import BrokerError, InvalidMessage, PublishNotConfirmed, StoreUnavailable
+from shared.amqp import Inbox, Incoming, Outgoing, Publisher, Publishes
+from shared.errors import (
+    BrokerError,
+    InvalidMessage,
+    PublishNotConfirmed,
+    SettleFailed,
+    StoreUnavailable,
+)
 from workers.runtime import metrics
 from workers.runtime.outcomes import Done, Outcome, Reject, Retry
 
@@ -45,6 +51,10 @@ HOLD_TICK = 0.02
 #: are logged (at most once every WARN_EVERY seconds per consumer).
 LATE = 0.1
 WARN_EVERY = 10.0
+#: A batch that found Postgres or RabbitMQ unavailable is tried again after this many seconds,
+#: doubling up to :data:`UNAVAILABLE_MAX_WAIT`.
+UNAVAILABLE_FIRST_WAIT = 0.5
+UNAVAILABLE_MAX_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,7 @@ class Handler(Protocol[T]):
     #: The delay destination that leads back to ``queue`` (for retries), if any.
     destination: str | None
 
-    def decode(self, message: AbstractIncomingMessage) -> T | Bundle[T]:
+    def decode(self, message: Incoming) -> T | Bundle[T]:
         """Parse a delivery; raise :class:`InvalidMessage` naming the field."""
         ...
 
@@ -81,7 +91,7 @@ class Handler(Protocol[T]):
 class _Delivery:
     """One AMQP delivery and how many of its items are not settled yet."""
 
-    message: AbstractIncomingMessage
+    message: Incoming
     pending: int
     #: An item could not be settled (a republish not confirmed, a worker stopping): the
     #: delivery goes back to the queue instead of being acked.
@@ -99,7 +109,7 @@ class _Inbound(Generic[T]):
     ready_at: float = 0.0
 
     @property
-    def message(self) -> AbstractIncomingMessage:
+    def message(self) -> Incoming:
         return self.delivery.message
 
     @property
@@ -111,21 +121,14 @@ class _Inbound(Generic[T]):
         return self.bundle.message_id(self.item) if self.bundle else self.message.message_id
 
 
-_ACK_ERRORS = (
-    aiormq.exceptions.AMQPError,
-    aio_pika.exceptions.ChannelInvalidStateError,
-    ConnectionError,
-)
-
-
 class Consumer(Generic[T]):
     """Consumes one queue with ``concurrency`` batches in flight."""
 
     def __init__(
         self,
         handler: Handler[T],
-        channel: AbstractChannel,
-        publisher: Publisher,
+        inbox: Inbox,
+        publisher: Publishes,
         backend: delay.BackendName,
         *,
         concurrency: int,
@@ -133,7 +136,7 @@ class Consumer(Generic[T]):
         batch_wait: float,
     ) -> None:
         self.handler = handler
-        self._channel = channel
+        self._inbox = inbox
         self._publisher = publisher
         self._backend = backend
         self._concurrency = concurrency
@@ -148,8 +151,6 @@ class Consumer(Generic[T]):
         self._held_count = 0
         self._busy = 0
         self._tasks: list[asyncio.Task[None]] = []
-        self._queue: AbstractQueue | None = None
-        self._tag: str | None = None
         self._stopping = False
         self.last_activity = time.monotonic()
 
@@ -159,21 +160,17 @@ class Consumer(Generic[T]):
         return not self._held and self._ready.empty() and self._busy == 0
 
     async def start(self) -> None:
-        # A passive declare, not ensure=False: the robust channel restores only the queues it
-        # declared, and with them their consumers, after RabbitMQ comes back.
-        self._queue = await self._channel.get_queue(self.handler.queue, ensure=True)
         self._tasks = [
             asyncio.create_task(self._batches(), name=f"batch-{i}")
             for i in range(self._concurrency)
         ]
-        self._tag = await self._queue.consume(self._on_message)
+        await self._inbox.consume(self.handler.queue, self._on_message)
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop consuming, finish what was received (held messages included), then return."""
         self._stopping = True
-        if self._queue is not None and self._tag is not None:
-            with contextlib.suppress(*_ACK_ERRORS):
-                await self._queue.cancel(self._tag)
+        with contextlib.suppress(BrokerError):  # the connection is gone: nothing to cancel
+            await self._inbox.cancel()
         deadline = time.monotonic() + grace
         while not self.idle and time.monotonic() < deadline:  # noqa: ASYNC110 (cheap poll)
             await asyncio.sleep(0.05)
@@ -181,7 +178,7 @@ class Consumer(Generic[T]):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: Incoming) -> None:
         self.last_activity = time.monotonic()
         metrics.received.labels(self.handler.queue).inc()
         try:
@@ -303,7 +300,7 @@ class Consumer(Generic[T]):
 
     async def _handle(self, batch: list[_Inbound[T]]) -> None:
         metrics.batch_size.labels(self.handler.queue).observe(len(batch))
-        backoff = 0.5
+        backoff = UNAVAILABLE_FIRST_WAIT
         while True:
             try:
                 outcomes = await self.handler.handle([b.item for b in batch])
@@ -322,7 +319,7 @@ class Consumer(Generic[T]):
                     retry_in=backoff,
                 )
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, UNAVAILABLE_MAX_WAIT)
             except Exception:
                 if len(batch) > 1:  # find the poison message: the others go through
                     for inbound in batch:
@@ -391,7 +388,7 @@ class Consumer(Generic[T]):
     async def _finish(self, settled: Sequence[_Inbound[Any]]) -> None:
         """Count items settled; ack each delivery whose items are all settled, or return it to
         the queue if one of them could not be."""
-        acks: list[AbstractIncomingMessage] = []
+        acks: list[Incoming] = []
         for inbound in settled:
             delivery = inbound.delivery
             delivery.pending -= 1
@@ -400,10 +397,12 @@ class Consumer(Generic[T]):
                     await self._nack(delivery.message)
                 else:
                     acks.append(delivery.message)
+        if not acks:
+            return
         try:
-            await ack_many(acks)
-        except _ACK_ERRORS as exc:
-            log.info("ack failed, messages will be redelivered", error=repr(exc))
+            await self._inbox.ack(acks)
+        except SettleFailed as exc:
+            log.info("ack failed, messages will be redelivered", error=str(exc))
 
     def _retry(self, inbound: _Inbound[Any], outcome: Retry) -> Outgoing:
         if self.handler.destination is None:
@@ -430,8 +429,8 @@ class Consumer(Generic[T]):
             inbound.body, inbound.message_id, reason, self.handler.queue, inbound.message.headers
         )
 
-    async def _nack(self, message: AbstractIncomingMessage) -> None:
+    async def _nack(self, message: Incoming) -> None:
         try:
-            await message.nack(requeue=True)
-        except _ACK_ERRORS as exc:
-            log.info("nack failed, message will be redelivered", error=repr(exc))
+            await self._inbox.nack(message)
+        except SettleFailed as exc:
+            log.info("nack failed, message will be redelivered", error=str(exc))

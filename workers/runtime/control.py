@@ -13,6 +13,8 @@ resumed into round 4 is stale and ignored.
 
 from __future__ import annotations
 
+import uuid
+
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, ExchangeType
 
@@ -52,7 +54,11 @@ class Control:
         exchange = await channel.declare_exchange(
             CONTROL_EXCHANGE, ExchangeType.FANOUT, durable=True
         )
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        # Named under nudge.* (not left to the client library): the worker user may only
+        # declare Nudge's own names (shared/topology.py, users).
+        queue = await channel.declare_queue(
+            f"{CONTROL_EXCHANGE}.{uuid.uuid4().hex}", exclusive=True, auto_delete=True
+        )
         await queue.bind(exchange)
         await queue.consume(self._on_message, no_ack=True)
 

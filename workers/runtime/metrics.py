@@ -76,7 +76,9 @@ campaign_batches_skipped = Counter(
 campaign_chunks_stopped = Counter(
     "nudge_campaign_chunks_stopped_total", "Batches cut short between chunks by a pause or cancel"
 )
-receipts_recorded = Counter("nudge_receipts_total", "Read receipts received for known recipients")
+receipts_recorded = Counter(
+    "nudge_receipts_total", "Read receipts recorded (for recipients that were sent)"
+)
 queue_depth = Gauge(
     "nudge_queue_depth",
     "Messages ready in a queue this worker consumes (polled every 5 s): the queue lag",

@@ -8,20 +8,22 @@ import contextlib
 import gc
 import signal
 import time
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import httpx
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import amqp, delay, topology
-from shared.errors import BrokerUnavailable
-from workers.channels import Channel
-from workers.channels.log import LogChannel
-from workers.channels.smtp import SmtpChannel, SmtpConfig
-from workers.channels.webhook import WebhookChannel
+from shared.errors import BrokerError, BrokerUnavailable
+from workers.channels import Sender
+from workers.channels.log import LogSender
+from workers.channels.smtp import SmtpConfig, SmtpSender
+from workers.channels.webhook import WebhookSender
 from workers.config import Settings
-from workers.ratelimit import Limits
+from workers.ratelimit import Limits, StoreSlots
 from workers.roles.batches import BatchHandler
 from workers.roles.dispatch import DispatchHandler
 from workers.roles.events import EventsHandler
@@ -43,18 +45,22 @@ ROLES: tuple[Role, ...] = ("scheduler", "dispatch", "events", "planner", "receip
 WEB: Role = "web"
 
 
-def build_channels(settings: Settings) -> dict[str, Channel]:
-    """The delivery channels this worker's configuration enables."""
-    channels: dict[str, Channel] = {"log": LogChannel()}
+def build_channels(settings: Settings) -> dict[str, Sender]:
+    """The delivery channels this worker's configuration enables; raises
+    :class:`~shared.errors.ConfigError` when one lacks its secret."""
+    settings.require_channel_secrets()
+    channels: dict[str, Sender] = {"log": LogSender()}
     if settings.webhook_url:
-        channels["webhook"] = WebhookChannel(
+        assert settings.webhook_secret is not None  # required above
+        channels["webhook"] = WebhookSender(
             settings.webhook_url,
             settings.webhook_secret,
             timeout=settings.webhook_timeout_seconds,
             batch_size=settings.webhook_batch_size,
         )
     if settings.smtp_host:
-        channels["email"] = SmtpChannel(
+        assert settings.unsubscribe_secret is not None  # required above
+        channels["email"] = SmtpSender(
             SmtpConfig(
                 host=settings.smtp_host,
                 port=settings.smtp_port,
@@ -80,7 +86,7 @@ async def _handlers(
     engine: AsyncEngine,
     publisher: amqp.Publisher,
     backend: delay.BackendName,
-    channels: dict[str, Channel],
+    channels: dict[str, Sender],
     connection: Any,
     background: list[asyncio.Task[None]],
 ) -> list[tuple[Any, bool]]:
@@ -90,16 +96,19 @@ async def _handlers(
     if role == "scheduler":
         return [(SchedulerHandler(engine, publisher, backend), False)]
     if role == "events":
-        return [(EventsHandler(engine, publisher), False)]
+        events = EventsHandler(engine, publisher)
+        background.append(asyncio.create_task(events.record_progress_forever(connection)))
+        return [(events, False)]
     if role == "receipts":
         return [(ReceiptsHandler(engine), False)]
     if role == "planner":
         planner = PlannerHandler(engine, publisher, backend)
         background.append(asyncio.create_task(planner.sweep_forever()))
         return [(planner, True)]
-    # Every dispatch handler shares the channels, and so the rate limits and the template cache.
-    limits = Limits(settings.rate_limits, settings.dispatch_processes)
-    renderer = Renderer()
+    # Every dispatch handler shares the channels, and so the rate limits and the template cache;
+    # the limits' slots are the fleet's, in Postgres.
+    limits = Limits(settings.rate_limits, StoreSlots(engine))
+    renderer = Renderer(time_limit=settings.render_timeout_seconds)
     bulk, transactional = (
         DispatchHandler(
             settings,
@@ -142,7 +151,12 @@ async def run(
     burst_idle: float = 2.0,
 ) -> None:
     """Run ``roles`` until SIGTERM/SIGINT, or, with ``burst``, until there is no work left
-    (``burst`` is for consuming roles: the web role serves until stopped)."""
+    (``burst`` is for consuming roles: the web role serves until stopped). Only the dispatch
+    role delivers, so only it builds the channels and needs their secrets."""
+    if "dispatch" in roles:  # before anything connects: a configuration error, not a crash
+        settings.require_channel_secrets()
+    if "web" in roles:
+        settings.require_web_secrets()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -196,9 +210,13 @@ async def _consume(
     topo = topology.build(backend)
     await amqp.declare(connection, topo)
     queues = len(roles) + 2 * ("dispatch" in roles)  # dispatch consumes three queues
-    engine = async_engine(settings.database_url, pool_size=concurrency * queues + 1)
+    # a connection per slot and queue, one spare, and one per rate limit (a limiter reserves
+    # its slots with one statement at a time)
+    engine = async_engine(
+        settings.database_url, pool_size=concurrency * queues + 1 + len(settings.rate_limits)
+    )
     publisher = await amqp.Publisher.open(connection)
-    channels = build_channels(settings)
+    channels = build_channels(settings) if "dispatch" in roles else {}
     consumers: list[Consumer[Any]] = []
     background: list[asyncio.Task[None]] = []
     try:
@@ -210,7 +228,7 @@ async def _consume(
                 await channel.set_qos(prefetch_count=concurrency if single else settings.prefetch)
                 consumer: Consumer[Any] = Consumer(
                     handler,
-                    channel,
+                    amqp.QueueInbox(channel),
                     publisher,
                     backend,
                     concurrency=concurrency,
@@ -232,7 +250,9 @@ async def _consume(
             burst=burst,
         )
         if burst:
-            watcher = asyncio.create_task(_until_drained(connection, topo, consumers, burst_idle))
+            watcher = asyncio.create_task(
+                _until_drained(connection, topo, consumers, burst_idle, settings)
+            )
             stopper = asyncio.create_task(stop.wait())
             await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
             for task in (watcher, stopper):
@@ -257,46 +277,63 @@ async def _consume(
         await engine.dispose()
 
 
-async def queue_depths(connection: Any, names: Sequence[str]) -> dict[str, int]:
-    """Ready messages per queue (passive declare)."""
-    channel = await connection.channel()
-    try:
-        depths = {}
-        for name in names:
-            q = await channel.declare_queue(name, passive=True)
-            depths[name] = q.declaration_result.message_count or 0
-        return depths
-    finally:
-        await channel.close()
-
-
 async def _watch_depths(connection: Any, names: Sequence[str], every: float = 5.0) -> None:
     """Publish the depth of the queues this worker consumes as ``nudge_queue_depth``: the
     queue lag in messages, what an autoscaler scales on."""
     while True:
         try:
-            for name, depth in (await queue_depths(connection, names)).items():
+            for name, depth in (await amqp.queue_depths(connection, names)).items():
                 metrics.queue_depth.labels(name).set(depth)
-        except Exception as exc:  # reconnecting: the next poll will tell
-            log.debug("queue depth unavailable", error=repr(exc))
+        except BrokerError as exc:  # reconnecting: the next poll will tell
+            log.debug("queue depth unavailable", error=str(exc))
         await asyncio.sleep(every)
 
 
+async def plugin_delayed(settings: Settings) -> int:
+    """Messages waiting in the plugin's delay exchange of this vhost (``messages_delayed`` from
+    the management API: AMQP cannot see them)."""
+    mgmt = urllib.parse.urlsplit(settings.rabbitmq_mgmt_url)
+    vhost = urllib.parse.unquote(urllib.parse.urlsplit(settings.amqp_url).path[1:]) or "/"
+    url = (
+        f"{mgmt.scheme}://{mgmt.hostname}:{mgmt.port}/api/exchanges/"
+        f"{urllib.parse.quote(vhost, safe='')}/{delay.PLUGIN_EXCHANGE}"
+    )
+    try:
+        async with httpx.AsyncClient(
+            auth=(mgmt.username or "guest", mgmt.password or "guest"), timeout=10
+        ) as client:
+            r = await client.get(url)
+            r.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise BrokerUnavailable(f"RabbitMQ management API at {url}: {exc}") from exc
+    return int(r.json().get("messages_delayed", 0))
+
+
 async def _until_drained(
-    connection: Any, topo: topology.Topology, consumers: Sequence[Consumer[Any]], idle: float
+    connection: Any,
+    topo: topology.Topology,
+    consumers: Sequence[Consumer[Any]],
+    idle: float,
+    settings: Settings,
 ) -> None:
-    """Return once every consumer is idle, nothing waits in our queues or the delay ladder,
-    and that has held for ``idle`` seconds."""
+    """Return once every consumer is idle, nothing waits in our queues or the delay (ladder
+    queues, or the plugin's exchange), and that has held for ``idle`` seconds."""
     watched = [c.handler.queue for c in consumers]
-    if any(c.handler.queue.startswith(topology.DUE_QUEUE) for c in consumers):
+    due = any(c.handler.queue.startswith(topology.DUE_QUEUE) for c in consumers)
+    if due:
         # what waits in the delay will come to the due queue
         watched += [q.name for q in topo.queues if q.name.startswith("nudge.delay.")]
+    in_plugin = due and topo.backend == "plugin"
     quiet_since: float | None = None
     while True:
         await asyncio.sleep(0.25)
         try:
-            empty = not any((await queue_depths(connection, watched)).values())
-        except BrokerUnavailable:
+            empty = not any((await amqp.queue_depths(connection, watched)).values())
+            if empty and in_plugin:
+                empty = not await plugin_delayed(settings)
+        except BrokerError as exc:
+            if in_plugin:
+                log.warning("burst: cannot tell whether the delay is empty", error=str(exc))
             empty = False
         busy = any(not c.idle or time.monotonic() - c.last_activity < idle for c in consumers)
         if empty and not busy:

@@ -41,7 +41,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.errors import InvalidMessage
 from workers.durations import format_duration, parse_duration
-from workers.store.schema import ItemStatus, contact_events, contacts, message_items, messages
+from workers.recipients import ItemStatus
+from workers.store.schema import contact_events, contacts, message_items, messages
 
 _CONDITION = re.compile(
     r"^\s*(?P<attr>[A-Za-z_][A-Za-z0-9_.-]{0,63})\s*"

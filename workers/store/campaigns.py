@@ -9,18 +9,22 @@ then on what is recorded per recipient, not a cursor, says who still needs the m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, NoReturn
 
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.errors import InvalidTransition
+from workers.reasons import Reason, ReasonRule
+from workers.recipients import ItemStatus, MessageStatus
 from workers.store import audiences
-from workers.store.schema import ItemStatus, MessageStatus, messages
+from workers.store.db import autocommit
+from workers.store.schema import messages
 
 #: The states an operator sees, and which actions each allows.
 ALLOWED: dict[str, frozenset[str]] = {
@@ -183,30 +187,35 @@ def schedule(conn: Connection, campaign: Campaign, at: datetime) -> None:
         campaign,
         "schedule",
         "UPDATE messages SET start_at = :at, deliver_at = :at "
-        "WHERE id = :id AND status = 0 RETURNING plan_round",
+        "WHERE id = :id AND status = :not_started RETURNING plan_round",
         at=at,
+        not_started=int(MessageStatus.NOT_STARTED),
     )
 
 
 _START_SQL = """
 UPDATE messages
-   SET status = 1, plan_round = plan_round + 1, started_at = now(), deliver_at = now(),
+   SET status = :sending, plan_round = plan_round + 1, started_at = now(), deliver_at = now(),
        expires_at = now() + make_interval(secs => expires_after_seconds),
        planned_through = NULL, plan_done = false, status_reason = NULL
- WHERE id = :id AND kind = 'campaign' AND status = 0 {due}
+ WHERE id = :id AND kind = 'campaign' AND status = :not_started {due}
 RETURNING plan_round, audience
 """
 _START = text(_START_SQL.format(due=""))
 # A scheduled start that arrives early (clock skew) or after a reschedule to later is ignored;
 # the start message of the later time will come.
 _START_DUE = text(_START_SQL.format(due="AND start_at <= now() + interval '2 seconds'"))
+_START_PARAMS = {
+    "not_started": int(MessageStatus.NOT_STARTED),
+    "sending": int(MessageStatus.SENDING),
+}
 _PLANNED = text("UPDATE messages SET planned = :n WHERE id = :id")
 
 
 def start(conn: Connection, campaign: Campaign) -> tuple[int, int]:
     """Freeze the audience and start sending: returns (round, recipients)."""
     check(campaign, "start")
-    row = conn.execute(_START, {"id": campaign.id}).first()
+    row = conn.execute(_START, {"id": campaign.id, **_START_PARAMS}).first()
     if row is None:
         _raced(conn, campaign, "start")
         raise AssertionError  # _raced always raises
@@ -218,7 +227,7 @@ def start(conn: Connection, campaign: Campaign) -> tuple[int, int]:
 async def start_scheduled(conn: AsyncConnection, campaign_id: int) -> int | None:
     """The planner's half of a scheduled start: freeze and start if still scheduled and due;
     returns the round, or None when there is nothing to start."""
-    row = (await conn.execute(_START_DUE, {"id": campaign_id})).first()
+    row = (await conn.execute(_START_DUE, {"id": campaign_id, **_START_PARAMS})).first()
     if row is None:
         return None
     n = await audiences.freeze_async(conn, campaign_id, row.audience)
@@ -230,24 +239,44 @@ def pause(conn: Connection, campaign: Campaign, reason: str) -> int:
     """Pause; returns the round paused."""
     check(campaign, "pause")
     sql = (
-        "UPDATE messages SET status = 2, status_reason = :reason "
-        "WHERE id = :id AND status = 1 RETURNING plan_round"
+        "UPDATE messages SET status = :paused, status_reason = :reason "
+        "WHERE id = :id AND status = :sending RETURNING plan_round"
     )
-    return _one(conn, campaign, "pause", sql, reason=reason)
+    return _one(
+        conn,
+        campaign,
+        "pause",
+        sql,
+        reason=reason,
+        paused=int(MessageStatus.PAUSED),
+        sending=int(MessageStatus.SENDING),
+    )
 
 
 _NEXT_ROUND = (
-    "UPDATE messages SET status = 1, plan_round = plan_round + 1, planned_through = NULL, "
-    "plan_done = false, status_reason = NULL, finished_at = NULL "
-    "WHERE id = :id AND status IN ({from_}) RETURNING plan_round"
+    "UPDATE messages SET status = :sending, plan_round = plan_round + 1, "
+    "planned_through = NULL, plan_done = false, status_reason = NULL, finished_at = NULL "
+    "WHERE id = :id AND status = ANY(CAST(:from_ AS smallint[])) RETURNING plan_round"
 )
+
+
+def _next_round(conn: Connection, campaign: Campaign, action: str, *from_: MessageStatus) -> int:
+    """A new planning round from any of the statuses ``from_``; returns the round."""
+    return _one(
+        conn,
+        campaign,
+        action,
+        _NEXT_ROUND,
+        sending=int(MessageStatus.SENDING),
+        from_=[int(s) for s in from_],
+    )
 
 
 def resume(conn: Connection, campaign: Campaign) -> int:
     """Resume from what is recorded per recipient: a new planning round over every recipient
     without a final outcome. Returns the round."""
     check(campaign, "resume")
-    return _one(conn, campaign, "resume", _NEXT_ROUND.format(from_="2"))
+    return _next_round(conn, campaign, "resume", MessageStatus.PAUSED)
 
 
 _CANCEL_ITEMS = text("""
@@ -264,12 +293,20 @@ def cancel(conn: Connection, campaign: Campaign, reason: str) -> tuple[int, int]
         conn,
         campaign,
         "cancel",
-        "UPDATE messages SET status = 4, status_reason = "
-        ":reason, finished_at = now() WHERE id = :id AND status IN (0, 1, 2) "
-        "RETURNING plan_round",
+        "UPDATE messages SET status = :cancelled, status_reason = :reason, finished_at = now() "
+        "WHERE id = :id AND status = ANY(CAST(:from_ AS smallint[])) RETURNING plan_round",
         reason=reason,
+        cancelled=int(MessageStatus.CANCELLED),
+        from_=[
+            int(MessageStatus.NOT_STARTED),
+            int(MessageStatus.SENDING),
+            int(MessageStatus.PAUSED),
+        ],
     )
-    n = conn.execute(_CANCEL_ITEMS, {"id": campaign.id, "reason": f"cancelled: {reason}"})
+    n = conn.execute(
+        _CANCEL_ITEMS,
+        {"id": campaign.id, "reason": str(Reason(ReasonRule.CANCELLED, reason))},
+    )
     return round_, int(n.rowcount)
 
 
@@ -286,7 +323,15 @@ def retry_failed(conn: Connection, campaign: Campaign) -> tuple[int, int]:
     n = int(conn.execute(_REPLAN_FAILED, {"id": campaign.id}).rowcount)
     if n == 0:
         return campaign.plan_round, 0
-    return _one(conn, campaign, "retry-failed", _NEXT_ROUND.format(from_="1, 2, 3")), n
+    round_ = _next_round(
+        conn,
+        campaign,
+        "retry-failed",
+        MessageStatus.SENDING,
+        MessageStatus.PAUSED,
+        MessageStatus.COMPLETED,
+    )
+    return round_, n
 
 
 def _one(conn: Connection, campaign: Campaign, action: str, sql: str, **params: Any) -> int:
@@ -304,6 +349,28 @@ def _raced(conn: Connection, campaign: Campaign, action: str) -> NoReturn:
 
 
 # The workers' side.
+
+#: The advisory lock namespace of campaign planning.
+#: The first key of a campaign's planning lock (``pg_advisory_lock(space, campaign id)``).
+PLANNING_LOCK_SPACE = 2
+_TRY_LOCK = text("SELECT pg_try_advisory_lock(:space, :id)")
+_UNLOCK = text("SELECT pg_advisory_unlock(:space, :id)")
+
+
+@asynccontextmanager
+async def planning_lock(engine: AsyncEngine, campaign_id: int) -> AsyncIterator[bool]:
+    """Try to become the one planner of ``campaign_id``: yields whether the lock was taken,
+    and releases it on the way out. A session lock on a connection of its own, so the
+    planner's transactions may commit while it holds it; a lost connection releases it.
+    Driver errors leave as :class:`~shared.errors.StoreError`."""
+    params = {"space": PLANNING_LOCK_SPACE, "id": campaign_id}
+    async with autocommit(engine) as conn:
+        taken = bool(await conn.scalar(_TRY_LOCK, params))
+        try:
+            yield taken
+        finally:
+            if taken:
+                await conn.execute(_UNLOCK, params)
 
 
 @dataclass(frozen=True)
@@ -353,8 +420,8 @@ async def finish_round(conn: AsyncConnection, campaign_id: int, round_: int) -> 
 # while a campaign sends the first entry is a live one, where NOT EXISTS would walk forward
 # over every recipient finished since the last vacuum (dead index entries) for each batch.
 _COMPLETE = text("""
-UPDATE messages m SET status = 3, finished_at = now()
- WHERE m.kind = 'campaign' AND m.status = 1 AND (:id = 0 OR m.id = :id)
+UPDATE messages m SET status = :completed, finished_at = now()
+ WHERE m.kind = 'campaign' AND m.status = :sending AND (:id = 0 OR m.id = :id)
    AND (SELECT mi.contact_id FROM message_items mi
          WHERE mi.message_id = m.id AND mi.status IN ('planned', 'sending', 'deferred')
          ORDER BY mi.message_id DESC, mi.contact_id DESC LIMIT 1) IS NULL
@@ -366,24 +433,35 @@ async def complete_finished(conn: AsyncConnection, campaign_id: int = 0) -> list
     """Mark sending campaigns whose every recipient is final ``completed`` (one campaign, or
     all with 0). Run after the outcomes committed, so two workers finishing the last
     recipients at once cannot both miss it."""
-    return [r.id for r in await conn.execute(_COMPLETE, {"id": campaign_id})]
+    params = {
+        "id": campaign_id,
+        "sending": int(MessageStatus.SENDING),
+        "completed": int(MessageStatus.COMPLETED),
+    }
+    return [r.id for r in await conn.execute(_COMPLETE, params)]
 
 
 async def auto_pause(conn: AsyncConnection, campaign_id: int, round_: int, reason: str) -> bool:
     """Pause a campaign still sending in ``round_``; False if it was not."""
     result = await conn.execute(
         text(
-            "UPDATE messages SET status = 2, status_reason = :reason "
-            "WHERE id = :id AND status = 1 AND plan_round = :r"
+            "UPDATE messages SET status = :paused, status_reason = :reason "
+            "WHERE id = :id AND status = :sending AND plan_round = :r"
         ),
-        {"id": campaign_id, "r": round_, "reason": reason},
+        {
+            "id": campaign_id,
+            "r": round_,
+            "reason": reason,
+            "paused": int(MessageStatus.PAUSED),
+            "sending": int(MessageStatus.SENDING),
+        },
     )
     return bool(result.rowcount)
 
 
 async def recent_outcomes(
     conn: AsyncConnection, campaign_id: int, contact_ids: Sequence[int], since: datetime
-) -> list[tuple[str, str | None]]:
+) -> list[tuple[ItemStatus, Reason | None]]:
     """(status, reason) of those recipients recorded since ``since``: for the auto-pause."""
     rows = await conn.execute(
         text(
@@ -392,7 +470,9 @@ async def recent_outcomes(
         ),
         {"id": campaign_id, "cids": list(contact_ids), "since": since},
     )
-    return [(r.status, r.reason) for r in rows]
+    return [
+        (ItemStatus(r.status), None if r.reason is None else Reason.parse(r.reason)) for r in rows
+    ]
 
 
 _PROGRESS = text("""

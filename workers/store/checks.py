@@ -1,20 +1,18 @@
 """The facts a dispatch worker checks before sending, fetched for a whole batch in a constant
 number of statements, under a per-contact lock so that concurrent workers see each other's
-claims (design section 4: eight workers racing on one contact still send at most N)."""
+claims (eight workers racing on one contact still send at most N)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from workers.recipients import Event, Key, Sent
 from workers.store.db import Statement
-from workers.store.messages import Key
 
 _LOCK = text("""
 SELECT count(pg_advisory_xact_lock(1, (c % 2147483647)::int))
@@ -27,12 +25,6 @@ def lock_statement(contact_ids: Sequence[int]) -> Statement:
     locks in ascending order so that two batches never deadlock. Released at commit."""
     # unnest yields the array in order: the sort here is the lock order
     return _LOCK, {"cids": sorted(set(contact_ids))}
-
-
-@dataclass(frozen=True)
-class Event:
-    name: str
-    occurred_at: datetime
 
 
 _EXCLUSIONS = text("""
@@ -103,15 +95,6 @@ async def interactions(
         return defaultdict(list)
     statement = interactions_statement(contact_ids, names, window_seconds)
     return interactions_from(await conn.execute(*statement))
-
-
-@dataclass(frozen=True)
-class Sent:
-    """A message sent to a contact (or being sent right now by some worker)."""
-
-    at: datetime
-    channel: str
-    category: str | None
 
 
 _HISTORY = text("""

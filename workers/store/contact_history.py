@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from workers.recipients import MessageStatus
 from workers.store import tracking
-from workers.store.schema import MessageStatus
 
 _CONTACT = text("""
 SELECT id, external_id, email, phone, timezone, attributes, subscribed, created_at, updated_at

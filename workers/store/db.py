@@ -5,19 +5,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
 import sqlalchemy.exc
-from alembic import command
-from alembic.config import Config
-from alembic.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine, TextClause, create_engine, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from shared.errors import StoreError, StoreUnavailable
+
+if TYPE_CHECKING:  # alembic (and mako, pygments) only where migrations are read: not per command
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -179,6 +178,8 @@ def sync_errors() -> Iterator[None]:
 
 
 def alembic_config(url: str) -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -188,6 +189,9 @@ def alembic_config(url: str) -> Config:
 def check_schema(url: str) -> None:
     """Refuse to work on a database the migrations have not brought to this code's head:
     a missing table would otherwise fail every delivery until RabbitMQ parks them all."""
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     scripts = ScriptDirectory.from_config(alembic_config(url))
     head = scripts.get_current_head()
     engine = sync_engine(url)
@@ -210,5 +214,7 @@ def check_schema(url: str) -> None:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply migrations up to ``revision``; safe to run from several processes at once."""
+    from alembic import command
+
     with sync_errors():
         command.upgrade(alembic_config(url), revision)

@@ -16,11 +16,11 @@ from sqlalchemy import Connection, bindparam, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.contract import ScheduleMessage
+from workers.reasons import Reason, ReasonRule
+from workers.recipients import Claimed, ItemOutcome, ItemState, ItemStatus, Key, MessageStatus
 from workers.store import contacts as contacts_repo
 from workers.store.db import Statement
-from workers.store.schema import ItemStatus, MessageStatus, contacts, message_items, messages
-
-Key = tuple[int, int]  # (message_id, contact_id)
+from workers.store.schema import contacts, message_items, messages
 
 
 @dataclass(frozen=True)
@@ -33,64 +33,8 @@ class StoredMessage:
     idempotency_key: str
 
 
-@dataclass(frozen=True)
-class Claimed:
-    """A recipient this worker now owns, with everything needed to decide and deliver."""
-
-    message_id: int
-    contact_id: int
-    attempts: int
-    failures: int
-    message_status: int
-    idempotency_key: str
-    template: str
-    channel: str
-    category: str | None
-    priority: str
-    data: dict[str, Any]
-    deliver_at: datetime
-    expires_at: datetime | None
-    external_id: str
-    email: str | None
-    phone: str | None
-    timezone: str | None
-    attributes: dict[str, Any]
-    subscribed: bool
-
-
 #: The claim query's columns, in the order of :class:`Claimed`'s fields.
 _CLAIMED_COLUMNS = tuple(f.name for f in fields(Claimed))
-
-
-@dataclass(frozen=True)
-class ItemState:
-    """A recipient row this worker could not claim: final, or someone else's for now."""
-
-    status: ItemStatus
-    attempts: int
-    claimed_at: datetime | None
-    next_attempt_at: datetime | None
-    #: Its message (a campaign) is paused: the recipient is left for resume.
-    paused: bool = False
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a claimed recipient ended (or why it waits)."""
-
-    message_id: int
-    contact_id: int
-    #: The claim this outcome finalises (``attempts`` when claimed): a worker whose lease ran
-    #: out cannot overwrite the outcome of the worker that took over.
-    attempts: int
-    status: ItemStatus
-    reason: str | None = None
-    error: str | None = None
-    next_attempt_at: datetime | None = None
-    #: The send failed (counts towards the attempts limit).
-    failed: bool = False
-    #: The template version the recipient was rendered with, when it was rendered.
-    template_version: int | None = None
 
 
 _INSERT_SINGLES = text("""
@@ -179,17 +123,29 @@ WITH wanted AS (
     INSERT INTO message_items AS mi (message_id, contact_id, status, attempts, claimed_at,
                                      updated_at)
     SELECT w.message_id, w.contact_id, 'sending', w.attempt, now(), now() FROM wanted w
-     WHERE EXISTS (SELECT 1 FROM messages m WHERE m.id = w.message_id AND m.status <> 2)
-       AND EXISTS (SELECT 1 FROM contacts k WHERE k.id = w.contact_id)
+     WHERE EXISTS (SELECT 1 FROM messages m WHERE m.id = w.message_id AND m.status <> :paused
+                      AND (m.kind <> 'campaign' AND m.contact_id = w.contact_id
+                           OR EXISTS (SELECT 1 FROM message_items r
+                                       WHERE r.message_id = w.message_id
+                                         AND r.contact_id = w.contact_id)))
      ORDER BY w.message_id, w.contact_id
     ON CONFLICT (message_id, contact_id) DO UPDATE
-       SET status = 'sending', claimed_at = now(), updated_at = now(),
+       SET status = CASE WHEN mi.status = 'sending' AND mi.takeovers >= :max_takeovers
+                         THEN 'failed' ELSE 'sending' END,
+           reason = CASE WHEN mi.status = 'sending' AND mi.takeovers >= :max_takeovers
+                         THEN :lease_reason ELSE mi.reason END,
+           takeovers = mi.takeovers + CAST(mi.status = 'sending' AS int),
+           claimed_at = now(), updated_at = now(),
            attempts = CASE WHEN mi.status = 'deferred' THEN excluded.attempts
                            ELSE mi.attempts + 1 END
      WHERE (mi.status = 'deferred' AND excluded.attempts > mi.attempts)
         OR mi.status = 'planned'
         OR (mi.status = 'sending' AND mi.claimed_at < now() - make_interval(secs => :lease))
-    RETURNING mi.message_id, mi.contact_id, mi.attempts, mi.failures
+    RETURNING mi.message_id, mi.contact_id, mi.attempts, mi.failures, mi.status
+), lease_failed AS (
+    UPDATE messages SET status = :completed
+     WHERE id IN (SELECT message_id FROM claimed WHERE status = 'failed')
+       AND kind <> 'campaign' AND status IN (:not_started, :sending)
 )
 SELECT c.message_id, c.contact_id, c.attempts, c.failures, m.status AS message_status,
        m.idempotency_key, m.template,
@@ -198,11 +154,12 @@ SELECT c.message_id, c.contact_id, c.attempts, c.failures, m.status AS message_s
   FROM claimed c
   JOIN messages m ON m.id = c.message_id
   JOIN contacts k ON k.id = c.contact_id
+ WHERE c.status = 'sending'
 """)
 
 _STATES = text("""
 SELECT mi.message_id, mi.contact_id, mi.status, mi.attempts, mi.claimed_at,
-       mi.next_attempt_at, m.status = 2 AS paused
+       mi.next_attempt_at, m.status = :paused AS paused
   FROM message_items mi
   JOIN messages m ON m.id = mi.message_id
   JOIN unnest(CAST(:mids AS bigint[]), CAST(:cids AS bigint[])) AS t(message_id, contact_id)
@@ -210,22 +167,44 @@ SELECT mi.message_id, mi.contact_id, mi.status, mi.attempts, mi.claimed_at,
 """)
 
 
-def claim_statement(wanted: Sequence[tuple[int, int, int]], lease_seconds: float) -> Statement:
+def claim_statement(
+    wanted: Sequence[tuple[int, int, int]], lease_seconds: float, max_takeovers: int
+) -> Statement:
     """Claim recipient rows for sending, in one statement for the whole batch; read with
     :func:`claimed_from`, then ask :func:`states_statement` about the rest.
 
-    ``wanted`` holds (message_id, contact_id, attempt) without duplicates. A row is claimed
-    when it does not exist yet, when it is ``deferred`` and this is a later attempt, or when
-    it is ``sending`` but its claimer's lease ran out (the claimer crashed between send and
-    finalise), or it is a campaign's ``planned`` recipient. Nothing of a paused message is
-    claimed: its recipients wait for resume.
+    ``wanted`` holds (message_id, contact_id, attempt) without duplicates. Only a recipient
+    of the message is claimed: a single message's contact (its row is created by the first
+    claim), or a contact that has a row already (a started campaign's ``planned``
+    recipient); any other pair is left unclaimed, with no row, and dispatch parks its due
+    message. A row is claimed when it does not exist yet, when it is ``deferred`` and this is
+    a later attempt, or when it is ``sending`` but its claimer's lease ran out (the claimer
+    crashed between send and finalise), or it is a campaign's ``planned`` recipient. A
+    ``sending`` row already taken over ``max_takeovers`` times is recorded ``failed`` with
+    the reason ``lease`` instead: it may have been sent each time, and is never sent again.
+    Nothing of a paused message is claimed: its recipients wait for resume.
     """
     return _CLAIM, {
         "mids": [w[0] for w in wanted],
         "cids": [w[1] for w in wanted],
         "attempts": [w[2] for w in wanted],
         "lease": lease_seconds,
+        "max_takeovers": max_takeovers,
+        "lease_reason": str(lease_reason(max_takeovers)),
+        "paused": int(MessageStatus.PAUSED),
+        "not_started": int(MessageStatus.NOT_STARTED),
+        "sending": int(MessageStatus.SENDING),
+        "completed": int(MessageStatus.COMPLETED),
     }
+
+
+def lease_reason(max_takeovers: int) -> Reason:
+    """Why a recipient whose claims kept expiring is recorded ``failed``."""
+    return Reason(
+        ReasonRule.LEASE,
+        f"the lease ran out {max_takeovers + 1} times before the outcome was recorded "
+        f"(NUDGE_MAX_TAKEOVERS={max_takeovers}); not sent again",
+    )
 
 
 def claimed_from(rows: Sequence[Any]) -> list[Claimed]:
@@ -237,7 +216,11 @@ def claimed_from(rows: Sequence[Any]) -> list[Claimed]:
 def states_statement(rest: Sequence[Key]) -> Statement:
     """The states of recipient rows this worker did not claim; read with
     :func:`states_from` (a key with no row names a message or contact that does not exist)."""
-    return _STATES, {"mids": [k[0] for k in rest], "cids": [k[1] for k in rest]}
+    return _STATES, {
+        "mids": [k[0] for k in rest],
+        "cids": [k[1] for k in rest],
+        "paused": int(MessageStatus.PAUSED),
+    }
 
 
 def states_from(rows: Sequence[Any]) -> dict[Key, ItemState]:
@@ -274,14 +257,14 @@ WITH finalised AS (
     UPDATE messages SET status = :completed
      WHERE id IN (SELECT message_id FROM finalised
                    WHERE status NOT IN ('sending', 'deferred', 'planned'))
-       AND kind <> 'campaign' AND status IN (0, 1)
+       AND kind <> 'campaign' AND status IN (:not_started, :sending)
     RETURNING id
 )
 SELECT (SELECT count(*) FROM finalised) AS finalised, (SELECT count(*) FROM completed)
 """)
 
 
-async def finalise(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> int:
+async def finalise(conn: AsyncConnection, outcomes: Sequence[ItemOutcome]) -> int:
     """:func:`finalise_statement`, run (nothing to run without outcomes); how many rows it
     finalised (fewer than ``outcomes``: a row was taken over, or its claim was lost)."""
     if not outcomes:
@@ -323,14 +306,14 @@ WITH v AS (
     UPDATE messages SET status = :completed
      WHERE id IN (SELECT message_id FROM repaired
                    WHERE status NOT IN ('sending', 'deferred', 'planned'))
-       AND kind <> 'campaign' AND status IN (0, 1)
+       AND kind <> 'campaign' AND status IN (:not_started, :sending)
     RETURNING id
 )
 SELECT (SELECT count(*) FROM repaired) AS repaired, (SELECT count(*) FROM completed)
 """)
 
 
-async def repair(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> int:
+async def repair(conn: AsyncConnection, outcomes: Sequence[ItemOutcome]) -> int:
     """Write the outcomes whose claim was lost (see ``_REPAIR``); how many there were."""
     if not outcomes:
         return 0
@@ -338,7 +321,20 @@ async def repair(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> int:
     return int((await conn.execute(_REPAIR, params)).scalar_one())
 
 
-def finalise_statement(outcomes: Sequence[Outcome]) -> Statement:
+#: Text from outside (a receiver's error body) is stored at most this long.
+MAX_STORED_TEXT = 1000
+
+
+def stored_text(text: str) -> str:
+    """``text`` as it can be stored: without NUL characters (Postgres refuses them in text),
+    at most :data:`MAX_STORED_TEXT` characters."""
+    cleaned = text.replace("\x00", "\ufffd")
+    if len(cleaned) > MAX_STORED_TEXT:
+        cleaned = cleaned[: MAX_STORED_TEXT - 1] + "\u2026"
+    return cleaned
+
+
+def finalise_statement(outcomes: Sequence[ItemOutcome]) -> Statement:
     """Record the outcome of claimed rows, and complete the single-recipient messages (kinds
     ``single`` and ``rule``) among them, in one statement (safe to run in autocommit: it
     commits whole or not at all)."""
@@ -349,11 +345,13 @@ def finalise_statement(outcomes: Sequence[Outcome]) -> Statement:
             "cids": [o.contact_id for o in outcomes],
             "attempts": [o.attempts for o in outcomes],
             "statuses": [o.status.value for o in outcomes],
-            "reasons": [o.reason for o in outcomes],
-            "errors": [o.error for o in outcomes],
+            "reasons": [None if o.reason is None else stored_text(str(o.reason)) for o in outcomes],
+            "errors": [None if o.error is None else stored_text(o.error) for o in outcomes],
             "nexts": [o.next_attempt_at for o in outcomes],
             "failed": [int(o.failed) for o in outcomes],
             "versions": [o.template_version for o in outcomes],
+            "not_started": int(MessageStatus.NOT_STARTED),
+            "sending": int(MessageStatus.SENDING),
             "completed": int(MessageStatus.COMPLETED),
         },
     )

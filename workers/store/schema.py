@@ -7,8 +7,6 @@ the migrations and these tables agree.
 
 from __future__ import annotations
 
-import enum
-
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -31,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
+from workers.recipients import ItemStatus, MessageStatus
+
 metadata = MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -40,40 +40,6 @@ metadata = MetaData(
         "pk": "pk_%(table_name)s",
     }
 )
-
-
-class MessageStatus(enum.IntEnum):
-    """``messages.status``."""
-
-    NOT_STARTED = 0
-    SENDING = 1
-    PAUSED = 2
-    COMPLETED = 3
-    CANCELLED = 4
-
-
-class ItemStatus(enum.StrEnum):
-    """``message_items.status``: ``sending`` while claimed, ``deferred`` while waiting for a
-    retry or a window; every other value is final."""
-
-    SENDING = "sending"
-    DEFERRED = "deferred"
-    #: A campaign recipient frozen into the audience, not yet claimed by a dispatch worker.
-    PLANNED = "planned"
-    SENT = "sent"
-    FAILED = "failed"
-    EXCLUDED = "excluded"
-    SUPPRESSED = "suppressed"
-    EXPIRED = "expired"
-    CANCELLED = "cancelled"
-
-    @property
-    def final(self) -> bool:
-        return self not in UNFINISHED
-
-
-#: Statuses a recipient leaves: a campaign completes when none of its rows has one.
-UNFINISHED = frozenset({ItemStatus.SENDING, ItemStatus.DEFERRED, ItemStatus.PLANNED})
 
 
 def _now() -> Column[object]:
@@ -133,7 +99,9 @@ messages = Table(
     _now(),
     CheckConstraint("kind IN ('single', 'campaign', 'rule')", name="kind"),
     CheckConstraint("priority IN ('transactional', 'automation', 'campaign')", name="priority"),
-    CheckConstraint("status BETWEEN 0 AND 4", name="status"),
+    CheckConstraint(
+        f"status BETWEEN {min(MessageStatus):d} AND {max(MessageStatus):d}", name="status"
+    ),
     CheckConstraint("exclude_scope IN ('since_scheduled', 'ever', 'within')", name="exclude_scope"),
     # a contact's single messages not yet due, for `nudge contact show` (migration 0008)
     Index(None, "contact_id"),
@@ -159,6 +127,9 @@ message_items = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     #: The version of the message's template this recipient was rendered with (migration 0004).
     Column("template_version", Integer),
+    #: How many times a claim of it ran out of its lease (migration 0010): capped by
+    #: ``NUDGE_MAX_TAKEOVERS``.
+    Column("takeovers", Integer, nullable=False, server_default=text("0")),
     PrimaryKeyConstraint("message_id", "contact_id"),
     CheckConstraint(f"status IN ({_item_statuses})", name="status"),
     # window checks: what was sent to this contact lately, and what is being sent now (no
@@ -195,7 +166,7 @@ templates = Table(
     #: Email tracking (migration 0008): an open pixel, and links rewritten to click redirects.
     Column("track_opens", Boolean, nullable=False, server_default=text("true")),
     Column("track_clicks", Boolean, nullable=False, server_default=text("true")),
-    #: The category of messages that give none (migration 0009), for the dedup window.
+    #: The category of messages that give none (migration 0012), for the dedup window.
     Column("category", Text),
     PrimaryKeyConstraint("name", "version"),
     CheckConstraint("version >= 1", name="version"),
@@ -265,6 +236,26 @@ rule_runs = Table(
     PrimaryKeyConstraint("rule", "contact_id"),
 )
 
+
+#: The next free send slot of each rate-limited channel, shared by every dispatch process
+#: (workers/store/rates.py).
+rate_slots = Table(
+    "rate_slots",
+    metadata,
+    Column("channel", Text, primary_key=True),
+    Column("next_at", DateTime(timezone=True), nullable=False),
+)
+
+#: Per running ``events`` consumer: every event published to ``nudge.events`` before
+#: ``recorded_until`` is in ``contact_events``. Dispatch reads the minimum over the live
+#: consumers before sending a message that lists exclusion events.
+events_watermarks = Table(
+    "events_watermarks",
+    metadata,
+    Column("consumer", Text, primary_key=True),
+    Column("recorded_until", DateTime(timezone=True), nullable=False),
+    Column("beat_at", DateTime(timezone=True), nullable=False),
+)
 
 # Campaigns (migration 0005) are ``messages`` rows of kind ``campaign``; these columns are
 # null for other kinds. Draft is status 0 without ``start_at``; scheduled is status 0 with it.

@@ -7,7 +7,8 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, func, select
 
-from workers.store.schema import ItemStatus, message_items, messages
+from workers.recipients import ItemStatus
+from workers.store.schema import message_items, messages
 
 _WAITING = [ItemStatus.SENDING.value, ItemStatus.DEFERRED.value]
 

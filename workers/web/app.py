@@ -66,6 +66,11 @@ class WebApp:
 
     def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
         self._settings = settings
+        settings.require_web_secrets()
+        assert settings.unsubscribe_secret is not None
+        assert settings.tracking_secret is not None
+        self._unsubscribe_secret = settings.unsubscribe_secret.get_secret_value()
+        self._tracking_secret = settings.tracking_secret.get_secret_value()
         self._engine = engine
 
     def routes(self) -> list[Route]:
@@ -80,7 +85,7 @@ class WebApp:
 
     def _signed(self, request: Request) -> tuple[str, int] | None:
         """The contact and message of a signed unsubscribe link, or None."""
-        return unsubscribe.signed(self._settings.unsubscribe_secret, str(request.url))
+        return unsubscribe.signed(self._unsubscribe_secret, str(request.url))
 
     async def confirm(self, request: Request) -> Response:
         """The confirmation page: a button that POSTs the same signed URL."""
@@ -115,7 +120,7 @@ class WebApp:
         return _page("You are unsubscribed", "<p>You will not receive these emails again.</p>")
 
     async def opened(self, request: Request) -> Response:
-        token = tracking.verify(self._settings.tracking_secret, request.path_params["token"], "o")
+        token = tracking.verify(self._tracking_secret, request.path_params["token"], "o")
         if token is None:
             metrics.web_rejected.labels("open").inc()
             return Response(status_code=400, headers=_PRIVATE)
@@ -128,7 +133,7 @@ class WebApp:
         return Response(PIXEL, media_type="image/gif", headers=_PRIVATE)
 
     async def clicked(self, request: Request) -> Response:
-        token = tracking.verify(self._settings.tracking_secret, request.path_params["token"], "c")
+        token = tracking.verify(self._tracking_secret, request.path_params["token"], "c")
         if token is None or token.url is None:
             metrics.web_rejected.labels("click").inc()
             return _page("This link is not valid", "<p>The link was changed or cut.</p>", 400)

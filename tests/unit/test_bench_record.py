@@ -1,0 +1,63 @@
+"""The benchmark record: a file per run with its load and state, and docs generated from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import report, table
+
+
+def test_the_tables_in_docs_benchmarks_are_what_the_committed_results_give() -> None:
+    assert table.section(table.DOC.read_text()) == table.render(), (
+        "docs/benchmarks.md is stale: run `python -m bench table`"
+    )
+
+
+def test_each_run_writes_a_file_of_its_own_with_commit_dirty_flag_load_and_outcome(
+    tmp_path: Path,
+) -> None:
+    report.begin()
+    figures = [
+        report.Figure("lateness p99", 42.0, "ms", 100, "<="),
+        report.Figure("sends after pause returned", None, "", 10, "<=", absent="no pause"),
+    ]
+    first = report.write("demo", {"n": 1}, {}, {}, figures, {}, ok=False, root=tmp_path)
+    doc = json.loads(first.read_text())
+    assert first.parent == tmp_path / "demo"
+    assert first.name.endswith(f"-{doc['commit']}.json")
+    assert isinstance(doc["dirty"], bool)
+    assert doc["ok"] is False
+    assert 0 <= doc["load"]["before"]["cpu_busy"] <= 1
+    assert len(doc["load"]["before"]["loadavg"]) == 3
+    assert doc["load"]["loaded_machine"] == (doc["load"]["before"]["cpu_busy"] >= 0.25)
+    absent = doc["figures"][1]
+    assert (absent["value"], absent["absent"], absent["met"]) == (None, "no pause", None)
+    assert "no pause" in report.table(figures)
+
+
+def test_a_failed_run_is_counted_not_averaged_and_a_missing_value_is_not_a_zero(
+    tmp_path: Path,
+) -> None:
+    def run(at: str, ok: bool, p99: float, sends: float | None) -> None:
+        (tmp_path / "demo").mkdir(exist_ok=True)
+        doc = {
+            "scenario": "demo",
+            "at": at,
+            "commit": "abc1234",
+            "ok": ok,
+            "params": {"n": 1},
+            "figures": [
+                {"name": "p99", "value": p99, "unit": "ms", "target": None, "bound": ">="},
+                {"name": "sends", "value": sends, "unit": "", "target": None, "bound": ">="},
+            ],
+        }
+        (tmp_path / "demo" / f"{at}.json").write_text(json.dumps(doc))
+
+    run("2026-01-01T00:00:01", True, 10, None)
+    run("2026-01-01T00:00:02", True, 30, 5)
+    run("2026-01-01T00:00:03", False, 9000, 0)
+    text = table.render(tmp_path)
+    assert "2 run(s) succeeded, 1 failed" in text
+    assert "| p99 | 20 ms (10 to 30) |" in text
+    assert "| sends | 5; 1 run(s) without |" in text
