@@ -70,12 +70,17 @@ class Policy(BaseModel):
         return opening.astimezone(UTC)
 
 
+#: The interaction events the automation and campaign policies ship with: a contact who
+#: started a conversation with the team (chat, sales, support) or opened a support ticket
+#: within the interaction window is not sent an automated message (docs/operations.md).
+DEFAULT_INTERACTION_EVENTS: tuple[str, ...] = ("conversation_started", "support_ticket_opened")
+
 DEFAULTS: dict[Priority, Policy] = {
     Priority.TRANSACTIONAL: Policy(
         bypass_caps=True, bypass_subscription=True, frequency_cap=None, category_window_seconds=None
     ),
-    Priority.AUTOMATION: Policy(),
-    Priority.CAMPAIGN: Policy(),
+    Priority.AUTOMATION: Policy(interaction_events=DEFAULT_INTERACTION_EVENTS),
+    Priority.CAMPAIGN: Policy(interaction_events=DEFAULT_INTERACTION_EVENTS),
 }
 
 

@@ -407,6 +407,106 @@ def test_a_transactional_message_arrives_within_a_second_during_a_20000_recipien
     ok(settings, "campaign", "cancel", "flood")
 
 
+def test_nudge_message_cancel_on_a_campaign_records_its_recipients_and_views_page_them(
+    settings: Settings, engine: Engine
+) -> None:
+    seed(engine, 45)
+    create(settings, "mistake")
+    ok(settings, "campaign", "start", "mistake")  # no worker runs: every recipient planned
+    mid = status(settings, "mistake")["id"]
+    out = ok(settings, "message", "cancel", str(mid)).strip()
+    assert out == f"message {mid} (campaign 'mistake') cancelled: 45 recipients recorded cancelled"
+    assert items(engine, "mistake") == Counter({"cancelled": 45})
+    assert status(settings, "mistake")["state"] == "cancelled"
+    again = ok(settings, "message", "cancel", str(mid)).strip()
+    assert again == f"message {mid} had already completed or been cancelled"
+    # a page at a time, by contact id
+    shown = []
+    after = "0"
+    while True:
+        page = json.loads(
+            ok(settings, "message", "show", str(mid), "--limit", "20", "--after", after, "--json")
+        )
+        assert page["total"] == 45
+        shown += [i["external_id"] for i in page["items"]]
+        if page["next_after"] is None:
+            break
+        after = str(page["next_after"])
+    assert shown == [f"c-{i}" for i in range(1, 46)]
+    text_page = ok(settings, "message", "show", str(mid), "--limit", "2").splitlines()
+    assert text_page[2:] == [
+        "  c-1: cancelled (cancelled: cancelled by an operator)",
+        "  c-2: cancelled (cancelled: cancelled by an operator)",
+        "  ... 2 of 45 recipients shown; next page: --after 2",
+    ]
+    assert ok(settings, "message", "show", str(mid), "--status", "sent").splitlines()[2:] == [
+        "  none sent"
+    ]
+    s = json.loads(
+        ok(
+            settings,
+            "campaign",
+            "status",
+            "mistake",
+            "--status",
+            "cancelled",
+            "--limit",
+            "3",
+            "--json",
+        )
+    )
+    assert [i["external_id"] for i in s["recipients_page"]["items"]] == ["c-1", "c-2", "c-3"]
+    assert s["recipients_page"]["total"] == 45
+    assert "recipients_page" not in status(settings, "mistake"), "counts only by default"
+
+
+def test_a_resumed_campaign_waits_out_a_deferred_recipients_retry_backoff(
+    settings: Settings, engine: Engine, sink: Sink, start_worker: Callable[..., Worker]
+) -> None:
+    n = 20
+    seed(engine, n)
+
+    def respond(doc: dict[str, Any], attempt: int) -> tuple[int, dict[str, str]]:
+        # c-1's first send is refused for an hour; everyone else is accepted
+        if doc["contact"]["id"] == "c-1" and attempt == 0:
+            return 429, {"Retry-After": "3600"}
+        return 200, {}
+
+    sink.respond = respond
+    # one dispatch slot: batches are handled in the order the planner publishes them
+    workers(start_worker, 1)
+    # one recipient a second, c-1 first: the pause lands long before the last is planned
+    create(settings, "backoff", "--rate", "1")
+    ok(settings, "campaign", "start", "backoff")
+
+    def c1() -> dict[str, Any]:
+        with engine.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT mi.status, mi.attempts, mi.next_attempt_at FROM message_items mi "
+                    "JOIN contacts c ON c.id = mi.contact_id WHERE c.external_id = 'c-1'"
+                )
+            ).one()
+        return dict(row._mapping)
+
+    wait_for(lambda: c1()["status"] == "deferred", message="c-1 deferred")
+    deferred = c1()
+    ok(settings, "campaign", "pause", "backoff")
+    assert status(settings, "backoff")["counts"]["planned"] > 0, "all planned: proves nothing"
+    ok(settings, "campaign", "resume", "backoff")
+    # the new round pages c-1 first; once the last recipient is sent, any batch with c-1 in
+    # it has been handled
+    wait_for(
+        lambda: status(settings, "backoff")["counts"]["sent"] >= n - 1,
+        timeout=120,
+        interval=0.5,
+        message="the others sent",
+    )
+    assert c1() == deferred, "c-1 was tried again before its retry time"
+    assert [r.status for r in sink.requests if r.body["contact"]["id"] == "c-1"] == [429]
+    assert status(settings, "backoff")["state"] == "sending"
+
+
 def test_two_planners_given_the_same_campaign_twice_plan_it_one_at_a_time(
     settings: Settings,
     engine: Engine,

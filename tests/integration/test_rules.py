@@ -250,3 +250,34 @@ def test_concurrent_events_for_a_run_once_rule_send_once(
     assert len(runs) == 1
     assert [k for k, *_ in rows(engine)] == [f"rule:first-order-thanks:{runs[0].event_id}"]
     assert len(sink.requests) == 1
+
+
+def test_a_rules_message_is_stored_as_kind_rule_and_completes_like_a_single_message(
+    settings: Settings, sink: Sink, engine: Engine, start_worker: Callable[..., Worker]
+) -> None:
+    load(
+        engine,
+        """rules:
+  - name: hello
+    event: signed_up
+    delay: 0s
+    template: hello
+    channel: webhook
+""",
+    )
+    start_worker("scheduler", "dispatch", "events")
+    with Producer(settings.amqp_url) as producer:
+        producer.track("ann", "signed_up", event_id="ev-ann")
+        producer.schedule("ann", "welcome", "webhook", idempotency_key="from-a-service")
+    wait_for(lambda: len(sink.accepted()) == 2, message="both messages sent")
+
+    def kinds() -> dict[str, tuple[str, int]]:
+        with engine.connect() as conn:
+            found = conn.execute(select(messages.c.template, messages.c.kind, messages.c.status))
+            return {r.template: (r.kind, r.status) for r in found}
+
+    # status 3: completed once its recipient's outcome is final, whatever the kind
+    wait_for(
+        lambda: kinds() == {"hello": ("rule", 3), "welcome": ("single", 3)},
+        message="the kinds, and both completed",
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from workers.cli.base import (
     load_settings,
     print_json,
 )
+from workers.cli.messages import echo_page, page_options, recipient_page
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
@@ -145,6 +147,35 @@ def _read_ids_csv(path: Path) -> list[str]:
 )
 @click.option("--ids", multiple=True, help="Audience: external ids, comma-separated.")
 @click.option(
+    "--did",
+    multiple=True,
+    metavar="EVENT:WINDOW",
+    help="Audience: only contacts who did EVENT within WINDOW before the start, e.g. "
+    "purchased:30d (repeatable; alone: among every contact).",
+)
+@click.option(
+    "--did-not",
+    multiple=True,
+    metavar="EVENT:WINDOW",
+    help="Audience: only contacts who did not do EVENT within WINDOW before the start "
+    "(repeatable).",
+)
+@click.option(
+    "--exclude-event",
+    "exclude_events",
+    multiple=True,
+    help="Do not send to a recipient who did this event (checked at send time; repeatable).",
+)
+@click.option(
+    "--exclude-scope",
+    type=click.Choice(["since_scheduled", "ever", "within"]),
+    default="since_scheduled",
+    show_default=True,
+    help="Which --exclude-event events count: since the campaign was created, ever, or "
+    "within --exclude-within before the send.",
+)
+@click.option("--exclude-within", type=DURATION, help="The window of --exclude-scope within.")
+@click.option(
     "--csv",
     "csv_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -183,6 +214,11 @@ def campaign_create(
     everyone: bool,
     where: tuple[str, ...],
     ids: tuple[str, ...],
+    did: tuple[str, ...],
+    did_not: tuple[str, ...],
+    exclude_events: tuple[str, ...],
+    exclude_scope: str,
+    exclude_within: timedelta | None,
     csv_file: Path | None,
     batch_size: int,
     chunk_size: int,
@@ -207,11 +243,12 @@ def campaign_create(
             )
             if v
         ]
-        if len(given) != 1:
+        if len(given) > 1 or not (given or did or did_not):
             raise InvalidMessage(
-                "audience: give exactly one of --all, --where, --ids, --csv"
+                "audience: give one of --all, --where, --ids, --csv (or only --did/--did-not)"
                 + (f" (got {', '.join(given)})" if given else "")
             )
+        excluded = _exclusion(exclude_events, exclude_scope, exclude_within)
         try:
             payload = json.loads(data)
         except json.JSONDecodeError as exc:
@@ -220,15 +257,16 @@ def campaign_create(
             raise InvalidMessage("data: must be a JSON object")
         if chunk_size > batch_size:
             raise InvalidMessage(f"chunk_size: {chunk_size} is larger than batch_size {batch_size}")
+        base: dict[str, Any] | None = None
         if everyone:
-            audience = audiences.subscribed()
+            base = audiences.subscribed()
         elif where:
-            audience = audiences.filtered(where)
+            base = audiences.filtered(where)
         elif ids:
-            audience = audiences.explicit([i for group in ids for i in group.split(",")])
-        else:
-            assert csv_file is not None
-            audience = audiences.explicit(_read_ids_csv(csv_file))
+            base = audiences.explicit([i for group in ids for i in group.split(",")])
+        elif csv_file is not None:
+            base = audiences.explicit(_read_ids_csv(csv_file))
+        audience = audiences.with_behaviour(base, did, did_not)
         with database(settings, write=True) as conn:
             if templates.missing(conn, [template]):
                 raise InvalidMessage(f"template: no template named {template!r}; add it first")
@@ -257,6 +295,9 @@ def campaign_create(
                 auto_pause_threshold=auto_pause_threshold,
                 auto_pause_window=auto_pause_window if auto_pause_threshold else None,
                 expires_after_seconds=expires_in.total_seconds() if expires_in else None,
+                exclude_events=excluded[0],
+                exclude_scope=excluded[1],
+                exclude_within_seconds=excluded[2],
             )
             campaign_id = campaigns.create(conn, new)
             if campaign_id is None:
@@ -269,6 +310,32 @@ def campaign_create(
             f"campaign {name!r} created (draft, id {campaign_id}): "
             f"{audiences.describe(audience)}, {matching} matching now"
         )
+
+
+_EVENT_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
+
+
+def _exclusion(
+    events: tuple[str, ...], scope: str, within: timedelta | None
+) -> tuple[tuple[str, ...], str, float | None]:
+    """``--exclude-event``, ``--exclude-scope`` and ``--exclude-within``, validated as a
+    single message's exclusion fields."""
+    for name in events:
+        if not _EVENT_NAME.fullmatch(name):
+            raise InvalidMessage(
+                f"exclude_events: {name!r} is not an event name: 1-200 letters, digits, "
+                "'_', '.', ':' or '-'"
+            )
+    if len(events) > 50:
+        raise InvalidMessage(f"exclude_events: at most 50 events (got {len(events)})")
+    if (scope == "within") != (within is not None):
+        raise InvalidMessage(
+            "exclude_within: --exclude-within is required with --exclude-scope within, "
+            "and only then"
+        )
+    if within is not None and within.total_seconds() <= 0:
+        raise InvalidMessage("exclude_within: must be more than 0")
+    return tuple(dict.fromkeys(events)), scope, within.total_seconds() if within else None
 
 
 @campaign.command("schedule")
@@ -366,15 +433,23 @@ def campaign_resume(ctx: click.Context, ref: str) -> None:
 @click.pass_context
 def campaign_cancel(ctx: click.Context, ref: str, reason: str) -> None:
     """Cancel campaign REF: recipients not sent are recorded cancelled."""
-    from workers.store import campaigns
-
     settings = load_settings(ctx)
     with _errors():
-        with database(settings, write=True) as conn:
-            found = _find(conn, ref)
-            round_, n = campaigns.cancel(conn, found, reason)
-        _announce(settings, control=(found.id, "cancel", round_))
+        found, n = cancel(settings, ref, reason)
     click.echo(f"campaign {found.name!r} cancelled: {n} recipients recorded cancelled")
+
+
+def cancel(settings: Settings, ref: str, reason: str) -> tuple[Campaign, int]:
+    """Commit the cancel (recording the recipients not claimed yet ``cancelled``), then
+    announce it to every worker; returns the campaign and how many were recorded (also used
+    by ``nudge message cancel``)."""
+    from workers.store import campaigns
+
+    with database(settings, write=True) as conn:
+        found = _find(conn, ref)
+        round_, n = campaigns.cancel(conn, found, reason)
+    _announce(settings, control=(found.id, "cancel", round_))
+    return found, n
 
 
 @campaign.command("retry-failed")
@@ -422,6 +497,11 @@ def campaign_summary(conn: Connection, found: Campaign) -> dict[str, Any]:
         "template": found.template,
         "channel": found.channel,
         "audience": audiences.describe(found.audience),
+        "exclude": {
+            "events": found.exclude_events,
+            "scope": found.exclude_scope,
+            "within_seconds": found.exclude_within_seconds,
+        },
         "recipients": total,
         "done": done,
         "remaining": remaining,
@@ -435,6 +515,19 @@ def campaign_summary(conn: Connection, found: Campaign) -> dict[str, Any]:
     }
 
 
+def exclusion_text(exclude: dict[str, Any]) -> str:
+    """``unless the recipient did E1 or E2 <scope>`` for a campaign's exclusion events."""
+    from workers.durations import format_duration
+
+    scope = {
+        "ever": "ever",
+        "since_scheduled": "since the campaign was created",
+    }.get(exclude["scope"]) or (
+        f"within {format_duration(timedelta(seconds=exclude['within_seconds']))} before the send"
+    )
+    return f"unless the recipient did {' or '.join(exclude['events'])} {scope}"
+
+
 def progress_line(s: dict[str, Any]) -> str:
     """One line of a campaign's progress: final/recipients, rate, ETA, counts."""
     counts = s["counts"]
@@ -446,14 +539,22 @@ def progress_line(s: dict[str, Any]) -> str:
 
 @campaign.command("status")
 @click.argument("ref")
+@page_options(limit=0)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def campaign_status(ctx: click.Context, ref: str, as_json: bool) -> None:
+def campaign_status(
+    ctx: click.Context, ref: str, limit: int, status: str | None, after: int, as_json: bool
+) -> None:
     """Progress of campaign REF: recipients per outcome, read, opened and clicked (emails),
-    rate and ETA."""
+    rate and ETA; with --limit or --status, a page of its recipients too (with --status
+    alone, 50 of them)."""
     settings = load_settings(ctx)
+    if status is not None and limit == 0:
+        limit = 50
     with _errors(), database(settings) as conn:
         s = campaign_summary(conn, _find(conn, ref))
+        if limit:
+            s["recipients_page"] = recipient_page(conn, s["id"], status, after, limit)
     if as_json:
         print_json(s)
         return
@@ -462,7 +563,11 @@ def campaign_status(ctx: click.Context, ref: str, as_json: bool) -> None:
         + (f" ({s['reason']})" if s["reason"] else "")
     )
     click.echo(f"  {s['template']} via {s['channel']} to {s['audience']}")
+    if s["exclude"]["events"]:
+        click.echo(f"  {exclusion_text(s['exclude'])}")
     click.echo(f"  {progress_line(s)}")
+    if limit:
+        echo_page(s["recipients_page"], status)
 
 
 @campaign.command("watch")

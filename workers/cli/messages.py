@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from shared.errors import NotFound
+from shared.errors import InvalidTransition, NotFound
 from workers.cli.base import (
     DURATION,
     EXIT_INVALID,
@@ -19,6 +20,9 @@ from workers.cli.base import (
     print_json,
 )
 from workers.config import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
 
 
 @click.group()
@@ -123,25 +127,99 @@ def _find(settings: Settings, ref: str) -> dict[str, Any]:
     return found
 
 
+def page_options(limit: int) -> Callable[[Any], Any]:
+    """``--limit``, ``--status`` and ``--after``: which page of recipients a view prints."""
+    from workers.recipients import ItemStatus
+
+    def decorate(command: Any) -> Any:
+        for option in reversed(
+            (
+                click.option(
+                    "--limit",
+                    default=limit,
+                    show_default=True,
+                    type=click.IntRange(0, 10_000),
+                    help="Recipients shown per page.",
+                ),
+                click.option(
+                    "--status",
+                    type=click.Choice([s.value for s in ItemStatus]),
+                    help="Only recipients with this outcome.",
+                ),
+                click.option(
+                    "--after",
+                    default=0,
+                    type=click.IntRange(0),
+                    help="The next page: recipients after this contact id (printed at the "
+                    "end of a page).",
+                ),
+            )
+        ):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def recipient_page(
+    conn: Connection, message_id: int, status: str | None, after: int, limit: int
+) -> dict[str, Any]:
+    """One page of a message's recipients with their opens and clicks, as printed."""
+    from workers.recipients import ItemStatus
+    from workers.store import messages, tracking
+
+    page = messages.recipients(
+        conn,
+        message_id,
+        status=ItemStatus(status) if status else None,
+        after=after,
+        limit=limit,
+    )
+    engaged = tracking.engagement(conn, ((message_id, i["contact_id"]) for i in page.items))
+    for item in page.items:
+        item.update(engaged[(message_id, item["contact_id"])].as_dict())
+    return {"items": page.items, "total": page.total, "next_after": page.next_after}
+
+
+def echo_page(page: dict[str, Any], status: str | None) -> None:
+    """The recipients of a page, one line each, and how to get the next page."""
+    which = f" {status}" if status else ""
+    if not page["total"]:
+        click.echo(f"  no{which} recipient has an outcome yet" if not status else f"  none{which}")
+    for item in page["items"]:
+        when = item["sent_at"].isoformat() if item["sent_at"] else ""
+        click.echo(
+            f"  {item['external_id']}: {item['status']} {when}".rstrip()
+            + (f" ({item['reason']})" if item["reason"] else "")
+            + (f" attempts={item['attempts']}" if item["attempts"] > 1 else "")
+            + (f" failures={item['failures']}" if item["failures"] else "")
+            + (f" last_error={item['last_error']}" if item["last_error"] else "")
+            + engagement_text(item)
+        )
+    if page["next_after"] is not None:
+        click.echo(
+            f"  ... {len(page['items'])} of {page['total']}{which} recipients shown; "
+            f"next page: --after {page['next_after']}"
+        )
+
+
 @message.command("show")
 @click.argument("ref")
+@page_options(limit=50)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def message_show(ctx: click.Context, ref: str, as_json: bool) -> None:
-    """Show message REF (id or idempotency key) and each recipient's outcome and why, with
-    the opens and clicks of an email."""
+def message_show(
+    ctx: click.Context, ref: str, limit: int, status: str | None, after: int, as_json: bool
+) -> None:
+    """Show message REF (id or idempotency key) and its recipients' outcomes and why, with
+    the opens and clicks of an email, a page at a time (by contact id)."""
     from workers.recipients import MessageStatus
-    from workers.store import tracking
 
     settings = load_settings(ctx)
     with errors():
         found = _find(settings, ref)
         with database(settings) as conn:
-            engaged = tracking.engagement(
-                conn, ((found["id"], item["contact_id"]) for item in found["items"])
-            )
-    for item in found["items"]:
-        item.update(engaged[(found["id"], item["contact_id"])].as_dict())
+            found.update(recipient_page(conn, found["id"], status, after, limit))
     if as_json:
         print_json(found)
         return
@@ -153,18 +231,7 @@ def message_show(ctx: click.Context, ref: str, as_json: bool) -> None:
         f"  deliver_at {found['deliver_at'].isoformat()}"
         + (f", expires_at {found['expires_at'].isoformat()}" if found["expires_at"] else "")
     )
-    if not found["items"]:
-        click.echo("  no recipient has an outcome yet")
-    for item in found["items"]:
-        when = item["sent_at"].isoformat() if item["sent_at"] else ""
-        click.echo(
-            f"  {item['external_id']}: {item['status']} {when}".rstrip()
-            + (f" ({item['reason']})" if item["reason"] else "")
-            + (f" attempts={item['attempts']}" if item["attempts"] > 1 else "")
-            + (f" failures={item['failures']}" if item["failures"] else "")
-            + (f" last_error={item['last_error']}" if item["last_error"] else "")
-            + engagement_text(item)
-        )
+    echo_page(found, status)
 
 
 def engagement_text(item: dict[str, Any]) -> str:
@@ -183,14 +250,29 @@ def engagement_text(item: dict[str, Any]) -> str:
 @click.argument("ref")
 @click.pass_context
 def message_cancel(ctx: click.Context, ref: str) -> None:
-    """Cancel message REF: recipients not yet sent are recorded cancelled when due."""
+    """Cancel message REF: recipients not yet sent are recorded cancelled when due; for a
+    campaign, as `nudge campaign cancel` does (its recipients not claimed yet at once)."""
     from workers.store import messages
 
     settings = load_settings(ctx)
     with errors():
         found = _find(settings, ref)
-        with database(settings, write=True) as conn:
-            changed = messages.cancel(conn, found["id"])
+        if found["kind"] == "campaign":
+            from workers.cli.campaigns import cancel
+
+            try:
+                campaign, n = cancel(settings, str(found["id"]), "cancelled by an operator")
+            except InvalidTransition:
+                changed = False
+            else:
+                click.echo(
+                    f"message {found['id']} (campaign {campaign.name!r}) cancelled: "
+                    f"{n} recipients recorded cancelled"
+                )
+                return
+        else:
+            with database(settings, write=True) as conn:
+                changed = messages.cancel(conn, found["id"])
     click.echo(
         f"message {found['id']} cancelled"
         if changed

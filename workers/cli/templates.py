@@ -18,6 +18,8 @@ from shared.errors import InvalidMessage, InvalidTemplate, NotFound
 from workers.cli.base import database, errors, load_settings, print_json
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+#: As the contract's ``Name``: what a message's ``category`` may be.
+_CATEGORY = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 
 
 def _part(text: str | None, path: Path | None, option: str) -> str | None:
@@ -59,10 +61,26 @@ def _content_options(command: Any) -> Any:
                 default=None,
                 help="Rewrite the HTML's links to click redirects (default: on; update: keep).",
             ),
+            click.option(
+                "--category",
+                help="The category of messages that give none, for the category dedup "
+                "window (update: keep; '' clears it).",
+            ),
         )
     ):
         command = decorator(command)
     return command
+
+
+def _category(value: str | None) -> str | None:
+    """``--category`` validated like a message's category ('' means none)."""
+    if not value:
+        return None
+    if not _CATEGORY.fullmatch(value):
+        raise InvalidMessage(
+            f"category: {value!r} is not a name: 1-200 letters, digits, '_', '.', ':' or '-'"
+        )
+    return value
 
 
 def _describe(t: Any) -> dict[str, Any]:
@@ -74,6 +92,7 @@ def _describe(t: Any) -> dict[str, Any]:
         "html_body": t.html_body,
         "track_opens": t.track_opens,
         "track_clicks": t.track_clicks,
+        "category": t.category,
         "created_at": t.created_at.isoformat(),
     }
 
@@ -97,6 +116,7 @@ def template_add(
     html_file: Path | None,
     track_opens: bool | None,
     track_clicks: bool | None,
+    category: str | None,
 ) -> None:
     """Add template NAME (version 1); its syntax is checked first."""
     from workers.store import templates
@@ -124,6 +144,7 @@ def template_add(
                 html_body,
                 track_opens=track_opens is not False,
                 track_clicks=track_clicks is not False,
+                category=_category(category),
             )
     click.echo(f"template {name} version {version} added")
 
@@ -142,6 +163,7 @@ def template_update(
     html_file: Path | None,
     track_opens: bool | None,
     track_clicks: bool | None,
+    category: str | None,
 ) -> None:
     """Store a new version of NAME; parts not given keep their current content."""
     from workers.store import templates
@@ -167,6 +189,7 @@ def template_update(
                 new_html,
                 track_opens=current.track_opens if track_opens is None else track_opens,
                 track_clicks=current.track_clicks if track_clicks is None else track_clicks,
+                category=current.category if category is None else _category(category),
             )
     click.echo(f"template {name} version {version} added")
 
@@ -189,6 +212,7 @@ def template_list(ctx: click.Context, as_json: bool) -> None:
     for t in found:
         click.echo(
             f"{t.name}  v{t.version}  {t.created_at.isoformat(timespec='seconds')}"
+            + (f"  [{t.category}]" if t.category else "")
             + (f"  {t.subject}" if t.subject else "")
         )
 
@@ -206,6 +230,7 @@ def template_show(ctx: click.Context, name: str, version: int | None, as_json: b
         return
     click.echo(f"template {t.name} version {t.version} ({t.created_at.isoformat()})")
     click.echo(f"subject: {t.subject or ''}")
+    click.echo(f"category: {t.category or 'none'}")
     tracked = [k for k, on in (("opens", t.track_opens), ("clicks", t.track_clicks)) if on]
     click.echo(f"tracking: {', '.join(tracked) or 'off'}")
     click.echo("text:")

@@ -164,7 +164,13 @@ class EventsHandler:
         metrics.events_recorded.inc(new)
         # Unconfirmed: the consumer keeps the batch unacked and handles it again.
         await self._publisher.publish_many(
-            Outgoing(INTAKE_EXCHANGE, SCHEDULE_KEY, contract.encode(f.request), f.key)
+            Outgoing(
+                INTAKE_EXCHANGE,
+                SCHEDULE_KEY,
+                contract.encode(f.request),
+                f.key,
+                headers={firing.RULE_HEADER: f.rule},
+            )
             for f in fired
         )
         for f in fired:

@@ -4,7 +4,11 @@ A plan message (``nudge.plan``) names a campaign and a planning round. The plann
 recipients without a final outcome by contact id (keyset on a partial index, never OFFSET),
 publishes them in batches with confirms, and records after each page how far it got. A
 round-0 message is a scheduled start that came through the delay: it freezes the audience
-first. The delay ladder therefore carries one message per campaign, never one per recipient.
+first. The delay ladder therefore carries one start per campaign, never one message per
+recipient to send (only retries go through it one by one, as any message's do).
+
+A ``deferred`` recipient whose retry time is still ahead is not batched: it goes back through
+the delay for that time, so a resume or retry-failed round honours backoffs and windows.
 
 Several planners may run: one campaign is planned by one of them at a time (a session
 advisory lock); another that receives a message for it comes back a second later. A planner
@@ -21,16 +25,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract, delay
 from shared.amqp import Incoming, Outgoing, Publisher
-from shared.contract import PlanCampaign, RecipientBatch
+from shared.contract import DueMessage, PlanCampaign, RecipientBatch, due_message_id
 from shared.errors import StoreError
-from shared.topology import BATCH_KEY, BATCHES_EXCHANGE, PLAN_DESTINATION, PLAN_QUEUE
+from shared.topology import (
+    BATCH_KEY,
+    BATCHES_EXCHANGE,
+    DUE_DESTINATION,
+    PLAN_DESTINATION,
+    PLAN_QUEUE,
+)
 from workers.recipients import MessageStatus
 from workers.runtime import metrics
 from workers.runtime.outcomes import DONE, Outcome, Reject, Retry
@@ -115,32 +125,60 @@ class PlannerHandler:
                 log.info("campaign round planned", campaign_id=campaign_id, round=round_)
                 return DONE
             started = time.monotonic()
-            batches = [rows[i : i + size] for i in range(0, len(rows), size)]
+            now = datetime.now(UTC)
+            ready = [r for r in rows if r.retry_at is None]
+            waiting = [r for r in rows if r.retry_at is not None]
+            batches = [ready[i : i + size] for i in range(0, len(ready), size)]
             await self._publisher.publish_many(
-                Outgoing(
-                    BATCHES_EXCHANGE,
-                    BATCH_KEY,
-                    contract.encode(
-                        RecipientBatch(
-                            message_id=campaign_id,
-                            round=round_,
-                            contact_ids=tuple(cid for cid, _ in b),
-                            attempts=tuple(a for _, a in b),
+                [
+                    *(
+                        Outgoing(
+                            BATCHES_EXCHANGE,
+                            BATCH_KEY,
+                            contract.encode(
+                                RecipientBatch(
+                                    message_id=campaign_id,
+                                    round=round_,
+                                    contact_ids=tuple(r.contact_id for r in b),
+                                    attempts=tuple(r.attempts for r in b),
+                                )
+                            ),
+                            batch_message_id(campaign_id, round_, b[0].contact_id),
                         )
+                        for b in batches
                     ),
-                    batch_message_id(campaign_id, round_, b[0][0]),
-                )
-                for b in batches
+                    *(self._retry(campaign_id, r, now) for r in waiting),
+                ]
             )
             metrics.campaign_batches_planned.inc(len(batches))
             async with transaction(self._engine) as conn:
-                await campaigns.advance(conn, campaign_id, round_, rows[-1][0])
+                await campaigns.advance(conn, campaign_id, round_, rows[-1].contact_id)
             if c.rate_per_second is not None:
                 await asyncio.sleep(
                     max(0.0, len(rows) / c.rate_per_second - (time.monotonic() - started))
                 )
             if time.monotonic() > deadline:
                 return Retry(0)  # the rest from the recorded cursor, maybe by another planner
+
+    def _retry(self, campaign_id: int, r: campaigns.Unfinished, now: datetime) -> Outgoing:
+        """A deferred recipient whose retry time is still ahead (a resume or retry-failed
+        round meets it) goes back through the delay to ``nudge.due`` for that time, as its
+        deferral had scheduled, instead of into a batch sent now. A copy of the original retry
+        still in the delay is harmless: the later attempt number claims once."""
+        assert r.retry_at is not None
+        due = DueMessage(
+            message_id=campaign_id,
+            contact_id=r.contact_id,
+            deliver_at=r.retry_at,
+            attempt=r.attempts + 1,
+        )
+        return Publisher.delayed(
+            self._backend,
+            DUE_DESTINATION,
+            delay.delay_until(r.retry_at, now),
+            contract.encode(due),
+            due_message_id(campaign_id, r.contact_id, due.attempt),
+        )
 
     async def sweep_forever(self) -> None:
         """Complete every campaign whose recipients are all final, every few seconds."""

@@ -26,6 +26,7 @@ from shared.amqp import Incoming, Outgoing, Publisher
 from shared.contract import DueBatch, DueMessage, ScheduleMessage, due_message_id
 from shared.errors import BrokerError, StoreError
 from shared.topology import INTAKE_QUEUE, due_destination
+from workers.rules.firing import RULE_HEADER
 from workers.runtime import metrics
 from workers.runtime.outcomes import DONE, Outcome, Reject
 from workers.store import messages, rescue, templates
@@ -42,6 +43,8 @@ RESCUE_LIMIT = 1000
 class Intake:
     key: str
     request: ScheduleMessage
+    #: Published by an automation rule (the events role), not by a service.
+    from_rule: bool = False
 
 
 class SchedulerHandler:
@@ -60,7 +63,7 @@ class SchedulerHandler:
     def decode(self, message: Incoming) -> Intake:
         key = contract.published_by_a_service(message.message_id, message.delivery_mode)
         request = contract.decode(ScheduleMessage, message.body, content_type=message.content_type)
-        return Intake(key, request)
+        return Intake(key, request, bool((message.headers or {}).get(RULE_HEADER)))
 
     def due_at(self, item: Intake) -> datetime | None:
         return None
@@ -75,7 +78,10 @@ class SchedulerHandler:
             stored = []
             if accepted:
                 stored = await messages.insert_single_messages(
-                    conn, [(i.key, i.request) for i in accepted], now
+                    conn,
+                    [(i.key, i.request) for i in accepted],
+                    now,
+                    from_rules={i.key for i in accepted if i.from_rule},
                 )
         priority = {i.key: i.request.priority.value for i in accepted}
         await self._publisher.publish_many(self._due(stored, priority, datetime.now(UTC)))

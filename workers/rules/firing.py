@@ -31,6 +31,10 @@ from workers.store.rules import ActivityQuery, Contact
 
 log = structlog.get_logger("nudge.rules")
 
+#: The AMQP header naming the rule on the messages rules publish to ``nudge.intake``: the
+#: scheduler stores them as kind ``rule`` (a service's own messages are kind ``single``).
+RULE_HEADER = "x-nudge-rule"
+
 #: Timestamps are stored to the microsecond: events from this long after the trigger exclude.
 AFTER_TRIGGER = timedelta(microseconds=1)
 

@@ -8,12 +8,18 @@ An audience is stored as JSON on the campaign's ``messages`` row:
   condition (unsubscribed ones are frozen too, and recorded ``suppressed`` by the checks,
   so nobody disappears silently);
 - ``{"kind": "ids", "ids": [...]}``: these external ids (also what a CSV audience becomes).
+
+Any kind may also carry ``"behaviour": [{"event": E, "did": true|false, "within_seconds": S},
+...]``: of those contacts, only the ones who did (or did not do) event E within the S seconds
+before the audience is counted or frozen. All conditions must hold. A ``filter`` audience
+may have behaviour conditions and no attribute conditions.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -22,8 +28,10 @@ from sqlalchemy import (
     Connection,
     Text,
     and_,
+    exists,
     func,
     literal,
+    not_,
     or_,
     select,
     true,
@@ -32,8 +40,9 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.errors import InvalidMessage
+from workers.durations import format_duration, parse_duration
 from workers.recipients import ItemStatus
-from workers.store.schema import contacts, message_items, messages
+from workers.store.schema import contact_events, contacts, message_items, messages
 
 _CONDITION = re.compile(
     r"^\s*(?P<attr>[A-Za-z_][A-Za-z0-9_.-]{0,63})\s*"
@@ -65,6 +74,44 @@ def parse_condition(text: str) -> dict[str, Any]:
     }
 
 
+_BEHAVIOUR = re.compile(r"^\s*(?P<event>[A-Za-z0-9_.:\-]{1,200})\s*:\s*(?P<window>\S.*?)\s*$")
+#: The longest look-back of a behaviour condition.
+MAX_WINDOW_SECONDS = 5 * 366 * 86400.0
+
+
+def parse_behaviour(text: str, *, did: bool) -> dict[str, Any]:
+    """One ``--did`` / ``--did-not`` condition (``EVENT:WINDOW``, e.g. ``purchased:30d``) as
+    stored JSON; raises :class:`InvalidMessage` naming what is valid."""
+    option = "--did" if did else "--did-not"
+    match = _BEHAVIOUR.match(text)
+    if match is None:
+        raise InvalidMessage(
+            f"audience: bad {option} {text!r}: expected EVENT:WINDOW, e.g. purchased:30d "
+            "(event names: letters, digits, '_', '.', ':' or '-')"
+        )
+    try:
+        window = parse_duration(match["window"]).total_seconds()
+    except ValueError as exc:
+        raise InvalidMessage(f"audience: bad {option} {text!r}: the window {exc}") from exc
+    if not 0 < window <= MAX_WINDOW_SECONDS:
+        raise InvalidMessage(
+            f"audience: bad {option} {text!r}: the window must be more than 0 and at most "
+            f"{format_duration(timedelta(seconds=MAX_WINDOW_SECONDS))}"
+        )
+    return {"event": match["event"], "did": did, "within_seconds": window}
+
+
+def with_behaviour(
+    audience: dict[str, Any] | None, did: Sequence[str], did_not: Sequence[str]
+) -> dict[str, Any]:
+    """``audience`` narrowed to the contacts who did ``did`` and did not do ``did_not``
+    within their windows; with no audience, every contact (a filter without attributes)."""
+    behaviour = [parse_behaviour(t, did=True) for t in did]
+    behaviour += [parse_behaviour(t, did=False) for t in did_not]
+    base = audience if audience is not None else {"kind": "filter", "conditions": []}
+    return {**base, "behaviour": behaviour} if behaviour else base
+
+
 def subscribed() -> dict[str, Any]:
     return {"kind": "subscribed"}
 
@@ -82,6 +129,20 @@ def explicit(ids: Sequence[str]) -> dict[str, Any]:
 
 def describe(audience: dict[str, Any]) -> str:
     """A short human description."""
+    behaviour = [
+        f"{'did' if b['did'] else 'did not do'} {b['event']} within "
+        f"{format_duration(timedelta(seconds=b['within_seconds']))}"
+        for b in audience.get("behaviour", ())
+    ]
+    base = _describe_base(audience)
+    if not behaviour:
+        return base
+    if audience["kind"] == "filter" and not audience["conditions"]:
+        return "contacts who " + " and ".join(behaviour)
+    return f"{base}, who " + " and ".join(behaviour)
+
+
+def _describe_base(audience: dict[str, Any]) -> str:
     kind = audience["kind"]
     if kind == "subscribed":
         return "all subscribed contacts"
@@ -110,9 +171,27 @@ def _condition(c: dict[str, Any]) -> ColumnElement[bool]:
     return value.in_(c["values"])
 
 
+def _behaviour(b: dict[str, Any]) -> ColumnElement[bool]:
+    # on the (contact_id, name, occurred_at) index of contact_events
+    did = exists().where(
+        contact_events.c.contact_id == contacts.c.id,
+        contact_events.c.name == b["event"],
+        contact_events.c.occurred_at
+        >= func.now() - func.make_interval(0, 0, 0, 0, 0, 0, b["within_seconds"]),
+    )
+    return did if b["did"] else not_(did)
+
+
 def matches(audience: dict[str, Any], message_id: int | None = None) -> ColumnElement[bool]:
     """The WHERE clause over ``contacts`` selecting the audience. For an id list, the ids are
     read from the campaign's own row when ``message_id`` is given (no huge parameter list)."""
+    return and_(
+        _matches_base(audience, message_id),
+        *(_behaviour(b) for b in audience.get("behaviour", ())),
+    )
+
+
+def _matches_base(audience: dict[str, Any], message_id: int | None) -> ColumnElement[bool]:
     kind = audience["kind"]
     if kind == "subscribed":
         return contacts.c.subscribed.is_(True)

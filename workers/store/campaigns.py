@@ -66,6 +66,10 @@ class Campaign:
     plan_done: bool
     planned: int
     created_at: datetime
+    #: Checked at send time, per recipient, like a single message's (dispatch check 4).
+    exclude_events: list[str]
+    exclude_scope: str
+    exclude_within_seconds: float | None
 
     @property
     def state(self) -> str:
@@ -114,25 +118,37 @@ class NewCampaign:
     auto_pause_threshold: float | None
     auto_pause_window: int | None
     expires_after_seconds: float | None
+    #: Exclusion events and their scope, as a single message's (``since_scheduled`` counts
+    #: from the campaign's creation, less the workers' buffer).
+    exclude_events: tuple[str, ...] = ()
+    exclude_scope: str = "since_scheduled"
+    exclude_within_seconds: float | None = None
 
 
 _CREATE = text("""
 INSERT INTO messages (kind, idempotency_key, template, channel, category, priority, data,
                       scheduled_at, deliver_at, name, audience, batch_size, chunk_size,
                       rate_per_second, auto_pause_threshold, auto_pause_window,
-                      expires_after_seconds)
-VALUES ('campaign', 'campaign:' || :name, :template, :channel, :category, :priority, :data,
+                      expires_after_seconds, exclude_events, exclude_scope,
+                      exclude_within_seconds)
+VALUES ('campaign', 'campaign:' || :name, :template, :channel,
+        coalesce(:category, (SELECT category FROM templates WHERE name = :template
+                              ORDER BY version DESC LIMIT 1)),
+        :priority, :data,
         now(), now(), :name, :audience, :batch_size, :chunk_size, :rate_per_second,
-        :auto_pause_threshold, :auto_pause_window, :expires_after_seconds)
+        :auto_pause_threshold, :auto_pause_window, :expires_after_seconds, :exclude_events,
+        :exclude_scope, :exclude_within_seconds)
 ON CONFLICT DO NOTHING
 RETURNING id
 """)
 
 
 def create(conn: Connection, new: NewCampaign) -> int | None:
-    """Store a draft; None when the name is taken."""
+    """Store a draft; None when the name is taken. Without a category, the campaign takes
+    its template's."""
     params = {f.name: getattr(new, f.name) for f in fields(NewCampaign)}
     params["data"], params["audience"] = Jsonb(new.data), Jsonb(new.audience)
+    params["exclude_events"] = Jsonb(list(new.exclude_events))
     return conn.execute(_CREATE, params).scalar()
 
 
@@ -357,20 +373,32 @@ async def planning_lock(engine: AsyncEngine, campaign_id: int) -> AsyncIterator[
                 await conn.execute(_UNLOCK, params)
 
 
+@dataclass(frozen=True)
+class Unfinished:
+    """A recipient without a final outcome, as the planner pages them."""
+
+    contact_id: int
+    attempts: int
+    #: A ``deferred`` recipient's retry time while it is still ahead (a backoff after a
+    #: failed send, a frequency window, quiet hours): it must not be sent before.
+    retry_at: datetime | None = None
+
+
 _PAGE = text("""
-SELECT contact_id, attempts FROM message_items
+SELECT contact_id, attempts,
+       CASE WHEN status = 'deferred' AND next_attempt_at > now() THEN next_attempt_at END
+         AS retry_at
+  FROM message_items
  WHERE message_id = :id AND status IN ('planned', 'sending', 'deferred') AND contact_id > :after
  ORDER BY contact_id LIMIT :n
 """)
 
 
-async def page(
-    conn: AsyncConnection, campaign_id: int, after: int, n: int
-) -> list[tuple[int, int]]:
+async def page(conn: AsyncConnection, campaign_id: int, after: int, n: int) -> list[Unfinished]:
     """The next ``n`` recipients without a final outcome after contact ``after`` (keyset on
     the partial index of unfinished rows)."""
     rows = await conn.execute(_PAGE, {"id": campaign_id, "after": after, "n": n})
-    return [(r.contact_id, r.attempts) for r in rows]
+    return [Unfinished(r.contact_id, r.attempts, r.retry_at) for r in rows]
 
 
 async def advance(conn: AsyncConnection, campaign_id: int, round_: int, through: int) -> None:

@@ -6,13 +6,13 @@ round trip per recipient.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
 from psycopg.types.json import Jsonb
-from sqlalchemy import Connection, bindparam, select, text, update
+from sqlalchemy import Connection, bindparam, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.contract import ScheduleMessage
@@ -44,18 +44,22 @@ WITH given AS (
         CAST(:channels AS text[]), CAST(:categories AS text[]), CAST(:priorities AS text[]),
         CAST(:excludes AS jsonb[]), CAST(:scopes AS text[]), CAST(:withins AS float8[]),
         CAST(:data AS jsonb[]), CAST(:deliver_ats AS timestamptz[]),
-        CAST(:expires_ats AS timestamptz[]), CAST(:exclude_sinces AS timestamptz[]))
+        CAST(:expires_ats AS timestamptz[]), CAST(:exclude_sinces AS timestamptz[]),
+        CAST(:kinds AS text[]))
       AS t(idempotency_key, contact_id, template, channel, category, priority,
            exclude_events, exclude_scope, exclude_within_seconds, data, deliver_at, expires_at,
-           exclude_since)
+           exclude_since, kind)
 ), inserted AS (
     INSERT INTO messages (kind, idempotency_key, contact_id, template, channel, category,
                           priority, exclude_events, exclude_scope, exclude_within_seconds,
                           data, scheduled_at, deliver_at, expires_at, planned, exclude_since)
-    SELECT 'single', idempotency_key, contact_id, template, channel, category, priority,
-           exclude_events, exclude_scope, exclude_within_seconds, data, :now, deliver_at,
-           expires_at, 1, exclude_since
-      FROM given
+    SELECT g.kind, g.idempotency_key, g.contact_id, g.template, g.channel,
+           -- a message without a category takes its template's (newest version)
+           coalesce(g.category, (SELECT t.category FROM templates t WHERE t.name = g.template
+                                  ORDER BY t.version DESC LIMIT 1)),
+           g.priority, g.exclude_events, g.exclude_scope, g.exclude_within_seconds, g.data,
+           :now, g.deliver_at, g.expires_at, 1, g.exclude_since
+      FROM given g
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING id, contact_id, deliver_at, idempotency_key
 )
@@ -70,10 +74,13 @@ async def insert_single_messages(
     conn: AsyncConnection,
     requests: Sequence[tuple[str, ScheduleMessage]],
     now: datetime,
+    *,
+    from_rules: Collection[str] = (),
 ) -> list[StoredMessage]:
     """Store scheduled messages keyed by idempotency key, in one statement; a key seen before
-    keeps its first row. Returns every message of the batch, new or old, so the caller can
-    (re)publish it."""
+    keeps its first row. The keys in ``from_rules`` are automation rules' messages (kind
+    ``rule``), the others kind ``single``; a message without a category takes its template's.
+    Returns every message of the batch, new or old, so the caller can (re)publish it."""
     ids = await contacts_repo.ensure(conn, (req.contact for _, req in requests))
     result = await conn.execute(
         _INSERT_SINGLES,
@@ -91,6 +98,7 @@ async def insert_single_messages(
             "deliver_ats": [req.deliver_at for _, req in requests],
             "expires_ats": [req.expires_at for _, req in requests],
             "exclude_sinces": [req.exclude_since for _, req in requests],
+            "kinds": ["rule" if key in from_rules else "single" for key, _ in requests],
             "now": now,
         },
     )
@@ -116,7 +124,7 @@ WITH wanted AS (
                                      updated_at)
     SELECT w.message_id, w.contact_id, 'sending', w.attempt, now(), now() FROM wanted w
      WHERE EXISTS (SELECT 1 FROM messages m WHERE m.id = w.message_id AND m.status <> :paused
-                      AND (m.kind = 'single' AND m.contact_id = w.contact_id
+                      AND (m.kind <> 'campaign' AND m.contact_id = w.contact_id
                            OR EXISTS (SELECT 1 FROM message_items r
                                        WHERE r.message_id = w.message_id
                                          AND r.contact_id = w.contact_id)))
@@ -137,7 +145,7 @@ WITH wanted AS (
 ), lease_failed AS (
     UPDATE messages SET status = :completed
      WHERE id IN (SELECT message_id FROM claimed WHERE status = 'failed')
-       AND kind = 'single' AND status IN (:not_started, :sending)
+       AND kind <> 'campaign' AND status IN (:not_started, :sending)
 )
 SELECT c.message_id, c.contact_id, c.attempts, c.failures, m.status AS message_status,
        m.idempotency_key, m.template,
@@ -249,7 +257,7 @@ WITH finalised AS (
     UPDATE messages SET status = :completed
      WHERE id IN (SELECT message_id FROM finalised
                    WHERE status NOT IN ('sending', 'deferred', 'planned'))
-       AND kind = 'single' AND status IN (:not_started, :sending)
+       AND kind <> 'campaign' AND status IN (:not_started, :sending)
     RETURNING id
 )
 SELECT (SELECT count(*) FROM finalised) AS finalised, (SELECT count(*) FROM completed)
@@ -298,7 +306,7 @@ WITH v AS (
     UPDATE messages SET status = :completed
      WHERE id IN (SELECT message_id FROM repaired
                    WHERE status NOT IN ('sending', 'deferred', 'planned'))
-       AND kind = 'single' AND status IN (:not_started, :sending)
+       AND kind <> 'campaign' AND status IN (:not_started, :sending)
     RETURNING id
 )
 SELECT (SELECT count(*) FROM repaired) AS repaired, (SELECT count(*) FROM completed)
@@ -327,8 +335,9 @@ def stored_text(text: str) -> str:
 
 
 def finalise_statement(outcomes: Sequence[ItemOutcome]) -> Statement:
-    """Record the outcome of claimed rows, and complete the single-recipient messages among
-    them, in one statement (safe to run in autocommit: it commits whole or not at all)."""
+    """Record the outcome of claimed rows, and complete the single-recipient messages (kinds
+    ``single`` and ``rule``) among them, in one statement (safe to run in autocommit: it
+    commits whole or not at all)."""
     return (
         _FINALISE,
         {
@@ -350,7 +359,17 @@ def finalise_statement(outcomes: Sequence[ItemOutcome]) -> Statement:
 
 def cancel(conn: Connection, message_id: int) -> bool:
     """Mark a message cancelled; recipients still pending will be recorded ``cancelled`` when
-    they fall due. Returns False when it had already completed or been cancelled."""
+    they fall due. A campaign is cancelled as ``nudge campaign cancel`` does it: its recipients
+    not claimed yet are recorded ``cancelled`` at once. Returns False when it had already
+    completed or been cancelled."""
+    from workers.store import campaigns
+
+    campaign = campaigns.find(conn, str(message_id))
+    if campaign is not None:
+        if campaign.state not in campaigns.ALLOWED["cancel"]:
+            return False
+        campaigns.cancel(conn, campaign, "cancelled by an operator")
+        return True
     result = conn.execute(
         update(messages)
         .where(
@@ -369,20 +388,51 @@ def cancel(conn: Connection, message_id: int) -> bool:
 
 
 def find(conn: Connection, ref: str) -> dict[str, Any] | None:
-    """A message by numeric id or idempotency key, with its recipients' outcomes."""
+    """A message by numeric id or idempotency key (its recipients: :func:`recipients`)."""
     cond = (messages.c.id == int(ref)) if ref.isdigit() else (messages.c.idempotency_key == ref)
     row = conn.execute(select(messages).where(cond)).mappings().first()
-    if row is None:
-        return None
-    items = (
+    return dict(row) if row is not None else None
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a message's recipients, by contact id."""
+
+    items: list[dict[str, Any]]
+    #: Recipients matching the filter, on every page.
+    total: int
+    #: The ``after`` of the next page; None on the last one.
+    next_after: int | None
+
+
+def recipients(
+    conn: Connection,
+    message_id: int,
+    *,
+    status: ItemStatus | None = None,
+    after: int = 0,
+    limit: int = 50,
+) -> Page:
+    """The recipients of a message with contact id above ``after``, ``limit`` of them (keyset
+    on the primary key, never OFFSET), only those with ``status`` if given."""
+    cond = [message_items.c.message_id == bindparam("mid")]
+    if status is not None:
+        cond.append(message_items.c.status == status.value)
+    rows = (
         conn.execute(
             select(message_items, contacts.c.external_id)
             .join(contacts, contacts.c.id == message_items.c.contact_id)
-            .where(message_items.c.message_id == bindparam("mid"))
-            .order_by(message_items.c.contact_id),
-            {"mid": row["id"]},
+            .where(*cond, message_items.c.contact_id > after)
+            .order_by(message_items.c.contact_id)
+            .limit(limit + 1),
+            {"mid": message_id},
         )
         .mappings()
         .all()
     )
-    return {**dict(row), "items": [dict(i) for i in items]}
+    total = conn.execute(
+        select(func.count()).select_from(message_items).where(*cond), {"mid": message_id}
+    ).scalar_one()
+    items = [dict(r) for r in rows[:limit]]
+    more = len(rows) > limit and items
+    return Page(items, int(total), items[-1]["contact_id"] if more else None)

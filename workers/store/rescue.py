@@ -2,10 +2,10 @@
 
 The delay keeps a due message in the broker; the x-delayed-message plugin loses those whose
 time passed while its node was down (its README, Limitations), and an operator's purge or a
-lost node loses any. Postgres still knows what is pending: a single message with no recipient
-row, or a deferred recipient, whose time is more than ``after`` seconds past. Each statement
-takes at most ``limit`` of them, locks them against another scheduler (``SKIP LOCKED``) and
-marks them, so that one is published again at most once per ``after`` seconds: a single
+lost node loses any. Postgres still knows what is pending: a single or rule message with no
+recipient row, or a deferred recipient, whose time is more than ``after`` seconds past. Each
+statement takes at most ``limit`` of them, locks them against another scheduler (``SKIP
+LOCKED``) and marks them, so that one is published again at most once per ``after`` seconds: a
 message by ``rescued_at``, a deferred recipient by moving its ``next_attempt_at`` to now (when
 its next attempt really is). The dispatch claim makes a copy that was not lost harmless."""
 
@@ -22,7 +22,7 @@ from workers.recipients import MessageStatus
 _SINGLES = text("""
 WITH overdue AS (
     SELECT m.id FROM messages m
-     WHERE m.kind = 'single' AND m.status IN (:not_started, :sending)
+     WHERE m.kind <> 'campaign' AND m.status IN (:not_started, :sending)
        AND m.deliver_at < now() - make_interval(secs => :after)
        AND (m.rescued_at IS NULL OR m.rescued_at < now() - make_interval(secs => :after))
        AND NOT EXISTS (SELECT 1 FROM message_items mi

@@ -96,8 +96,8 @@ messages = Table(
     Column("expires_at", DateTime(timezone=True)),
     Column("status", SmallInteger, nullable=False, server_default=text("0")),
     Column("planned", Integer, nullable=False, server_default=text("0")),
-    #: When the scheduler last published this single message's due message again because it
-    #: had not come back from the delay (migration 0012; ``workers/store/rescue.py``).
+    #: When the scheduler last published this message's due message again because it had not
+    #: come back from the delay (migration 0013; ``workers/store/rescue.py``).
     Column("rescued_at", DateTime(timezone=True)),
     _now(),
     CheckConstraint("kind IN ('single', 'campaign', 'rule')", name="kind"),
@@ -106,13 +106,13 @@ messages = Table(
         f"status BETWEEN {min(MessageStatus):d} AND {max(MessageStatus):d}", name="status"
     ),
     CheckConstraint("exclude_scope IN ('since_scheduled', 'ever', 'within')", name="exclude_scope"),
-    # a contact's single messages not yet due, for `nudge contact show` (migration 0009)
+    # a contact's single messages not yet due, for `nudge contact show` (migration 0008)
     Index(None, "contact_id"),
-    # the rescue: single messages still pending, by due time (migration 0012)
+    # the rescue: single and rule messages still pending, by due time (migration 0013)
     Index(
         "ix_messages_pending_singles",
         "deliver_at",
-        postgresql_where=text("kind = 'single' AND status IN (0, 1)"),
+        postgresql_where=text("kind <> 'campaign' AND status IN (0, 1)"),
     ),
 )
 
@@ -151,7 +151,7 @@ message_items = Table(
         "contact_id",
         postgresql_where=text("status IN ('planned', 'sending', 'deferred')"),
     ),
-    # the rescue: deferred recipients by retry time (migration 0012)
+    # the rescue: deferred recipients by retry time (migration 0013)
     Index(
         "ix_message_items_deferred",
         "next_attempt_at",
@@ -178,15 +178,17 @@ templates = Table(
     Column("text_body", Text, nullable=False),
     Column("html_body", Text),
     _now(),
-    #: Email tracking (migration 0009): an open pixel, and links rewritten to click redirects.
+    #: Email tracking (migration 0008): an open pixel, and links rewritten to click redirects.
     Column("track_opens", Boolean, nullable=False, server_default=text("true")),
     Column("track_clicks", Boolean, nullable=False, server_default=text("true")),
+    #: The category of messages that give none (migration 0012), for the dedup window.
+    Column("category", Text),
     PrimaryKeyConstraint("name", "version"),
     CheckConstraint("version >= 1", name="version"),
     CheckConstraint("name ~ '^[A-Za-z0-9_.-]{1,100}$'", name="name"),
 )
 
-# Email tracking (migration 0009), served by the web role: per recipient, the first open
+# Email tracking (migration 0008), served by the web role: per recipient, the first open
 # and how many times the pixel loaded, and every click with its link.
 message_opens = Table(
     "message_opens",

@@ -46,7 +46,7 @@ def outcomes(conn: Connection, window: timedelta) -> Outcomes:
     scheduled = conn.execute(
         select(func.count())
         .select_from(messages.outerjoin(message_items))
-        .where(message_items.c.message_id.is_(None), messages.c.kind == "single")
+        .where(message_items.c.message_id.is_(None), messages.c.kind != "campaign")
     ).scalar_one()
     oldest = conn.execute(
         select(func.min(message_items.c.claimed_at)).where(

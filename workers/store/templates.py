@@ -28,6 +28,8 @@ class StoredTemplate:
     #: The HTML of an email gets an open pixel / click redirects (docs/delivery.md).
     track_opens: bool = True
     track_clicks: bool = True
+    #: Messages of this template that name no category take this one (the dedup window).
+    category: str | None = None
 
 
 def _latest(names: Iterable[str]) -> Select[Any]:
@@ -48,6 +50,7 @@ def add(
     *,
     track_opens: bool = True,
     track_clicks: bool = True,
+    category: str | None = None,
 ) -> int:
     """Store a new version of ``name`` (1 for a new name) and return its number. Callers
     validate the content first; concurrent adds of one name fail on the primary key."""
@@ -63,6 +66,7 @@ def add(
             html_body=html_body,
             track_opens=track_opens,
             track_clicks=track_clicks,
+            category=category,
         )
     )
     return int(version)
@@ -75,7 +79,7 @@ def latest(conn: Connection, names: Iterable[str]) -> dict[str, StoredTemplate]:
 
 _LATEST = text("""
 SELECT DISTINCT ON (name) name, version, subject, text_body, html_body, created_at,
-       track_opens, track_clicks
+       track_opens, track_clicks, category
   FROM templates WHERE name = ANY(CAST(:names AS text[]))
  ORDER BY name, version DESC
 """)
@@ -88,7 +92,7 @@ def latest_statement(names: Iterable[str]) -> Statement:
 
 _LATEST_OF_MESSAGES = text("""
 SELECT DISTINCT ON (name) name, version, subject, text_body, html_body, created_at,
-       track_opens, track_clicks
+       track_opens, track_clicks, category
   FROM templates
  WHERE name IN (SELECT template FROM messages WHERE id = ANY(CAST(:mids AS bigint[])))
  ORDER BY name, version DESC

@@ -3,10 +3,10 @@
 A delayed message can be lost by the broker (the x-delayed-message plugin drops those whose
 time passed while its node was down). ``messages.rescued_at`` records when the scheduler last
 published one of them again; two partial indexes find the overdue ones without reading
-history: single messages still pending by due time, and deferred recipients by retry time.
+history: single and rule messages still pending by due time, and deferred recipients by retry time.
 
-Revision ID: 0012
-Revises: 0011
+Revision ID: 0013
+Revises: 0012
 Create Date: 2026-12-03 14:00:00
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0012"
-down_revision = "0011"
+revision = "0013"
+down_revision = "0012"
 branch_labels = None
 depends_on = None
 
@@ -27,7 +27,7 @@ def upgrade() -> None:
         "ix_messages_pending_singles",
         "messages",
         ["deliver_at"],
-        postgresql_where=sa.text("kind = 'single' AND status IN (0, 1)"),
+        postgresql_where=sa.text("kind <> 'campaign' AND status IN (0, 1)"),
     )
     op.create_index(
         "ix_message_items_deferred",
