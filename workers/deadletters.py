@@ -24,7 +24,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from shared import delay
+from shared import brokers, delay
 from shared.errors import BrokerError, BrokerUnavailable, PublishNotConfirmed
 from shared.topology import DEAD_QUEUE
 
@@ -117,7 +117,7 @@ def _parse(properties: pika.BasicProperties, body: bytes) -> DeadLetter:
 @contextmanager
 def _channel(amqp_url: str) -> Iterator[Any]:
     try:
-        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        connection = pika.BlockingConnection(brokers.pika_parameters(amqp_url))
     except pika.exceptions.AMQPError as exc:
         raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc!r}") from exc
     try:
