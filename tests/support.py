@@ -21,6 +21,7 @@ import pika
 from pydantic import SecretStr
 from sqlalchemy import Engine, select
 
+from shared import brokers
 from shared.topology import (
     BATCHES_QUEUE,
     DUE_QUEUE,
@@ -259,7 +260,7 @@ class Worker:
         assert self.process is not None
         if self.process.poll() is not None:
             raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()}")
-        connection = pika.BlockingConnection(pika.URLParameters(self.settings.amqp_url))
+        connection = pika.BlockingConnection(brokers.pika_parameters(self.settings.amqp_url))
         try:
             channel = connection.channel()
             return all(channel.queue_declare(q, passive=True).method.consumer_count for q in queues)

@@ -28,10 +28,13 @@ PG_PORT=${NUDGE_POSTGRES_PORT:-35432}
 # The node name follows the AMQP port so that two checkouts running side by
 # side (on different ports) do not fight over the same name in the shared epmd.
 RMQ_NODE=${NUDGE_RABBITMQ_NODENAME:-nudge-$RMQ_PORT@localhost}
-# The cluster's node N (1..3) listens on these offsets from the single node's AMQP port.
+# The cluster's node N (1..3) listens on these offsets from CLUSTER_BASE_PORT, 19000 below
+# the single node's AMQP port: out of Linux's ephemeral range (32768-60999), or a client
+# retrying a killed node's port could be given that very port as its own, connect to itself
+# and keep the node from listening there again.
 CLUSTER_SIZE=3
-CLUSTER_AMQP_OFFSET=1000 CLUSTER_MGMT_OFFSET=1010 CLUSTER_PROM_OFFSET=1020 CLUSTER_DIST_OFFSET=1030
-CLUSTER_BASE_PORT=$RMQ_PORT
+CLUSTER_AMQP_OFFSET=0 CLUSTER_MGMT_OFFSET=10 CLUSTER_PROM_OFFSET=20 CLUSTER_DIST_OFFSET=30
+CLUSTER_BASE_PORT=$((RMQ_PORT - 19000))
 START_TIMEOUT=${NUDGE_SERVER_START_TIMEOUT:-90}
 STOP_TIMEOUT=${NUDGE_SERVER_STOP_TIMEOUT:-60}
 LOG_LINES=${NUDGE_LOG_LINES:-50}
@@ -74,7 +77,7 @@ usage() {
 usage: $(basename "$0") COMMAND
 
   up                 start RabbitMQ and PostgreSQL (no-op for a server already up)
-  down               stop both (no-op if already stopped)
+  down               stop both, and the cluster's nodes if any run (no-op if already stopped)
   status             show both servers and the delayed-message plugin; exit 0 if both
                      servers are up, 3 otherwise (the plugin is optional)
   delayed-plugin     whether the broker has the delayed-message plugin loaded: exit 0
@@ -90,7 +93,7 @@ usage: $(basename "$0") COMMAND
                      rabbitmq-queues against the local node (same cookie and node name)
 
   cluster-up         start a three-node RabbitMQ cluster beside the single node (AMQP on
-                     NUDGE_RABBITMQ_PORT+1000..+1002), join the nodes, create the users;
+                     NUDGE_RABBITMQ_PORT-19000..-18998), join the nodes, create the users;
                      starts again any node that is down (it rejoins by itself)
   cluster-down       stop the cluster's nodes (no-op for those already stopped)
   cluster-status     one line per node and its cluster membership; exit 0 if all three are
@@ -122,8 +125,9 @@ check_settings() {
   local ports
   ports=$(printf '%s\n' "$RMQ_PORT" "$RMQ_MGMT_PORT" "$RMQ_PROM_PORT" "$RMQ_DIST_PORT" "$PG_PORT" | sort | uniq -d)
   [[ -z $ports ]] || die "the same port is configured twice: $ports"
-  ((RMQ_PORT + CLUSTER_DIST_OFFSET + CLUSTER_SIZE + 10000 < 65536)) ||
-    die "NUDGE_RABBITMQ_PORT=$RMQ_PORT leaves no room for the cluster's ports (+${CLUSTER_AMQP_OFFSET}..+$((CLUSTER_DIST_OFFSET + CLUSTER_SIZE)) and their CLI ports): pick one below $((65535 - 10000 - CLUSTER_DIST_OFFSET - CLUSTER_SIZE))"
+  if ((CLUSTER_BASE_PORT < 1024 || CLUSTER_BASE_PORT + CLUSTER_DIST_OFFSET + CLUSTER_SIZE + 10000 > 65535)); then
+    die "NUDGE_RABBITMQ_PORT=$RMQ_PORT puts the cluster's ports (19000 below it) out of range: pick one from 20024 to 36532"
+  fi
 }
 
 # Sets AS_USER to the command prefix that runs a command as USER (empty
@@ -907,7 +911,8 @@ cluster_up() {
   log "cluster: up ($CLUSTER_SIZE nodes)"
 }
 
-cluster_down() {
+# In a subshell: `down` stops the single node after it, with the settings cluster_node changed.
+cluster_down() (
   local n pids=() rc=0
   for ((n = 1; n <= CLUSTER_SIZE; n++)); do
     cluster_node "$n"
@@ -917,7 +922,7 @@ cluster_down() {
   done
   for n in "${pids[@]}"; do wait "$n" || rc=1; done
   ((rc == 0)) || die "cluster: a node did not stop"
-}
+)
 
 cluster_status() {
   local n rc=0 line
@@ -1230,6 +1235,7 @@ main() {
       ;;
     down)
       take_lock
+      cluster_down
       rmq_down
       pg_down
       ;;
