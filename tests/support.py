@@ -103,6 +103,12 @@ class Management:
     def delete_user(self, name: str) -> None:
         self._client.delete(f"/users/{urllib.parse.quote(name, safe='')}")
 
+    def nodes(self) -> list[dict[str, Any]]:
+        r = self._client.get("/nodes")
+        r.raise_for_status()
+        nodes: list[dict[str, Any]] = r.json()
+        return nodes
+
     def queue(self, vhost: str, name: str) -> dict[str, Any]:
         r = self._client.get(
             f"/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(name, safe='')}"

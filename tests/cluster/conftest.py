@@ -36,41 +36,34 @@ class Node:
     name: str
     amqp_port: int
     management_port: int
-    up: bool
-    clustered: bool
 
 
 @dataclass(frozen=True)
 class Cluster:
-    """The local cluster as ``servers.sh`` reports it."""
+    """The local cluster: its addresses, and its nodes as ``cluster-status`` reported them when
+    the session started (all up)."""
 
     amqp_url: str
-
-    def nodes(self) -> list[Node]:
-        """Each node, from ``cluster-status``."""
-        out = servers("cluster-status", check=False).stdout
-        nodes = []
-        for line in out.splitlines():
-            n = re.match(r"node(\d+) rabbitmq\s+(\w+)\s+amqp=[\d.]+:(\d+)", line)
-            assert n, f"unexpected cluster-status line: {line!r}"
-            mgmt = re.search(r"management=(\d+)", line)
-            name = re.search(r"node=(\S+)", line)
-            nodes.append(
-                Node(
-                    int(n[1]),
-                    name[1] if name else "",
-                    int(n[3]),
-                    int(mgmt[1]) if mgmt else 0,
-                    n[2] == "up",
-                    line.endswith(" clustered"),
-                )
-            )
-        return nodes
+    nodes: tuple[Node, ...]
 
     def management(self, node: Node | None = None) -> Management:
-        """The management API of ``node``, else of a node that is up."""
-        node = node or next(n for n in self.nodes() if n.up)
-        return Management(f"http://guest:guest@127.0.0.1:{node.management_port}")
+        """The management API of ``node``, else of the first node that answers."""
+        for candidate in [node] if node else self.nodes:
+            url = f"http://guest:guest@127.0.0.1:{candidate.management_port}"
+            try:
+                httpx.get(url + "/api/overview", auth=("guest", "guest"), timeout=5)
+            except httpx.HTTPError:
+                continue
+            return Management(url)
+        raise AssertionError("no node of the cluster answers on its management port")
+
+    def running(self) -> dict[str, bool]:
+        """Whether each node runs in the cluster, as a node that is up sees it."""
+        management = self.management()
+        try:
+            return {n["name"]: n["running"] for n in management.nodes()}
+        finally:
+            management.close()
 
     def url(self, vhost: str) -> str:
         """The three addresses, on ``vhost``."""
@@ -88,7 +81,19 @@ def cluster(servers_up: None) -> Cluster:
     env = dict(
         line.split("=", 1) for line in servers("cluster-up").stdout.splitlines() if "=" in line
     )
-    return Cluster(env["NUDGE_AMQP_URL"])
+    return Cluster(env["NUDGE_AMQP_URL"], tuple(_nodes()))
+
+
+def _nodes() -> list[Node]:
+    """Each node, from ``cluster-status`` (which fails unless all are up and clustered)."""
+    nodes = []
+    for line in servers("cluster-status").stdout.splitlines():
+        m = re.match(
+            r"node(\d+) rabbitmq\s+up\s+amqp=[\d.]+:(\d+) management=(\d+) .*node=(\S+)", line
+        )
+        assert m, f"unexpected cluster-status line: {line!r}"
+        nodes.append(Node(int(m[1]), m[4], int(m[2]), int(m[3])))
+    return nodes
 
 
 @pytest.fixture(scope="session")
