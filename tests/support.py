@@ -103,6 +103,12 @@ class Management:
     def delete_user(self, name: str) -> None:
         self._client.delete(f"/users/{urllib.parse.quote(name, safe='')}")
 
+    def connections(self) -> list[dict[str, Any]]:
+        r = self._client.get("/connections")
+        r.raise_for_status()
+        connections: list[dict[str, Any]] = r.json()
+        return connections
+
     def nodes(self) -> list[dict[str, Any]]:
         r = self._client.get("/nodes")
         r.raise_for_status()

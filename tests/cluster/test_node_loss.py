@@ -61,6 +61,32 @@ def _leader(
     return q.get("leader", ""), q.get("members", []), q.get("online", [])
 
 
+def _moved(
+    cluster: Cluster, via: Node, vhost: str, victim: Node, fleet: dict[str, Worker]
+) -> list[str]:
+    """Wait until every worker has a connection to a surviving node; returns those that do
+    not. (A quorum queue keeps the consumers of a lost node as "suspected down", so its
+    consumer count cannot tell.)"""
+    wanted = {f"nudge-{role}" for role in fleet}
+
+    def connected() -> set[str]:
+        management = cluster.management(via)
+        try:
+            return {
+                c.get("client_properties", {}).get("connection_name", "")
+                for c in management.connections()
+                if c.get("vhost") == vhost and c.get("node") != victim.name
+            }
+        finally:
+            management.close()
+
+    try:
+        wait_for(lambda: wanted <= connected(), timeout=30, interval=0.5)
+    except AssertionError:
+        return [f"{sorted(wanted - connected())} did not move off {victim.name}"]
+    return []
+
+
 def test_sigkilling_the_node_that_leads_nudge_due_mid_campaign_loses_nothing_and_it_rejoins(
     cluster: Cluster,
     vhost: str,
@@ -85,7 +111,8 @@ def test_sigkilling_the_node_that_leads_nudge_due_mid_campaign_loses_nothing_and
     try:
         wait_for(lambda: stream.confirmed() >= 100, timeout=30, message="a stream in flight")
         servers("cluster-kill", str(victim.number))
-        problems = faults._reconnected(fleet, stream)
+        problems = _moved(cluster, survivors, vhost, victim, fleet)
+        problems += faults._reconnected(fleet, stream)
         moved, _, online = _leader(cluster, vhost, DUE_QUEUE, survivors)
         if moved == leader or leader in online:
             problems.append(f"{DUE_QUEUE} still led by {moved}, online {online}")
