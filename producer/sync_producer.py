@@ -15,6 +15,7 @@ import pika.frame
 import pika.spec
 
 from producer.requests import Request, SyncApi, read
+from shared import brokers
 from shared.contract import CONTENT_TYPE
 from shared.errors import BrokerUnavailable, PublishNotConfirmed
 
@@ -43,8 +44,7 @@ class Producer(SyncApi):
         confirm_timeout: float = 30.0,
         name: str = "nudge-producer",
     ) -> None:
-        self._params = pika.URLParameters(url)
-        self._params.client_properties = {"connection_name": name}
+        self._params = brokers.pika_parameters(url, connection_name=name)
         self._confirm_timeout = confirm_timeout
         self._connection: pika.BlockingConnection | None = None
         self._channel: Any = None

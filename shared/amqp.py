@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, cast
@@ -30,7 +31,7 @@ from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
-from shared import delay
+from shared import brokers, delay
 from shared.contract import CONTENT_TYPE
 from shared.errors import (
     BrokerUnavailable,
@@ -53,12 +54,53 @@ _CHANNEL_ERRORS = (
 _PUBLISH_ERRORS = (*_CHANNEL_ERRORS, asyncio.TimeoutError)
 
 
+class FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection over several nodes of one cluster: every connection attempt after
+    the first goes to the next address, round the list, so a connection whose node went down
+    reconnects to another one (aio-pika's own reconnects always go back to the same URL).
+
+    The hook is aio-pika's (pinned) private ``__connect_transport``, the one place every attempt
+    passes through; its channels, consumers and confirms are restored or failed exactly as for a
+    single address.
+    """
+
+    def __init__(self, url: Any, *, addresses: Sequence[str], start: int = 0, **kwargs: Any):
+        super().__init__(url, **kwargs)
+        self._addresses = [type(self.url)(a) for a in addresses]
+        self._next = start
+
+    async def _RobustConnection__connect_transport(self) -> None:  # noqa: N802 (aio-pika's name)
+        # Keep the query parameters (reconnect_interval, heartbeat...) parsed from the first.
+        self.url = self._addresses[self._next % len(self._addresses)]
+        self._next += 1
+        connect_transport = super()._RobustConnection__connect_transport  # type: ignore[misc]
+        await connect_transport()
+
+
 async def connect(url: str, *, name: str = "nudge") -> AbstractRobustConnection:
-    """A connection that reconnects by itself; raises :class:`BrokerUnavailable`."""
-    try:
-        return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
-    except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
-        raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc}") from exc
+    """A connection that reconnects by itself, to the next address of ``url`` (comma-separated
+    list of the cluster's nodes) when its node goes; raises :class:`BrokerUnavailable` when
+    none of them answers."""
+    urls = brokers.addresses(url)
+    errors = []
+    for start, first in enumerate(urls):
+        try:
+            return await aio_pika.connect_robust(
+                first,
+                client_properties={"connection_name": name},
+                connection_class=FailoverConnection,
+                addresses=urls,
+                start=start,
+            )
+        except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
+            errors.append(f"{_where(first)}: {exc}")
+    raise BrokerUnavailable(f"cannot connect to RabbitMQ: {'; '.join(errors)}")
+
+
+def _where(url: str) -> str:
+    """host:port of ``url``, without the credentials."""
+    parsed = urllib.parse.urlsplit(url)
+    return f"{parsed.hostname}:{parsed.port}"
 
 
 def connection_user(connection: AbstractRobustConnection) -> str | None:
@@ -119,12 +161,18 @@ async def detect_backend(url: str) -> delay.BackendName:
     Declaring an unknown exchange type is a connection error (503 COMMAND_INVALID), so the
     probe uses a connection of its own.
     """
-    try:
-        connection = await aio_pika.connect(
-            url, client_properties={"connection_name": "nudge-probe"}
-        )
-    except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
-        raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc}") from exc
+    connection = None
+    errors = []
+    for address in brokers.addresses(url):
+        try:
+            connection = await aio_pika.connect(
+                address, client_properties={"connection_name": "nudge-probe"}
+            )
+            break
+        except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
+            errors.append(f"{_where(address)}: {exc}")
+    if connection is None:
+        raise BrokerUnavailable(f"cannot connect to RabbitMQ: {'; '.join(errors)}")
     quiet = [logging.getLogger(name) for name in ("aiormq", "aio_pika")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:  # the expected 503 would be logged as a crash

@@ -47,6 +47,7 @@ TIERS = {
     "integration": ("integration",),
     "acceptance": ("acceptance",),
     "faults": ("integration", "faults"),
+    "cluster": ("integration", "cluster"),
 }
 
 

@@ -21,6 +21,7 @@ import pika
 from pydantic import SecretStr
 from sqlalchemy import Engine, select
 
+from shared import brokers
 from shared.topology import (
     BATCHES_QUEUE,
     DUE_QUEUE,
@@ -101,6 +102,18 @@ class Management:
 
     def delete_user(self, name: str) -> None:
         self._client.delete(f"/users/{urllib.parse.quote(name, safe='')}")
+
+    def connections(self) -> list[dict[str, Any]]:
+        r = self._client.get("/connections")
+        r.raise_for_status()
+        connections: list[dict[str, Any]] = r.json()
+        return connections
+
+    def nodes(self) -> list[dict[str, Any]]:
+        r = self._client.get("/nodes")
+        r.raise_for_status()
+        nodes: list[dict[str, Any]] = r.json()
+        return nodes
 
     def queue(self, vhost: str, name: str) -> dict[str, Any]:
         r = self._client.get(
@@ -265,7 +278,7 @@ class Worker:
         assert self.process is not None
         if self.process.poll() is not None:
             raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()}")
-        connection = pika.BlockingConnection(pika.URLParameters(self.settings.amqp_url))
+        connection = pika.BlockingConnection(brokers.pika_parameters(self.settings.amqp_url))
         try:
             channel = connection.channel()
             return all(channel.queue_declare(q, passive=True).method.consumer_count for q in queues)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared import brokers
 from shared.errors import ConfigError
 from shared.topology import DELIVERY_LIMIT
 
@@ -134,8 +135,10 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_scheme(cls, value: str) -> str:
-        if not value.startswith(("amqp://", "amqps://")):
-            raise ValueError("must start with amqp:// or amqps://")
+        try:
+            brokers.addresses(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
         return value
 
     @field_validator("tracking_url", "unsubscribe_url")

@@ -30,7 +30,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from shared import delay
+from shared import brokers, delay
 from shared.errors import BrokerError, BrokerUnavailable, PublishNotConfirmed
 from shared.topology import DEAD_QUEUE, WORK_QUEUES, WORKER_USER
 
@@ -153,7 +153,7 @@ def _parse(properties: pika.BasicProperties, body: bytes, workers: frozenset[str
 @contextmanager
 def _channel(amqp_url: str) -> Iterator[Any]:
     try:
-        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        connection = pika.BlockingConnection(brokers.pika_parameters(amqp_url))
     except pika.exceptions.AMQPError as exc:
         raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc!r}") from exc
     try:

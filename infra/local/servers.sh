@@ -6,6 +6,7 @@
 # they never collide with system services. See infra/local/README.md.
 #
 # Usage: servers.sh up|down|status|delayed-plugin|logs [-f]|env|restart-rabbitmq|crash-rabbitmq|restart-postgres|crash-postgres|ctl TOOL ARGS
+#        servers.sh cluster-up|cluster-down|cluster-status|cluster-env|cluster-kill N|cluster-ctl N TOOL ARGS
 #
 # Progress goes to stderr; `up` and `env` print only KEY=value lines on stdout.
 set -euo pipefail
@@ -27,6 +28,13 @@ PG_PORT=${NUDGE_POSTGRES_PORT:-35432}
 # The node name follows the AMQP port so that two checkouts running side by
 # side (on different ports) do not fight over the same name in the shared epmd.
 RMQ_NODE=${NUDGE_RABBITMQ_NODENAME:-nudge-$RMQ_PORT@localhost}
+# The cluster's node N (1..3) listens on these offsets from CLUSTER_BASE_PORT, 19000 below
+# the single node's AMQP port: out of Linux's ephemeral range (32768-60999), or a client
+# retrying a killed node's port could be given that very port as its own, connect to itself
+# and keep the node from listening there again.
+CLUSTER_SIZE=3
+CLUSTER_AMQP_OFFSET=0 CLUSTER_MGMT_OFFSET=10 CLUSTER_PROM_OFFSET=20 CLUSTER_DIST_OFFSET=30
+CLUSTER_BASE_PORT=$((RMQ_PORT - 19000))
 START_TIMEOUT=${NUDGE_SERVER_START_TIMEOUT:-90}
 STOP_TIMEOUT=${NUDGE_SERVER_STOP_TIMEOUT:-60}
 LOG_LINES=${NUDGE_LOG_LINES:-50}
@@ -69,7 +77,7 @@ usage() {
 usage: $(basename "$0") COMMAND
 
   up                 start RabbitMQ and PostgreSQL (no-op for a server already up)
-  down               stop both (no-op if already stopped)
+  down               stop both, and the cluster's nodes if any run (no-op if already stopped)
   status             show both servers and the delayed-message plugin; exit 0 if both
                      servers are up, 3 otherwise (the plugin is optional)
   delayed-plugin     whether the broker has the delayed-message plugin loaded: exit 0
@@ -85,6 +93,17 @@ usage: $(basename "$0") COMMAND
                      still in memory is lost), then start it (it recovers from its WAL)
   ctl TOOL ARGS...   run rabbitmqctl, rabbitmq-diagnostics, rabbitmq-plugins or
                      rabbitmq-queues against the local node (same cookie and node name)
+
+  cluster-up         start a three-node RabbitMQ cluster beside the single node (AMQP on
+                     NUDGE_RABBITMQ_PORT-19000..-18998), join the nodes, create the users;
+                     starts again any node that is down (it rejoins by itself)
+  cluster-down       stop the cluster's nodes (no-op for those already stopped)
+  cluster-status     one line per node and its cluster membership; exit 0 if all three are
+                     up and clustered, 3 otherwise
+  cluster-env        the NUDGE_* variables for the cluster (NUDGE_AMQP_URL: all three
+                     addresses, comma-separated)
+  cluster-kill N     SIGKILL node N's Erlang VM (1, 2 or 3), as a crash would
+  cluster-ctl N TOOL ARGS...   like ctl, against cluster node N
 
 data dir: $LOCAL_DIR
 EOF
@@ -108,6 +127,9 @@ check_settings() {
   local ports
   ports=$(printf '%s\n' "$RMQ_PORT" "$RMQ_MGMT_PORT" "$RMQ_PROM_PORT" "$RMQ_DIST_PORT" "$PG_PORT" | sort | uniq -d)
   [[ -z $ports ]] || die "the same port is configured twice: $ports"
+  if ((CLUSTER_BASE_PORT < 1024 || CLUSTER_BASE_PORT + CLUSTER_DIST_OFFSET + CLUSTER_SIZE + 10000 > 65535)); then
+    die "NUDGE_RABBITMQ_PORT=$RMQ_PORT puts the cluster's ports (19000 below it) out of range: pick one from 20024 to 36532"
+  fi
 }
 
 # Sets AS_USER to the command prefix that runs a command as USER (empty
@@ -816,6 +838,160 @@ delayed_status() {
   esac
 }
 
+# -------------------------------------------------------- RabbitMQ cluster
+#
+# Three nodes of the same broker, each a copy of the single node above (same
+# config, plugin and users) with its own ports, node name and data directory
+# under $LOCAL_DIR/cluster/nodeN, one Erlang cookie for all. The functions of
+# the single node run unchanged against node N after cluster_node N has pointed
+# the RMQ_* settings at it.
+
+CLUSTER_DIR=$LOCAL_DIR/cluster
+
+# cluster_node N: makes the RMQ_* settings those of cluster node N.
+cluster_node() {
+  local n=$1
+  RMQ_PORT=$((CLUSTER_BASE_PORT + CLUSTER_AMQP_OFFSET + n - 1))
+  RMQ_MGMT_PORT=$((CLUSTER_BASE_PORT + CLUSTER_MGMT_OFFSET + n - 1))
+  RMQ_PROM_PORT=$((CLUSTER_BASE_PORT + CLUSTER_PROM_OFFSET + n - 1))
+  RMQ_DIST_PORT=$((CLUSTER_BASE_PORT + CLUSTER_DIST_OFFSET + n - 1))
+  RMQ_NODE=nudge-$RMQ_PORT@localhost
+  RMQ_DIR=$CLUSTER_DIR/node$n
+  RMQ_LOG=$RMQ_DIR/log/rabbitmq.log
+  RMQ_STARTUP_LOG=$RMQ_DIR/log/startup.log
+  RMQ_PID_FILE=$RMQ_DIR/rabbitmq.pid
+  RMQ_USERS_FILE=$CLUSTER_DIR/users.env
+}
+
+cluster_check_n() {
+  [[ ${1:-} =~ ^[1-9]$ ]] && (($1 <= CLUSTER_SIZE)) || die "expected a cluster node number 1..$CLUSTER_SIZE, got '${1:-}'"
+}
+
+# Every node gets the cluster's cookie before its first start.
+cluster_seed_cookie() {
+  local cookie=$CLUSTER_DIR/.erlang.cookie
+  if [[ ! -s $cookie ]]; then
+    (
+      umask 077
+      od -An -N20 -tx1 /dev/urandom | tr -d ' \n' | tr 'a-f' 'A-F' >"$cookie.new"
+    )
+    mv -f "$cookie.new" "$cookie"
+  fi
+  make_owned_dir "$RMQ_USER" 750 "$RMQ_DIR"
+  make_owned_dir "$RMQ_USER" 700 "$RMQ_DIR/home"
+  if ! cmp -s "$cookie" "$RMQ_DIR/home/.erlang.cookie" 2>/dev/null; then
+    [[ ! -e $RMQ_DIR/home/.erlang.cookie ]] || chmod u+w "$RMQ_DIR/home/.erlang.cookie"
+    cp "$cookie" "$RMQ_DIR/home/.erlang.cookie.new"
+    install_file "$RMQ_USER" 400 "$RMQ_DIR/home/.erlang.cookie.new" "$RMQ_DIR/home/.erlang.cookie"
+  fi
+}
+
+# Succeeds if node N (the current RMQ_* settings) counts node 1 among its running peers.
+cluster_joined() {
+  local first=nudge-$((CLUSTER_BASE_PORT + CLUSTER_AMQP_OFFSET))@localhost out
+  out=$(rmq_tool rabbitmqctl -q cluster_status --formatter json 2>/dev/null </dev/null) || return 1
+  python3 -c 'import json, sys; sys.exit(sys.argv[1] not in json.loads(sys.stdin.read())["running_nodes"])' \
+    "$first" <<<"$out"
+}
+
+cluster_up() {
+  local n pids=() rc=0 first
+  prepare_local_dir
+  make_owned_dir "$(id -un)" 755 "$CLUSTER_DIR"
+  ensure_rabbitmq_installed
+  # The nodes start together: a node that was stopped before the others waits at boot for
+  # the last one stopped, so starting them one after the other could wait for ever.
+  for ((n = 1; n <= CLUSTER_SIZE; n++)); do
+    cluster_node "$n"
+    cluster_seed_cookie
+    (rmq_up) &
+    pids+=($!)
+  done
+  for n in "${pids[@]}"; do wait "$n" || rc=1; done
+  ((rc == 0)) || die "cluster: a node did not start (logs under $CLUSTER_DIR/node*/log)"
+  cluster_node 1
+  first=$RMQ_NODE
+  for ((n = 2; n <= CLUSTER_SIZE; n++)); do
+    cluster_node "$n"
+    cluster_joined && continue
+    log "cluster: joining $RMQ_NODE to $first"
+    {
+      rmq_tool rabbitmqctl -q stop_app &&
+        rmq_tool rabbitmqctl -q join_cluster "$first" &&
+        rmq_tool rabbitmqctl -q start_app
+    } </dev/null >&2 || die "cluster: $RMQ_NODE could not join $first (see $RMQ_LOG)"
+  done
+  cluster_node 1
+  rmq_ensure_users
+  delayed_check_loaded
+  log "cluster: up ($CLUSTER_SIZE nodes)"
+}
+
+# In a subshell: `down` stops the single node after it, with the settings cluster_node changed.
+cluster_down() (
+  local n pids=() rc=0
+  for ((n = 1; n <= CLUSTER_SIZE; n++)); do
+    cluster_node "$n"
+    [[ -d $RMQ_DIR ]] || continue
+    (rmq_down) &
+    pids+=($!)
+  done
+  for n in "${pids[@]}"; do wait "$n" || rc=1; done
+  ((rc == 0)) || die "cluster: a node did not stop"
+)
+
+cluster_status() {
+  local n rc=0 line
+  for ((n = 1; n <= CLUSTER_SIZE; n++)); do
+    cluster_node "$n"
+    if line=$(rmq_status); then
+      if ((n == 1)) || cluster_joined; then
+        line+=" clustered"
+      else
+        line+=" not-clustered"
+        rc=3
+      fi
+    else
+      rc=3
+    fi
+    printf 'node%s %s\n' "$n" "$line"
+  done
+  return "$rc"
+}
+
+cluster_kill() {
+  local pid
+  cluster_node "$1"
+  pid=$(rmq_find_pid) || {
+    log "cluster: $RMQ_NODE is not running"
+    return 0
+  }
+  log "cluster: SIGKILL $RMQ_NODE (pid $pid)"
+  kill -KILL "$pid"
+  wait_gone "$pid" 10 || die "cluster: could not kill pid $pid"
+}
+
+cluster_env() {
+  local n urls=() service worker
+  for ((n = 1; n <= CLUSTER_SIZE; n++)); do
+    urls+=("amqp://guest:guest@$HOST:$((CLUSTER_BASE_PORT + CLUSTER_AMQP_OFFSET + n - 1))/")
+  done
+  cluster_node 1
+  (
+    IFS=,
+    printf 'NUDGE_AMQP_URL=%s\n' "${urls[*]}"
+  )
+  printf 'NUDGE_RABBITMQ_MGMT_URL=http://guest:guest@%s:%s\n' "$HOST" "$RMQ_MGMT_PORT"
+  [[ -s $RMQ_USERS_FILE ]] || return 0
+  service=$(sed -n 's/^nudge-service=//p' "$RMQ_USERS_FILE")
+  worker=$(sed -n 's/^nudge-worker=//p' "$RMQ_USERS_FILE")
+  (
+    IFS=,
+    printf 'NUDGE_SERVICE_AMQP_URL=%s\n' "${urls[*]//guest:guest/nudge-service:$service}"
+    printf 'NUDGE_WORKER_AMQP_URL=%s\n' "${urls[*]//guest:guest/nudge-worker:$worker}"
+  )
+}
+
 # ------------------------------------------------------------- PostgreSQL
 
 # Prints the bin directory of the newest PostgreSQL found (NUDGE_PG_BINDIR wins).
@@ -1075,6 +1251,7 @@ main() {
       ;;
     down)
       take_lock
+      cluster_down
       rmq_down
       pg_down
       ;;
@@ -1107,6 +1284,27 @@ main() {
       take_lock
       pg_crash
       pg_up
+      ;;
+    cluster-up)
+      take_lock
+      cluster_up
+      cluster_env
+      ;;
+    cluster-down)
+      take_lock
+      cluster_down
+      ;;
+    cluster-status) cluster_status ;;
+    cluster-env) cluster_env ;;
+    cluster-kill)
+      cluster_check_n "${1:-}"
+      cluster_kill "$1"
+      ;;
+    cluster-ctl)
+      cluster_check_n "${1:-}"
+      cluster_node "$1"
+      shift
+      cmd_ctl "$@"
       ;;
     help | -h | --help) usage ;;
     *)

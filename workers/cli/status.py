@@ -15,7 +15,7 @@ from typing import Any
 import click
 import httpx
 
-from shared import topology
+from shared import brokers, topology
 from shared.errors import BrokerUnavailable
 from workers.cli.base import DURATION, database, errors, load_settings, print_json
 from workers.config import Settings
@@ -25,7 +25,7 @@ from workers.store import stats
 def queues(settings: Settings) -> list[dict[str, Any]]:
     """Nudge's queues in the configured vhost, the delay ladder summed into one row."""
     mgmt = urllib.parse.urlsplit(settings.rabbitmq_mgmt_url)
-    vhost = urllib.parse.unquote(urllib.parse.urlsplit(settings.amqp_url).path[1:]) or "/"
+    vhost = brokers.vhost(settings.amqp_url)
     url = f"{mgmt.scheme}://{mgmt.hostname}:{mgmt.port}/api/queues/"
     try:
         r = httpx.get(

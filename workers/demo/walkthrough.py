@@ -22,6 +22,7 @@ import click
 from sqlalchemy import Engine, select
 
 from producer import Producer, scheduled
+from shared import brokers
 from shared.topology import DUE_QUEUE, INTAKE_QUEUE
 from workers.config import Settings
 from workers.demo.rules_walkthrough import run_rules_demo
@@ -137,7 +138,7 @@ def _wait_consumers(amqp_url: str, worker: subprocess.Popen[bytes], deadline: fl
     while time.monotonic() < deadline:
         if worker.poll() is not None:
             raise click.ClickException(f"the worker exited with code {worker.returncode}")
-        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        connection = pika.BlockingConnection(brokers.pika_parameters(amqp_url))
         try:
             channel = connection.channel()
             counts = [

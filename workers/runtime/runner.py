@@ -16,7 +16,7 @@ import httpx
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared import amqp, delay, topology
+from shared import amqp, brokers, delay, topology
 from shared.errors import BrokerError, BrokerUnavailable
 from workers.channels import Sender
 from workers.channels.log import LogSender
@@ -298,7 +298,7 @@ async def plugin_delayed(settings: Settings) -> int:
     """Messages waiting in the plugin's delay exchange of this vhost (``messages_delayed`` from
     the management API: AMQP cannot see them)."""
     mgmt = urllib.parse.urlsplit(settings.rabbitmq_mgmt_url)
-    vhost = urllib.parse.unquote(urllib.parse.urlsplit(settings.amqp_url).path[1:]) or "/"
+    vhost = brokers.vhost(settings.amqp_url)
     url = (
         f"{mgmt.scheme}://{mgmt.hostname}:{mgmt.port}/api/exchanges/"
         f"{urllib.parse.quote(vhost, safe='')}/{delay.PLUGIN_EXCHANGE}"
