@@ -139,17 +139,16 @@ def mail_server() -> Iterator[MailServer]:
     m.stop()
 
 
-@pytest.fixture
-def settings(
-    vhost: str, database_url: str, sink: Sink, delay_backend: delay.BackendName
+def declared_settings(
+    base: Settings,
+    amqp_url: str,
+    database_url: str,
+    sink: Sink,
+    delay_backend: delay.BackendName,
 ) -> Settings:
-    """Settings pointing at this test's vhost and database, with the topology of
-    ``delay_backend`` declared."""
-    parts = urllib.parse.urlsplit(BASE.amqp_url)
-    amqp_url = urllib.parse.urlunsplit(
-        parts._replace(path="/" + urllib.parse.quote(vhost, safe=""))
-    )
-    s = BASE.model_copy(
+    """``base`` pointed at a test's vhost (``amqp_url``) and database, the sink and generated
+    secrets, short leases and retries; the topology of ``delay_backend`` declared."""
+    s = base.model_copy(
         update={
             "amqp_url": amqp_url,
             "database_url": database_url,
@@ -173,6 +172,19 @@ def settings(
 
     asyncio.run(declare())
     return s
+
+
+@pytest.fixture
+def settings(
+    vhost: str, database_url: str, sink: Sink, delay_backend: delay.BackendName
+) -> Settings:
+    """Settings pointing at this test's vhost and database, with the topology of
+    ``delay_backend`` declared."""
+    parts = urllib.parse.urlsplit(BASE.amqp_url)
+    amqp_url = urllib.parse.urlunsplit(
+        parts._replace(path="/" + urllib.parse.quote(vhost, safe=""))
+    )
+    return declared_settings(BASE, amqp_url, database_url, sink, delay_backend)
 
 
 @pytest.fixture

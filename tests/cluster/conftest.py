@@ -3,7 +3,6 @@ session beside the single node, and settings whose ``amqp_url`` lists its three 
 
 from __future__ import annotations
 
-import asyncio
 import re
 import subprocess
 import urllib.parse
@@ -13,10 +12,9 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
-from shared import amqp, brokers, delay, topology
-from tests.conftest import ROOT, SECRET, TRACKING_SECRET, UNSUBSCRIBE_SECRET
+from shared import brokers, delay
+from tests.conftest import ROOT, declared_settings
 from tests.support import Management
 from workers.config import Settings
 from workers.demo.sink import Sink
@@ -127,28 +125,4 @@ def settings(
     """Settings naming the three nodes (this test's vhost) and this test's database, with the
     topology of ``delay_backend`` declared while every node is up: its quorum queues have a
     member on each."""
-    amqp_url = cluster.url(vhost)
-    s = Settings.load().model_copy(
-        update={
-            "amqp_url": amqp_url,
-            "database_url": database_url,
-            "delay_backend": delay_backend,
-            "webhook_url": sink.url,
-            "webhook_secret": SecretStr(SECRET),
-            "unsubscribe_secret": SecretStr(UNSUBSCRIBE_SECRET),
-            "tracking_secret": SecretStr(TRACKING_SECRET),
-            "claim_lease_seconds": 3.0,
-            "retry_base_seconds": 0.5,
-            "log_level": "info",
-        }
-    )
-
-    async def declare() -> None:
-        connection = await amqp.connect(amqp_url)
-        try:
-            await amqp.declare(connection, topology.build(delay_backend))
-        finally:
-            await connection.close()
-
-    asyncio.run(declare())
-    return s
+    return declared_settings(Settings.load(), cluster.url(vhost), database_url, sink, delay_backend)
