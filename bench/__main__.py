@@ -1,7 +1,8 @@
 """``python -m bench [SCENARIO] [OPTIONS]``: one subcommand per scenario, each in its own module;
 ``delays`` runs when none is named, so ``python -m bench --n 2000`` works. ``make bench`` runs
 it after ``make setup``. Exit code 1 when a run failed (not when a target was missed).
-``python -m bench table`` regenerates docs/benchmarks.md's tables from the committed results."""
+``python -m bench table`` regenerates the tables of docs/benchmarks.md and docs/scaling.md from
+the committed results."""
 
 from __future__ import annotations
 
@@ -36,12 +37,15 @@ def main(ctx: click.Context) -> None:
 @main.command("table")
 @click.option("--check", is_flag=True, help="Exit 1 if the docs differ from the results.")
 def table_command(check: bool) -> None:
-    """Regenerate the tables in docs/benchmarks.md from bench/results/<scenario>/*.json."""
+    """Regenerate the tables in docs/benchmarks.md and docs/scaling.md from
+    bench/results/**/*.json."""
     if check:
-        if table.section(table.DOC.read_text()) != table.render():
-            raise click.ClickException("docs/benchmarks.md is stale: run `python -m bench table`")
+        if stale := table.stale():
+            raise click.ClickException(f"{', '.join(stale)} stale: run `python -m bench table`")
         return
-    click.echo("docs/benchmarks.md " + ("updated" if table.update() else "already up to date"))
+    for doc, rendered in table.generated().items():
+        changed = table.update(doc, rendered=rendered)
+        click.echo(f"docs/{doc.name} " + ("updated" if changed else "already up to date"))
 
 
 @main.command("delays")

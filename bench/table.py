@@ -1,7 +1,10 @@
-"""``python -m bench table``: the tables of docs/benchmarks.md, generated from the committed
-result files (``bench/results/<scenario>/*.json``) between two marker comments; never edited
-by hand. One table per scenario and parameter set: for each figure, the median and the range
-over the runs that succeeded (a failed run is counted, not averaged)."""
+"""``python -m bench table``: the tables of docs/benchmarks.md and docs/scaling.md, generated
+from the committed result files (``bench/results/**/*.json``) between two marker comments;
+never edited by hand. docs/benchmarks.md: one table per scenario and parameter set, for each
+figure the median and the range over the runs that succeeded (a failed run is counted, not
+averaged). docs/scaling.md: each role's CPU per message from the latest successful run that
+measured it, and the sizing model computed from those figures and the assumptions below
+(:mod:`bench.scaling`)."""
 
 from __future__ import annotations
 
@@ -95,22 +98,39 @@ def render(root: Path = RESULTS) -> str:
     return "\n\n".join(parts)
 
 
-def section(text: str) -> str:
-    """What lies between the markers in ``text``."""
+def section(text: str, name: str = "docs/benchmarks.md") -> str:
+    """What lies between the markers in ``text`` (the text of the doc ``name``)."""
     try:
         start = text.index(BEGIN) + len(BEGIN)
         return text[start : text.index(END, start)].strip("\n")
     except ValueError as exc:
-        raise ValueError(f"docs/benchmarks.md: markers {BEGIN!r} and {END!r} not found") from exc
+        raise ValueError(f"{name}: markers {BEGIN!r} and {END!r} not found") from exc
 
 
-def update(doc: Path = DOC, root: Path = RESULTS) -> bool:
-    """Rewrite the generated section of ``doc``; True when it changed."""
+def update(doc: Path = DOC, root: Path = RESULTS, *, rendered: str | None = None) -> bool:
+    """Rewrite the generated section of ``doc`` (with ``rendered``, or the benchmarks tables
+    from ``root``); True when it changed."""
     text = doc.read_text()
-    old = section(text)
-    new = render(root)
+    old = section(text, doc.name)
+    new = render(root) if rendered is None else rendered
     if old == new:
         return False
     start = text.index(BEGIN) + len(BEGIN)
     doc.write_text(text[:start] + "\n" + new + "\n" + text[text.index(END, start) :])
     return True
+
+
+def generated(root: Path = RESULTS) -> dict[Path, str]:
+    """Each generated doc and what its section should hold."""
+    from bench import scaling  # it reads results through this module
+
+    return {DOC: render(root), scaling.DOC: scaling.render(root)}
+
+
+def stale(root: Path = RESULTS) -> list[str]:
+    """The generated docs whose section differs from what the results give."""
+    return [
+        f"docs/{doc.name}"
+        for doc, new in generated(root).items()
+        if section(doc.read_text(), doc.name) != new
+    ]

@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import report, table
+from bench import report, scaling, table
 
 
 def test_the_tables_in_docs_benchmarks_are_what_the_committed_results_give() -> None:
     assert table.section(table.DOC.read_text()) == table.render(), (
         "docs/benchmarks.md is stale: run `python -m bench table`"
+    )
+
+
+def test_the_sizing_model_in_docs_scaling_is_what_the_committed_results_give() -> None:
+    assert table.section(scaling.DOC.read_text(), "scaling.md") == scaling.render(), (
+        "docs/scaling.md is stale: run `python -m bench table`"
     )
 
 
