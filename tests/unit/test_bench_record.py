@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from bench import report, scaling, table
@@ -67,3 +68,36 @@ def test_a_failed_run_is_counted_not_averaged_and_a_missing_value_is_not_a_zero(
     assert "2 run(s) succeeded, 1 failed" in text
     assert "| p99 | 20 ms (10 to 30) |" in text
     assert "| sends | 5; 1 run(s) without |" in text
+
+
+def test_the_sizing_model_sizes_each_role_on_its_latest_successful_run_and_floors_the_rest(
+    tmp_path: Path,
+) -> None:
+    def run(at: str, ok: bool, cpu_us: float) -> None:
+        (tmp_path / "delays").mkdir(exist_ok=True)
+        doc = {
+            "scenario": "delays",
+            "at": at,
+            "commit": "abc1234",
+            "ok": ok,
+            "params": {"n": 1},
+            "figures": [
+                {"name": "worker CPU per message", "value": cpu_us, "unit": "µs"},
+                {"name": "stored by the scheduler", "value": 4000, "unit": "/s"},
+                {"name": "delivered, first to last send", "value": 2000, "unit": "/s"},
+            ],
+        }
+        (tmp_path / "delays" / f"{at}.json").write_text(json.dumps(doc))
+
+    run("2026-01-01T00:00:01", True, 100)
+    run("2026-01-02T00:00:01", True, 2000)  # the latest successful run: sized on it
+    run("2026-01-03T00:00:01", False, 1)
+    text = scaling.render(tmp_path)
+    peak = scaling.MESSAGES_PER_DAY / 86_400 * scaling.PEAK_FACTOR
+    cores = peak * 2000e-6 / scaling.TARGET_UTILISATION
+    assert "`delays`, commit `abc1234`, 2026-01-02" in text
+    assert f"| {cores:.2f} | {math.ceil(cores)} |" in text
+    assert cores > scaling.MIN_REPLICAS
+    assert "At least one role needs more replicas than the floor for CPU." in text
+    assert f"| events | not measured | | | {scaling.MIN_REPLICAS} (the floor) |" in text
+    assert "`message_items` bytes per row: not measured." in text
