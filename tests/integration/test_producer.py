@@ -119,7 +119,7 @@ def _ids_in(amqp_url: str, queue: str) -> set[str]:
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
         channel = connection.channel()
-        ids = set()
+        ids: set[str] = set()
         while True:
             method, properties, _ = channel.basic_get(queue, auto_ack=True)
             if method is None:
