@@ -29,9 +29,10 @@ class Producer(SyncApi):
     """Publishes to Nudge with publisher confirms and ``mandatory`` on every message.
 
     ``schedule`` returns once the broker confirmed the message into a durable quorum queue;
-    ``schedule_many`` pipelines: it publishes up to :data:`WINDOW` messages before waiting for
-    their confirms, instead of one round trip each. A message that is not confirmed raises
-    :class:`PublishNotConfirmed`; publishing it again with the same idempotency key is safe.
+    ``schedule_many`` pipelines: it keeps up to :data:`WINDOW` messages in flight, instead of
+    one round trip each, and returns once every one was confirmed. A message that is not
+    confirmed raises :class:`PublishNotConfirmed`, naming its key; publishing it again with
+    the same idempotency key is safe.
     Not thread-safe: use one per thread.
 
     ``url`` names the broker user services publish with, ``nudge-service``

@@ -307,7 +307,7 @@ def _settle_acks_at_once(channel: Any) -> None:
 
     aiormq schedules one callback per confirmation still registered below the ack's tag, for
     every ack frame: with thousands in flight and acks arriving faster than the callbacks run,
-    each confirmation is settled four or five times over, which costs more than the publish.
+    each confirmation costs four or five callbacks, more than the publish itself.
     This settles each once, with the channel's own ``_confirm_delivery``; installed once per
     underlying channel (a robust channel gets a new one after a reconnection).
     """
