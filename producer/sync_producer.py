@@ -183,7 +183,8 @@ class Producer(SyncApi):
 
     def _wait_confirms(self, limit: int) -> None:
         """Read confirms until at most ``limit`` publishes are pending, flushing the writes."""
-        assert self._connection is not None
+        if self._connection is None:  # reset by a failure: what was pending is failed already
+            return
         deadline = time.monotonic() + self._confirm_timeout
         timer = self._connection.call_later(self._confirm_timeout, lambda: None)  # wakes poll
         try:

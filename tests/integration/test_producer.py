@@ -11,6 +11,7 @@ import pika
 import pytest
 
 from producer import AsyncProducer, BrokerUnavailable, Producer, PublishNotConfirmed, scheduled
+from producer.sync_producer import WINDOW
 from shared.topology import INTAKE_EXCHANGE, INTAKE_QUEUE, SCHEDULE_KEY
 from tests.support import Management, free_port, ready_count
 from workers.config import Settings
@@ -63,15 +64,18 @@ def test_an_unroutable_publish_raises_instead_of_vanishing(
         asyncio.run(publish_async())
 
 
-def test_a_missing_exchange_raises(settings: Settings) -> None:
+@pytest.mark.parametrize("n", [1, WINDOW])  # WINDOW: the failure comes in the window's wait
+def test_a_missing_exchange_raises(settings: Settings, n: int) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     connection.channel().exchange_delete("nudge.intake")
     connection.close()
+    requests = [scheduled(f"c-{i}", "welcome", "log") for i in range(n)]
     with (
         Producer(settings.amqp_url) as producer,
-        pytest.raises(PublishNotConfirmed, match="NOT_FOUND"),
+        pytest.raises(PublishNotConfirmed, match="NOT_FOUND") as refused,
     ):
-        producer.schedule("c-1", "welcome", "log")
+        producer.schedule_many(requests)
+    assert set(refused.value.failed) == {r.idempotency_key for r in requests}
 
 
 def test_no_broker_raises_broker_unavailable() -> None:
