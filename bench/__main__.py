@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from bench import backends, campaign, celery_compare, delays, report, table
+from bench import backends, campaign, celery_compare, delays, publish, report, table
 from shared.errors import NudgeError
 from workers.config import Settings
 
@@ -74,6 +74,18 @@ def delays_command(
         ok = delays.run(
             Settings.load(), delays.Params(n, spread, lead, workers, concurrency, async_n, split)
         )
+    except (NudgeError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(0 if ok else 1)
+
+
+@main.command("publish")
+@click.option("--n", default=20_000, type=click.IntRange(1), help="Messages per publish.")
+@click.option("--rounds", default=3, type=click.IntRange(1), help="Rounds; medians reported.")
+def publish_command(n: int, rounds: int) -> None:
+    """Producer and AsyncProducer publishing with confirms into the intake queue, no workers."""
+    try:
+        ok = publish.run(Settings.load(), publish.Params(n, rounds))
     except (NudgeError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(0 if ok else 1)

@@ -63,7 +63,7 @@ class Measured:
     checked: float
 
 
-def _requests(
+def requests_for(
     prefix: str, n: int, start: datetime, spread: float, spent: list[float]
 ) -> Iterator[Scheduled]:
     """The run's requests, built while publishing as a service would; the time spent
@@ -84,7 +84,7 @@ def publish_sync(url: str, prefix: str, p: Params) -> tuple[float, float]:
     began = time.perf_counter()
     start = datetime.now(UTC) + timedelta(seconds=p.lead)
     with Producer(url, name="nudge-bench") as producer:
-        producer.schedule_many(_requests(prefix, p.n, start, p.spread, spent))
+        producer.schedule_many(requests_for(prefix, p.n, start, p.spread, spent))
     return time.perf_counter() - began, spent[0]
 
 
@@ -94,7 +94,7 @@ async def publish_async(url: str, prefix: str, p: Params) -> float:
     async with AsyncProducer(url, name="nudge-bench-async") as producer:
         began = time.perf_counter()
         start = datetime.now(UTC) + timedelta(seconds=p.lead)
-        await producer.schedule_many(_requests(prefix, p.async_n, start, 1.0, [0.0]))
+        await producer.schedule_many(requests_for(prefix, p.async_n, start, 1.0, [0.0]))
         return time.perf_counter() - began
 
 

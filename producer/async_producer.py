@@ -16,7 +16,8 @@ from shared.contract import ScheduleOptions
 
 class AsyncProducer:
     """The asyncio twin of :class:`producer.Producer`: confirms and ``mandatory`` on every
-    publish, confirms awaited together in :meth:`publish`, reconnects by itself. ``url`` names
+    publish, a window of confirms in flight in :meth:`publish` (see
+    :meth:`shared.amqp.Publisher.publish_many`), reconnects by itself. ``url`` names
     the ``nudge-service`` user, as for :class:`producer.Producer`."""
 
     def __init__(self, url: str, *, name: str = "nudge-producer") -> None:
@@ -51,8 +52,8 @@ class AsyncProducer:
         self._publisher = self._connection = None
 
     async def publish(self, requests: Iterable[Request]) -> list[str]:
-        """Publish all with confirms awaited together; raises
-        :class:`~shared.errors.PublishNotConfirmed` if any was not confirmed."""
+        """Publish all with pipelined confirms; returns the keys once every one was confirmed,
+        or raises :class:`~shared.errors.PublishNotConfirmed` naming those that were not."""
         publisher = await self._open()
         batch = list(requests)
         await publisher.publish_many(

@@ -29,9 +29,10 @@ from aio_pika.abc import (
 )
 from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
+from pamqp.frame import marshal
 from pamqp.header import ContentHeader
 
-from shared import brokers, delay
+from shared import brokers, delay, frames
 from shared.contract import CONTENT_TYPE
 from shared.errors import (
     BrokerUnavailable,
@@ -44,6 +45,11 @@ from shared.topology import DEAD_EXCHANGE, Topology
 #: How long to wait for a publisher confirm. Quorum queues confirm after a quorum fsync, which
 #: the docs say can take "a few hundred milliseconds" under load.
 CONFIRM_TIMEOUT = 30.0
+
+#: Publishes of one :meth:`Publisher.publish_many` in flight before it waits for confirms, and
+#: how many it writes at a time (one ``send``).
+PUBLISH_WINDOW = 2000
+PUBLISH_CHUNK = 200
 
 #: What an operation on a channel raises when the channel or its connection is gone.
 _CHANNEL_ERRORS = (
@@ -278,40 +284,34 @@ class Publisher:
             ) from exc
 
     async def publish_many(self, messages: Iterable[Outgoing]) -> None:
-        """Publish all, waiting for the confirms together; raises the first failure after all
-        have settled.
+        """Publish all with pipelined confirms; raises :class:`PublishNotConfirmed` naming the
+        message ids that were not confirmed (and why) once every one has settled.
 
-        The publishes leave in one write (one ``send`` for the whole batch, not one per
-        message as aiormq's ``basic_publish`` does while it holds the channel lock): the
-        batch's frames, delivery tags and confirmation futures are registered exactly as
-        ``aiormq.Channel.basic_publish`` registers them, so returns, nacks and a closing
-        channel settle them the same way.
+        Up to :data:`PUBLISH_WINDOW` publishes are in flight, written :data:`PUBLISH_CHUNK` at
+        a time in one ``send`` (aiormq's ``basic_publish`` writes each message on its own
+        while it holds the channel lock). Their delivery tags and confirmations are registered
+        in the aiormq channel as ``basic_publish`` registers them, so acks (multiple or not),
+        nacks and returns settle them the same way; see :class:`_Confirms`.
         """
         batch = list(messages)
         if not batch:
             return
+        confirms = _Confirms(batch)
         try:
-            channel = await self._channel.get_underlay_channel()
-            futures = await _write_publishes(channel, batch, self.user_id)
+            channel: Any = await self._channel.get_underlay_channel()
+            _settle_acks_at_once(channel)
+            for start in range(0, len(batch), PUBLISH_CHUNK):
+                await confirms.wait(channel, PUBLISH_WINDOW - PUBLISH_CHUNK)
+                await _write_publishes(
+                    channel, confirms, start, start + PUBLISH_CHUNK, self.user_id
+                )
+            await confirms.wait(channel, 0)
         except _PUBLISH_ERRORS as exc:
-            raise PublishNotConfirmed(f"publish of {len(batch)} not confirmed: {exc!r}") from exc
-        try:
-            async with asyncio.timeout(CONFIRM_TIMEOUT):
-                results = await asyncio.gather(*futures, return_exceptions=True)
-        except TimeoutError as exc:
-            raise PublishNotConfirmed(
-                f"{len(batch)} publishes not confirmed within {CONFIRM_TIMEOUT} s"
-            ) from exc
-        for out, result in zip(batch, results, strict=True):
-            if isinstance(result, aio_pika.exceptions.PublishError):
-                raise PublishNotConfirmed(
-                    f"returned unroutable by {out.exchange!r} with key {out.routing_key!r}: "
-                    "run `nudge topology apply`"
-                ) from result
-            if isinstance(result, BaseException):
-                raise PublishNotConfirmed(
-                    f"publish to {out.exchange!r} not confirmed: {result!r}"
-                ) from result
+            confirms.fail_pending(f"not confirmed: {exc!r}")
+        finally:
+            confirms.forget()
+        if confirms.failed:
+            raise PublishNotConfirmed.of(confirms.failed, confirms.confirmed(), len(batch))
 
     @staticmethod
     def delayed(
@@ -367,50 +367,202 @@ class Publisher:
         await self.publish(self.parked(body, message_id, reason, source_queue, headers))
 
 
+def _settle_acks_at_once(channel: Any) -> None:
+    """Make the aiormq ``channel`` settle a multiple ack's confirmations as it reads it.
+
+    aiormq schedules one callback per confirmation still registered below the ack's tag, for
+    every ack frame: with thousands in flight and acks arriving faster than the callbacks run,
+    each confirmation costs four or five callbacks, more than the publish itself.
+    This settles each once, with the channel's own ``_confirm_delivery``; installed once per
+    underlying channel (a robust channel gets a new one after a reconnection).
+    """
+    if getattr(channel, "_nudge_acks", False):
+        return
+
+    async def on_confirm_frame(frame: spec.Basic.Ack | spec.Basic.Nack) -> None:
+        confirmations = channel.confirmations
+        if frame.delivery_tag not in confirmations:
+            logging.getLogger(__name__).error("unexpected confirmation %r from broker", frame)
+            return
+        if getattr(frame, "multiple", False):
+            for tag in [t for t in confirmations if t <= frame.delivery_tag]:
+                channel._confirm_delivery(tag, frame)
+        else:
+            channel._confirm_delivery(frame.delivery_tag, frame)
+
+    channel._on_confirm_frame = on_confirm_frame
+    channel._nudge_acks = True
+
+
+class _Confirm:
+    """Stands in the aiormq channel's ``confirmations`` for one publish, where
+    ``basic_publish`` puts a future: the channel calls ``set_result`` on an ack and
+    ``set_exception`` on a nack or a return. A plain object, not a future: no callbacks to
+    schedule per message."""
+
+    __slots__ = ("_confirms", "_done", "_index")
+
+    def __init__(self, confirms: _Confirms, index: int) -> None:
+        self._confirms = confirms
+        self._index = index
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, _: object) -> None:
+        if not self._done:
+            self._done = True
+            self._confirms.settled(self._index, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self._done:
+            self._done = True
+            self._confirms.settled(self._index, exc)
+
+
+class _Confirms:
+    """The confirms of one :meth:`Publisher.publish_many`: how many are pending, which failed
+    and why, and a waiter woken when the pending fall to a limit."""
+
+    def __init__(self, batch: Sequence[Outgoing]) -> None:
+        self.batch = batch
+        self.pending: dict[int, int] = {}  # index in batch -> delivery tag
+        self.failed: dict[str, str] = {}  # message id -> why
+        self._failed_index: set[int] = set()
+        self._limit = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._channel: Any = None
+        self.written = 0  # batch[:written] were put on the write queue
+
+    def register(self, channel: Any, index: int) -> None:
+        """Take the channel's next delivery tag for ``batch[index]``, as ``basic_publish``."""
+        self._channel = channel
+        channel.delivery_tag += 1
+        tag = channel.delivery_tag
+        channel.confirmations[tag] = _Confirm(self, index)
+        channel.message_id_delivery_tag[self.batch[index].message_id] = tag
+        self.pending[index] = tag
+
+    def settled(self, index: int, error: BaseException | None) -> None:
+        """``batch[index]`` was acked (``error`` None), nacked or returned."""
+        if error is None:
+            self._settle(index, None)
+            return
+        out = self.batch[index]
+        if isinstance(error, aiormq.exceptions.PublishError):
+            why = (
+                f"returned unroutable by {out.exchange!r} with key {out.routing_key!r}: "
+                "run `nudge topology apply`"
+            )
+        elif isinstance(error, aiormq.exceptions.DeliveryError):
+            why = "nacked by the broker"
+        else:
+            why = f"not confirmed: {error!r}"
+        self._settle(index, why)
+
+    def _settle(self, index: int, why: str | None) -> None:
+        self.pending.pop(index, None)
+        if why is not None:
+            self.failed[self.batch[index].message_id] = why
+            self._failed_index.add(index)
+        waiter = self._waiter
+        if waiter is not None and len(self.pending) <= self._limit and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, channel: Any, limit: int) -> None:
+        """Until at most ``limit`` are pending; raises when the channel closes first or no
+        confirm comes within :data:`CONFIRM_TIMEOUT`."""
+        if len(self.pending) <= limit:
+            return
+        self._limit = limit
+        self._waiter = waiter = asyncio.get_running_loop().create_future()
+        closing = channel.closing
+        try:
+            await asyncio.wait(
+                (waiter, closing), timeout=CONFIRM_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            self._waiter = None
+            if not closing.done():
+                closing.cancel()  # an observer of its own: cancelling it leaves the channel be
+        if len(self.pending) <= limit:
+            return
+        if closing.done():
+            raise aio_pika.exceptions.ChannelInvalidStateError(
+                f"channel closed: {closing.exception() if not closing.cancelled() else ''}"
+            )
+        raise TimeoutError(f"no confirm within {CONFIRM_TIMEOUT} s")
+
+    def fail_pending(self, why: str) -> None:
+        """Count every publish still pending (or not yet written) as failed, for ``why``."""
+        for index in [*self.pending, *range(self.written, len(self.batch))]:
+            self._settle(index, why)
+
+    def confirmed(self) -> list[str]:
+        """The message ids the broker confirmed (written, settled, not failed)."""
+        return [
+            out.message_id
+            for index, out in enumerate(self.batch[: self.written])
+            if index not in self.pending and index not in self._failed_index
+        ]
+
+    def forget(self) -> None:
+        """Drop what the channel still holds of this batch (after a timeout, or the ids)."""
+        channel = self._channel
+        if channel is None:
+            return
+        for tag in self.pending.values():
+            channel.confirmations.pop(tag, None)
+        ids = channel.message_id_delivery_tag
+        for out in self.batch[: self.written]:
+            ids.pop(out.message_id, None)
+
+
 async def _write_publishes(
-    channel: aiormq.abc.AbstractChannel, batch: Sequence[Outgoing], user_id: str | None
-) -> list[asyncio.Future[Any]]:
-    """Put every publish of ``batch`` on the connection's write queue as one frame burst and
-    return their confirmation futures (see :meth:`Publisher.publish_many`); what goes to
-    ``nudge.dead`` carries ``user_id``."""
+    channel: Any, confirms: _Confirms, start: int, stop: int, user_id: str | None
+) -> None:
+    """Put the publishes ``confirms.batch[start:stop]`` on the connection's write queue as one
+    frame burst, registering their confirmations (see :meth:`Publisher.publish_many`); what
+    goes to ``nudge.dead`` carries ``user_id``."""
     impl: Any = channel  # aiormq.Channel: its confirm bookkeeping is not in the abstract type
     if impl.is_closed:
         raise aio_pika.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-    frames: list[Any] = []
-    futures: list[asyncio.Future[Any]] = []
+    number = impl.number
+    publishes: dict[tuple[str, str, bool], bytes] = {}  # the same few routes, marshalled once
+    max_body = impl.max_content_size
+    parts: list[bytes] = []
     async with impl.lock:
-        for out in batch:
-            impl.delivery_tag += 1
-            tag = impl.delivery_tag
-            confirmation = impl.create_future()
-            impl.confirmations[tag] = confirmation
-            impl.message_id_delivery_tag[out.message_id] = tag
-            confirmation.add_done_callback(_forget(impl, out.message_id, tag))
-            futures.append(confirmation)
-            properties = spec.Basic.Properties(
-                content_type=CONTENT_TYPE,
-                delivery_mode=int(DeliveryMode.PERSISTENT),
-                message_id=out.message_id,
-                headers=dict(out.headers),
-                user_id=user_id if out.exchange == DEAD_EXCHANGE else None,
-            )
-            frames.append(
-                spec.Basic.Publish(
-                    exchange=out.exchange, routing_key=out.routing_key, mandatory=out.mandatory
+        for index in range(start, min(stop, len(confirms.batch))):
+            out = confirms.batch[index]
+            route = (out.exchange, out.routing_key, out.mandatory)
+            if route not in publishes:
+                publishes[route] = frames.publish_method(
+                    number, out.exchange, out.routing_key, mandatory=out.mandatory
                 )
-            )
-            frames.append(ContentHeader(properties=properties, body_size=len(out.body)))
-            frames.extend(impl._split_body(out.body))
-        await impl.write_queue.put(ChannelFrame.marshall(impl.number, frames))
-    return futures
-
-
-def _forget(impl: Any, message_id: str, tag: int) -> Any:
-    def forget(_: asyncio.Future[Any]) -> None:
-        if impl.message_id_delivery_tag.get(message_id) == tag:
-            impl.message_id_delivery_tag.pop(message_id)
-
-    return forget
+            parts.append(publishes[route])
+            parked = out.exchange == DEAD_EXCHANGE
+            if out.headers or parked:  # beyond what shared.frames marshals
+                properties = spec.Basic.Properties(
+                    content_type=CONTENT_TYPE,
+                    delivery_mode=int(DeliveryMode.PERSISTENT),
+                    message_id=out.message_id,
+                    headers=dict(out.headers),
+                    user_id=user_id if parked else None,
+                )
+                parts.append(marshal(ContentHeader(0, len(out.body), properties), number))
+                parts.extend(marshal(part, number) for part in impl._split_body(out.body))
+            else:
+                parts.append(frames.content(number, out.message_id, out.body, max_body))
+        # Only once every frame is built (marshalling can raise): the delivery tags must
+        # match what the broker receives.
+        for index in range(start, min(stop, len(confirms.batch))):
+            confirms.register(impl, index)
+        confirms.written = min(stop, len(confirms.batch))
+        await impl.write_queue.put(ChannelFrame(payload=b"".join(parts), should_close=False))
 
 
 async def ack_many(messages: Iterable[AbstractIncomingMessage]) -> None:

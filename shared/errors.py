@@ -6,6 +6,8 @@ chained with ``from exc``, so callers only ever catch these.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 
 class NudgeError(Exception):
     """Nudge failed to do what was asked."""
@@ -41,7 +43,36 @@ class BrokerUnavailable(BrokerError):
 class PublishNotConfirmed(BrokerError):
     """The broker did not confirm a publish: it was nacked, returned unroutable, or the
     connection was lost before the confirm arrived. The message may or may not have been
-    enqueued; publish it again with the same idempotency key."""
+    enqueued; publish it again with the same idempotency key.
+
+    ``failed`` maps the idempotency key of each message that was not confirmed to why;
+    ``confirmed`` holds the keys of the same publish the broker did confirm (empty when the
+    publish failed before it could tell)."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        failed: Mapping[str, str] | None = None,
+        confirmed: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message)
+        self.failed: dict[str, str] = dict(failed or {})
+        self.confirmed: tuple[str, ...] = tuple(confirmed)
+
+    @classmethod
+    def of(
+        cls, failed: Mapping[str, str], confirmed: Sequence[str], total: int
+    ) -> PublishNotConfirmed:
+        """The error for a publish of ``total`` messages of which ``failed`` were not
+        confirmed, naming the first ten keys and why."""
+        named = "; ".join(f"{key}: {why}" for key, why in list(failed.items())[:10])
+        more = f"; and {len(failed) - 10} more" if len(failed) > 10 else ""
+        return cls(
+            f"{len(failed)} of {total} not confirmed ({named}{more})",
+            failed=failed,
+            confirmed=confirmed,
+        )
 
 
 class SettleFailed(BrokerError):

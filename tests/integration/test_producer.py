@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import pika
 import pytest
 
 from producer import AsyncProducer, BrokerUnavailable, Producer, PublishNotConfirmed, scheduled
+from producer.sync_producer import WINDOW
 from shared.topology import INTAKE_EXCHANGE, INTAKE_QUEUE, SCHEDULE_KEY
 from tests.support import Management, free_port, ready_count
 from workers.config import Settings
@@ -62,15 +64,18 @@ def test_an_unroutable_publish_raises_instead_of_vanishing(
         asyncio.run(publish_async())
 
 
-def test_a_missing_exchange_raises(settings: Settings) -> None:
+@pytest.mark.parametrize("n", [1, WINDOW])  # WINDOW: the failure comes in the window's wait
+def test_a_missing_exchange_raises(settings: Settings, n: int) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     connection.channel().exchange_delete("nudge.intake")
     connection.close()
+    requests = [scheduled(f"c-{i}", "welcome", "log") for i in range(n)]
     with (
         Producer(settings.amqp_url) as producer,
-        pytest.raises(PublishNotConfirmed, match="NOT_FOUND"),
+        pytest.raises(PublishNotConfirmed, match="NOT_FOUND") as refused,
     ):
-        producer.schedule("c-1", "welcome", "log")
+        producer.schedule_many(requests)
+    assert set(refused.value.failed) == {r.idempotency_key for r in requests}
 
 
 def test_no_broker_raises_broker_unavailable() -> None:
@@ -101,3 +106,78 @@ def test_the_broker_refuses_a_body_above_its_size_cap_at_the_publish(settings: S
         if connection.is_open:
             connection.close()
     assert ready_count(settings.amqp_url, INTAKE_QUEUE) == 1
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """A request to any route of the intake exchange (the producers' Request protocol)."""
+
+    routing_key: str
+    idempotency_key: str
+    exchange: str = INTAKE_EXCHANGE
+    body: bytes = b"{}"
+
+
+def _ids_in(amqp_url: str, queue: str) -> set[str]:
+    """The message ids in ``queue``, taken out of it."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        ids: set[str] = set()
+        while True:
+            method, properties, _ = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return ids
+            ids.add(properties.message_id)
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("kind", ["Producer", "AsyncProducer"])
+def test_a_pipelined_publish_names_each_nacked_or_unroutable_key_and_confirms_only_the_rest(
+    settings: Settings, kind: str
+) -> None:
+    # A queue that holds 5 and nacks the publishes beyond (reject-publish), bound beside the
+    # intake queue; some publishes go to a routing key bound to nothing.
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    channel = connection.channel()
+    channel.queue_declare(
+        "capped", durable=True, arguments={"x-max-length": 5, "x-overflow": "reject-publish"}
+    )
+    channel.queue_bind("capped", INTAKE_EXCHANGE, "capped")
+    connection.close()
+    batch: list[_Raw] = []
+    for i in range(1200):  # more than a window: the failures sit among many confirmed
+        route = {300: "capped", 700: "nowhere", 1100: "nowhere"}.get(i, SCHEDULE_KEY)
+        if 500 <= i < 510:
+            route = "capped"
+        batch.append(_Raw(route, f"k-{i}"))
+
+    def publish() -> None:
+        if kind == "Producer":
+            with Producer(settings.amqp_url) as producer:
+                producer.publish(batch)
+            return
+
+        async def publish_async() -> None:
+            async with AsyncProducer(settings.amqp_url) as producer:
+                await producer.publish(batch)
+
+        asyncio.run(publish_async())
+
+    with pytest.raises(PublishNotConfirmed) as refused:
+        publish()
+
+    error = refused.value
+    queued = _ids_in(settings.amqp_url, INTAKE_QUEUE) | _ids_in(settings.amqp_url, "capped")
+    capped = {f"k-{i}" for i in [300, *range(500, 510)]}
+    assert len(queued) == 1200 - 2 - 6
+    # every key is either confirmed and queued, or named as failed with its reason
+    assert set(error.confirmed) == queued
+    assert set(error.failed) == {f"k-{i}" for i in range(1200)} - queued
+    assert {k for k, why in error.failed.items() if "unroutable" in why} == {"k-700", "k-1100"}
+    nacked = {k for k, why in error.failed.items() if "nacked" in why}
+    assert len(nacked) == 6
+    assert nacked <= capped
+    assert "k-700" in str(error)
+    assert "8 of 1200 not confirmed" in str(error)
