@@ -69,7 +69,9 @@ def pair(servers: None) -> Iterator[Pair]:
             local_dir, port, Settings.load(database_url=env["NUDGE_DATABASE_URL"]).database_url
         )
     finally:
-        pair.servers("down")
+        # Hard: the data goes with the directory.
+        pair.servers("pg-standby-down")
+        pair.servers("kill-postgres")
         shutil.rmtree(local_dir, ignore_errors=True)
 
 
