@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 
 from tests.failover.conftest import Pair
 from tests.faults import test_injected_faults as faults
@@ -88,8 +88,12 @@ def test_promoting_the_standby_mid_campaign_loses_no_committed_outcome_and_sends
             timeout=60,
             message="a campaign sending and delayed messages in flight",
         )
-        # What the primary says it committed: the failover may take none of it back.
+        # What the primary says it committed: the failover may take none of it back, as long
+        # as every commit waited for the standby.
         before = _sent(engine)
+        with engine.connect() as conn:
+            states = conn.execute(text("SELECT sync_state FROM pg_stat_replication")).all()
+        assert [s for (s,) in states] == ["sync"], f"the standby is not synchronous: {states}"
         pair.servers("kill-postgres")
         pair.servers("pg-promote")
         engine.dispose()  # the test's own pooled connections died with the primary
