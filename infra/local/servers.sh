@@ -85,9 +85,11 @@ usage() {
 usage: $(basename "$0") COMMAND
 
   up                 start RabbitMQ and PostgreSQL (no-op for a server already up)
-  down               stop both, and the cluster's nodes and the standby if any run (no-op if already stopped)
-  status             show both servers and the delayed-message plugin; exit 0 if both
-                     servers are up, 3 otherwise (the plugin is optional)
+  down               stop both, and the cluster's nodes and the standby if any run
+                     (no-op if already stopped)
+  status             show both servers, the standby if any, and the delayed-message
+                     plugin; exit 0 if both servers are up, 3 otherwise (the standby and
+                     the plugin are optional)
   delayed-plugin     whether the broker has the delayed-message plugin loaded: exit 0
                      loaded, 4 none available, 5 available but not loaded, 3 broker down
   logs [-f]          last $LOG_LINES lines of both logs (-f: follow)
@@ -1311,6 +1313,12 @@ cmd_status() {
   local rc=0
   rmq_status || rc=3
   pg_status || rc=3
+  if [[ -d $LOCAL_DIR/postgres-standby/data ]]; then # optional too: pg-standby-up
+    (
+      pg_standby_node
+      pg_status | sed 's/^postgres /standby  /'
+    ) || true
+  fi
   delayed_status || true # optional: the tiers backend needs no plugin
   return "$rc"
 }
