@@ -55,7 +55,7 @@ test: setup lint
 	$(VENV)/bin/pytest
 
 test-fast: setup
-	$(VENV)/bin/pytest -x -q -m "not acceptance and not cluster"
+	$(VENV)/bin/pytest -x -q -m "not acceptance and not cluster and not failover"
 
 fmt: venv
 	$(VENV)/bin/ruff format .

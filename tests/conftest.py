@@ -48,6 +48,7 @@ TIERS = {
     "acceptance": ("acceptance",),
     "faults": ("integration", "faults"),
     "cluster": ("integration", "cluster"),
+    "failover": ("integration", "failover"),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -195,7 +196,7 @@ class Settings(BaseSettings):
     def _db_scheme(cls, value: str) -> str:
         if not value.startswith("postgresql+psycopg://"):
             raise ValueError("must start with postgresql+psycopg://")
-        return value
+        return multi_host(value)
 
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:
@@ -240,3 +241,22 @@ def _refuse_removed(file_values: dict[str, Any]) -> None:
     for name, why in REMOVED.items():
         if name in file_values or f"NUDGE_{name.upper()}" in os.environ:
             raise ConfigError(f"invalid configuration: NUDGE_{name.upper()} was removed: {why}")
+
+
+def multi_host(url: str) -> str:
+    """``url`` with libpq's list of hosts (``user@host1:port1,host2:port2/db``) written as
+    SQLAlchemy reads it (``user@/db?host=host1:port1&host=host2:port2``); any other URL as
+    it is. libpq tries the hosts in turn, and with ``target_session_attrs=read-write`` keeps
+    the first that accepts writes: after a failover, the promoted standby."""
+    scheme, rest = url.split("://", 1)
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if "," not in hosts:
+        return url
+    names = hosts.split(",")
+    if not all(names):
+        raise ValueError(f"an empty host in the list {hosts!r}: write host1:port1,host2:port2")
+    path, _, query = tail.partition("?")
+    pairs = [("host", h) for h in names] + urllib.parse.parse_qsl(query, keep_blank_values=True)
+    query = urllib.parse.urlencode(pairs, safe=":[]")
+    return f"{scheme}://{userinfo}{at}/{path if slash else ''}?{query}"

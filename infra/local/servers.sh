@@ -7,6 +7,7 @@
 #
 # Usage: servers.sh up|down|status|delayed-plugin|logs [-f]|env|restart-rabbitmq|crash-rabbitmq|restart-postgres|crash-postgres|ctl TOOL ARGS
 #        servers.sh cluster-up|cluster-down|cluster-status|cluster-env|cluster-kill N|cluster-ctl N TOOL ARGS
+#        servers.sh pg-standby-up|pg-standby-down|pg-standby-env|pg-promote|kill-postgres
 #
 # Progress goes to stderr; `up` and `env` print only KEY=value lines on stdout.
 set -euo pipefail
@@ -41,6 +42,13 @@ LOG_LINES=${NUDGE_LOG_LINES:-50}
 
 PG_DB=nudge
 PG_SUPERUSER=nudge
+# The streaming standby (pg-standby-up) listens one port above the primary and replicates
+# synchronously under this application name, as this replication user.
+PG_STANDBY_PORT=$((PG_PORT + 1))
+PG_STANDBY_NAME=nudge_standby
+PG_REPL_USER=nudge_replication
+# Lines pg_write_config adds to a server's nudge_local.conf (the standby's recovery settings).
+PG_EXTRA_CONF=()
 
 RMQ_BIN=/usr/lib/rabbitmq/bin
 RMQ_DIR=$LOCAL_DIR/rabbitmq
@@ -77,9 +85,11 @@ usage() {
 usage: $(basename "$0") COMMAND
 
   up                 start RabbitMQ and PostgreSQL (no-op for a server already up)
-  down               stop both, and the cluster's nodes if any run (no-op if already stopped)
-  status             show both servers and the delayed-message plugin; exit 0 if both
-                     servers are up, 3 otherwise (the plugin is optional)
+  down               stop both, and the cluster's nodes and the standby if any run
+                     (no-op if already stopped)
+  status             show both servers, the standby if any, and the delayed-message
+                     plugin; exit 0 if both servers are up, 3 otherwise (the standby and
+                     the plugin are optional)
   delayed-plugin     whether the broker has the delayed-message plugin loaded: exit 0
                      loaded, 4 none available, 5 available but not loaded, 3 broker down
   logs [-f]          last $LOG_LINES lines of both logs (-f: follow)
@@ -105,6 +115,16 @@ usage: $(basename "$0") COMMAND
   cluster-kill N     SIGKILL node N's Erlang VM (1, 2 or 3), as a crash would
   cluster-ctl N TOOL ARGS...   like ctl, against cluster node N
 
+  pg-standby-up      start a streaming standby of PostgreSQL on NUDGE_POSTGRES_PORT+1 (data
+                     in postgres-standby/, made with pg_basebackup; the primary is started if
+                     down) and make the primary's commits wait for it (synchronous_commit on,
+                     synchronous_standby_names)
+  pg-standby-down    stop the standby (no-op if stopped)
+  pg-standby-env     NUDGE_DATABASE_URL naming the primary and the standby, read-write only
+  pg-promote         promote the standby to a primary (pg_ctl promote); its data has then left
+                     the old primary's timeline: remove postgres-standby/ to make a new standby
+  kill-postgres      stop the primary hard (immediate shutdown) and leave it down
+
 data dir: $LOCAL_DIR
 EOF
 }
@@ -124,8 +144,10 @@ check_settings() {
     name=${pair%%=*} value=${pair#*=}
     [[ $value =~ ^[0-9]+$ ]] || die "$name must be a whole number, got '$value'"
   done
+  ((PG_STANDBY_PORT <= 65535)) || die "NUDGE_POSTGRES_PORT=$PG_PORT leaves no port above it for the standby"
   local ports
-  ports=$(printf '%s\n' "$RMQ_PORT" "$RMQ_MGMT_PORT" "$RMQ_PROM_PORT" "$RMQ_DIST_PORT" "$PG_PORT" | sort | uniq -d)
+  ports=$(printf '%s\n' "$RMQ_PORT" "$RMQ_MGMT_PORT" "$RMQ_PROM_PORT" "$RMQ_DIST_PORT" "$PG_PORT" \
+    "$PG_STANDBY_PORT" | sort | uniq -d)
   [[ -z $ports ]] || die "the same port is configured twice: $ports"
   if ((CLUSTER_BASE_PORT < 1024 || CLUSTER_BASE_PORT + CLUSTER_DIST_OFFSET + CLUSTER_SIZE + 10000 > 65535)); then
     die "NUDGE_RABBITMQ_PORT=$RMQ_PORT puts the cluster's ports (19000 below it) out of range: pick one from 20024 to 36532"
@@ -1060,6 +1082,7 @@ pg_write_config() {
     printf 'port = %s\n' "$PG_PORT"
     printf "unix_socket_directories = '%s'\n" "${socket_dir//\'/\'\'}"
     printf 'max_connections = 200\n'
+    if ((${#PG_EXTRA_CONF[@]})); then printf '%s\n' "${PG_EXTRA_CONF[@]}"; fi
   } >"$conf.new"
   install_file "$PG_USER" 600 "$conf.new" "$conf"
   if ! grep -qxF "include 'nudge_local.conf'" "$PG_DATA/postgresql.conf"; then
@@ -1193,6 +1216,91 @@ pg_status() {
   return 1
 }
 
+# ------------------------------------------------------ PostgreSQL standby
+
+# Points the PG_* settings at the standby (in a subshell, as cluster_node does for RabbitMQ).
+pg_standby_node() {
+  local primary=$PG_PORT
+  PG_DIR=$LOCAL_DIR/postgres-standby
+  PG_DATA=$PG_DIR/data
+  PG_LOG=$PG_DIR/log/postgres.log
+  PG_SOCKET_DIR=$PG_DIR/run
+  PG_PORT=$PG_STANDBY_PORT
+  # No synchronous standby of its own: once promoted, its commits wait for nobody.
+  PG_EXTRA_CONF=(
+    "primary_conninfo = 'host=$HOST port=$primary user=$PG_REPL_USER application_name=$PG_STANDBY_NAME'"
+    "synchronous_standby_names = ''"
+    "hot_standby = on"
+  )
+}
+
+# The standby's replication state as the primary sees it ("streaming sync"), if connected.
+pg_standby_state() {
+  pg_psql -d postgres -tAc "SELECT state || ' ' || sync_state FROM pg_stat_replication
+    WHERE application_name = '$PG_STANDBY_NAME'" 2>/dev/null
+}
+
+pg_standby_synchronous() { [[ $(pg_standby_state) == "streaming sync" ]]; }
+pg_standby_streaming() { [[ $(pg_standby_state) == streaming* ]]; }
+
+pg_standby_up() {
+  ensure_postgres_installed
+  pg_up
+  pg_psql -d postgres -c "DO \$\$ BEGIN
+      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_REPL_USER') THEN
+        CREATE ROLE $PG_REPL_USER WITH REPLICATION LOGIN;
+      END IF;
+    END \$\$" || pg_fail "cannot create the replication user $PG_REPL_USER"
+  (
+    pg_standby_node
+    make_owned_dir "$PG_USER" 750 "$PG_DIR" "$PG_DIR/log" "$PG_SOCKET_DIR"
+    make_owned_dir "$PG_USER" 700 "$PG_DATA"
+    ensure_reachable "$PG_USER" "$PG_DATA"
+    if [[ ! -f $PG_DATA/PG_VERSION ]]; then
+      log "postgres-standby: pg_basebackup from $HOST:$((PG_STANDBY_PORT - 1))"
+      run_as "$PG_USER" env -C / "$PG_BIN/pg_basebackup" -h "$HOST" -p "$((PG_STANDBY_PORT - 1))" \
+        -U "$PG_REPL_USER" -D "$PG_DATA" -X stream -c fast >"$PG_DIR/log/basebackup.log" 2>&1 ||
+        pg_fail "pg_basebackup failed (see $PG_DIR/log/basebackup.log)"
+      # The primary's ALTER SYSTEM settings (its synchronous standby) are not the standby's.
+      : >"$PG_DATA/postgresql.auto.conf"
+      run_as "$PG_USER" touch "$PG_DATA/standby.signal"
+    fi
+    [[ -f $PG_DATA/standby.signal ]] ||
+      die "postgres-standby: $PG_DATA was promoted; remove $PG_DIR to make a new standby"
+    pg_up
+  )
+  wait_for pg_standby_streaming pg_running ||
+    pg_fail "the standby on port $PG_STANDBY_PORT does not stream from the primary"
+  # Only now: with no standby connected, every commit would wait.
+  pg_psql -d postgres -c "ALTER SYSTEM SET synchronous_standby_names = '$PG_STANDBY_NAME'" \
+    -c "ALTER SYSTEM SET synchronous_commit = on" -c "SELECT pg_reload_conf()" >/dev/null ||
+    pg_fail "cannot turn on synchronous replication"
+  wait_for pg_standby_synchronous pg_running ||
+    pg_fail "the standby on port $PG_STANDBY_PORT is not synchronous"
+  log "postgres-standby: up on $HOST:$PG_STANDBY_PORT, synchronous"
+}
+
+# In subshells: they change the PG_* settings.
+pg_standby_down() (
+  pg_standby_node
+  [[ -d $PG_DATA ]] || return 0
+  pg_down
+)
+
+pg_promote() (
+  ensure_postgres_installed
+  pg_standby_node
+  pg_running || die "postgres-standby: not running on port $PG_PORT"
+  log "postgres-standby: promoting"
+  pg_ctl_as promote -w -t "$START_TIMEOUT" >&2 || pg_fail "promote failed"
+  log "postgres-standby: promoted, now a primary on $HOST:$PG_PORT"
+)
+
+print_standby_env() {
+  printf 'NUDGE_DATABASE_URL=postgresql+psycopg://%s@%s:%s,%s:%s/%s?target_session_attrs=read-write\n' \
+    "$PG_SUPERUSER" "$HOST" "$PG_PORT" "$HOST" "$PG_STANDBY_PORT" "$PG_DB"
+}
+
 # --------------------------------------------------------------- commands
 
 print_env() {
@@ -1205,6 +1313,12 @@ cmd_status() {
   local rc=0
   rmq_status || rc=3
   pg_status || rc=3
+  if [[ -d $LOCAL_DIR/postgres-standby/data ]]; then # optional too: pg-standby-up
+    (
+      pg_standby_node
+      pg_status | sed 's/^postgres /standby  /'
+    ) || true
+  fi
   delayed_status || true # optional: the tiers backend needs no plugin
   return "$rc"
 }
@@ -1253,6 +1367,7 @@ main() {
       take_lock
       cluster_down
       rmq_down
+      pg_standby_down
       pg_down
       ;;
     status) cmd_status ;;
@@ -1305,6 +1420,24 @@ main() {
       cluster_node "$1"
       shift
       cmd_ctl "$@"
+      ;;
+    pg-standby-up)
+      take_lock
+      pg_standby_up
+      print_standby_env
+      ;;
+    pg-standby-down)
+      take_lock
+      pg_standby_down
+      ;;
+    pg-standby-env) print_standby_env ;;
+    pg-promote)
+      take_lock
+      pg_promote
+      ;;
+    kill-postgres)
+      take_lock
+      pg_crash
       ;;
     help | -h | --help) usage ;;
     *)

@@ -1,4 +1,5 @@
-"""Settings: secrets have no default, are refused when weak, and never printed."""
+"""Settings: secrets have no default, are refused when weak, and never printed; a database URL
+may list several hosts."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from pydantic import SecretStr
+from sqlalchemy import make_url
 
 from shared.errors import ConfigError
 from workers.config import Settings
@@ -73,3 +75,24 @@ def test_secrets_are_masked_when_settings_are_printed() -> None:
         assert GOOD not in text
     assert settings.webhook_secret is not None
     assert settings.webhook_secret.get_secret_value() == GOOD
+
+
+def test_a_database_url_listing_several_hosts_reaches_sqlalchemy_as_its_host_parameters() -> None:
+    listed = (
+        "postgresql+psycopg://nudge:pw@pg-1:5432,pg-2:5433/nudge?target_session_attrs=read-write"
+    )
+    url = make_url(Settings.load(database_url=listed).database_url)
+    assert url.query == {
+        "host": ("pg-1:5432", "pg-2:5433"),
+        "target_session_attrs": "read-write",
+    }
+    assert (url.username, url.password, url.database) == ("nudge", "pw", "nudge")
+    single = "postgresql+psycopg://nudge@pg-1:5432/nudge"
+    assert Settings.load(database_url=single).database_url == single
+
+
+def test_a_database_url_with_an_empty_host_in_its_list_is_refused_naming_the_setting() -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.load(database_url="postgresql+psycopg://nudge@pg-1:5432,,pg-2:5432/nudge")
+    assert "NUDGE_DATABASE_URL" in str(refused.value)
+    assert "empty host" in str(refused.value)

@@ -25,7 +25,10 @@ def async_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
     """The engine workers use. Connections are not pinged before use (a round trip per
     transaction, on the dispatch's critical path): after a Postgres restart the first
     statement fails, SQLAlchemy discards the pool's connections, and the batch is retried
-    as for any :class:`~shared.errors.StoreUnavailable`."""
+    as for any :class:`~shared.errors.StoreUnavailable`. With several hosts in ``url`` and
+    ``target_session_attrs=read-write``, each new connection goes to the host that accepts
+    writes: after a failover, the promoted standby (docs/operations.md, "Postgres high
+    availability")."""
     return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800)
 
 
