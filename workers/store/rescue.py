@@ -23,6 +23,7 @@ _SINGLES = text("""
 WITH overdue AS (
     SELECT m.id FROM messages m
      WHERE m.kind <> 'campaign' AND m.status IN (:not_started, :sending)
+       AND m.contact_id IS NOT NULL
        AND m.deliver_at < now() - make_interval(secs => :after)
        AND (m.rescued_at IS NULL OR m.rescued_at < now() - make_interval(secs => :after))
        AND NOT EXISTS (SELECT 1 FROM message_items mi

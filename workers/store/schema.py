@@ -108,11 +108,13 @@ messages = Table(
     CheckConstraint("exclude_scope IN ('since_scheduled', 'ever', 'within')", name="exclude_scope"),
     # a contact's single messages not yet due, for `nudge contact show` (migration 0008)
     Index(None, "contact_id"),
-    # the rescue: single and rule messages still pending, by due time (migration 0013)
+    # the rescue: single and rule messages still pending, by due time (migration 0013); its
+    # `contact_id IS NOT NULL`, which only the rescue asks, keeps the finalise's completion of
+    # a message on the primary key
     Index(
         "ix_messages_pending_singles",
         "deliver_at",
-        postgresql_where=text("kind <> 'campaign' AND status IN (0, 1)"),
+        postgresql_where=text("kind <> 'campaign' AND status IN (0, 1) AND contact_id IS NOT NULL"),
     ),
 )
 

@@ -27,7 +27,9 @@ def upgrade() -> None:
         "ix_messages_pending_singles",
         "messages",
         ["deliver_at"],
-        postgresql_where=sa.text("kind <> 'campaign' AND status IN (0, 1)"),
+        postgresql_where=sa.text(
+            "kind <> 'campaign' AND status IN (0, 1) AND contact_id IS NOT NULL"
+        ),
     )
     op.create_index(
         "ix_message_items_deferred",
