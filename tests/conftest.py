@@ -228,6 +228,7 @@ def start_worker(settings: Settings) -> Iterator[Callable[..., Worker]]:
             codes.append((w, w.process.wait(timeout=60)))
         except subprocess.TimeoutExpired:
             w.process.kill()
+            w.process.wait(timeout=10)  # reaped here, not in a later test's garbage collection
             codes.append((w, -9))
     for w, code in codes:
         assert code == 0, f"worker exited {code} on SIGTERM:\n{w.log()}"

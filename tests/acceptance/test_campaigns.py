@@ -105,7 +105,7 @@ def workers(start_worker: Callable[..., Worker], n: int = 2) -> list[Worker]:
 def test_a_campaign_paused_and_resumed_five_times_reaches_everyone_exactly_once(
     settings: Settings, engine: Engine, sink: Sink, start_worker: Callable[..., Worker]
 ) -> None:
-    n = 20_000
+    n = 8_000
     seed(engine, n)
     workers(start_worker)
     create(settings, "spring")

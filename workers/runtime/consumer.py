@@ -204,7 +204,11 @@ class Consumer(Generic[T]):
             await asyncio.sleep(0.05)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # what a stuck one holds stays unacked: RabbitMQ redelivers it
+            done, _ = await asyncio.wait(self._tasks, timeout=5.0)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved: a crash was logged where it happened
 
     async def _on_message(self, message: Incoming) -> None:
         self.last_activity = time.monotonic()

@@ -39,6 +39,11 @@ from workers.web.server import WebServer
 
 log = structlog.get_logger("nudge.worker")
 
+#: How long each step of a shutdown after the consumers' own grace may take (background tasks'
+#: clean-up, closing the connection and the pool): a worker exits on SIGTERM within about
+#: the consumers' grace plus three times this, whatever a server is doing.
+STOP_SECONDS = 5.0
+
 Role = Literal["scheduler", "dispatch", "events", "planner", "receipts", "web"]
 ROLES: tuple[Role, ...] = ("scheduler", "dispatch", "events", "planner", "receipts", "web")
 #: The role that serves HTTP (workers/web/) instead of consuming a queue.
@@ -271,15 +276,22 @@ async def _consume(
     finally:
         for task in background:
             task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        if background:  # cancelled tasks clean up (a watermark row forgotten): briefly
+            done, stuck = await asyncio.wait(background, timeout=STOP_SECONDS)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved: each logs its own failures
+            if stuck:
+                log.warning("background tasks did not stop in time", count=len(stuck))
         # The handlers stay until the loop closes: a second SIGTERM during shutdown (from an
         # impatient supervisor) must not kill the process halfway through it.
         for ch in channels.values():
             await ch.close()
         await publisher.close()
         with contextlib.suppress(Exception):
-            await connection.close()
-        await engine.dispose()
+            await asyncio.wait_for(connection.close(), STOP_SECONDS)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(engine.dispose(), STOP_SECONDS)
 
 
 async def _watch_depths(connection: Any, names: Sequence[str], every: float = 5.0) -> None:
