@@ -12,6 +12,7 @@ from shared.topology import INTAKE_QUEUE
 from tests.support import Worker, ready_count, wait_for
 from workers.config import Settings
 from workers.demo.sink import Sink
+from workers.ratelimit import LATE_SECONDS
 from workers.store.schema import messages
 
 RATE = 50.0
@@ -81,10 +82,11 @@ def test_dispatch_processes_that_join_and_die_keep_the_fleet_at_its_limit_of_50_
     for rate in (two, four, three, overall):
         assert 45 <= rate <= 52, figures
     busiest = _busiest_second(times)
-    # Sends keep to their slots; arrival times at the receiver add the HTTP path's jitter (a
-    # process stalled for a moment on a busy machine sends its slots' requests together). A
-    # limit held per process instead of per fleet would show 100-200 in a second.
-    assert busiest <= RATE * 1.2, f"{busiest} deliveries within one second ({figures})"
+    # Sends keep to their slots, except that a process whose event loop was late sends the
+    # slots it missed by at most LATE_SECONDS at once: with four processes, a second may hold
+    # that much more. A limit held per process instead of per fleet would show 100-200.
+    bound = RATE * (1 + 4 * LATE_SECONDS)
+    assert busiest <= bound, f"{busiest} deliveries within one second ({figures})"
     # The four really shared the work: each of those that joined sent its part.
     for w in joined:
         assert w.metric("nudge_outcomes_total", channel="webhook", status="sent") > 50, figures
