@@ -37,20 +37,7 @@ def run(engine: Engine) -> str:
 @pytest.fixture
 def fleet(start_worker: Callable[..., Worker]) -> dict[str, Worker]:
     """One worker per role (as in the fault suite), started together."""
-    workers = {
-        role: start_worker(
-            role,
-            concurrency=faults.CONCURRENCY,
-            claim_lease_seconds=faults.LEASE,
-            batch_size=faults.BATCH,
-            rescue_after_seconds=faults.RESCUE,
-            wait=False,
-        )
-        for role in faults.QUEUES
-    }
-    for role, worker in workers.items():
-        wait_for(lambda w=worker, q=faults.QUEUES[role]: w.consuming([q]), timeout=60)  # type: ignore[misc]
-    return workers
+    return faults.start_fleet(start_worker)
 
 
 def _leader(

@@ -74,14 +74,24 @@ def fleet(start_worker: Callable[..., Worker]) -> dict[str, Worker]:
     return {role: _start(start_worker, role) for role in QUEUES}
 
 
-def _start(start_worker: Callable[..., Worker], role: str) -> Worker:
+def _start(start_worker: Callable[..., Worker], role: str, *, wait: bool = True) -> Worker:
     return start_worker(
         role,
         concurrency=CONCURRENCY,
         claim_lease_seconds=LEASE,
         batch_size=BATCH,
         rescue_after_seconds=RESCUE,
+        wait=wait,
     )
+
+
+def start_fleet(start_worker: Callable[..., Worker]) -> dict[str, Worker]:
+    """One worker per role with the fault suite's settings, started together, once each
+    consumes its queue (the cluster and failover tests' fleet)."""
+    workers = {role: _start(start_worker, role, wait=False) for role in QUEUES}
+    for role, worker in workers.items():
+        wait_for(lambda w=worker, q=QUEUES[role]: w.consuming([q]), timeout=60)  # type: ignore[misc]
+    return workers
 
 
 def _flows(run: str, settings: Settings, engine: Engine) -> list[Flow]:
