@@ -213,3 +213,43 @@ def _sends(sink: Sink, count: int) -> Callable[[], bool]:
 
 def _alive(worker: Worker) -> bool:
     return worker.process is not None and worker.process.poll() is None
+
+
+def test_a_copy_of_a_due_message_arriving_while_its_recipient_is_being_sent_is_not_sent_again(
+    settings: Settings, sink: Sink, engine: Engine, start_worker: Callable[..., Worker]
+) -> None:
+    # The first send is held at the receiver, so the recipient stays `sending` under a live
+    # lease; a copy of its due message (a redelivery) must wait for the lease, not send again.
+    release = threading.Event()
+
+    def hold_the_first(body: dict[str, Any], n: int) -> tuple[int, dict[str, str]]:
+        if n == 0:
+            release.wait(timeout=60)
+        return 200, {}
+
+    sink.respond = hold_the_first
+    worker = start_worker(concurrency=2)
+    with Producer(settings.amqp_url) as producer:
+        producer.schedule("held", "welcome", "webhook", idempotency_key="held")
+    mid, cid = _message(engine, "held")
+
+    def held() -> bool:
+        with engine.connect() as conn:
+            status = conn.scalar(
+                select(message_items.c.status).where(message_items.c.message_id == mid)
+            )
+        return status == "sending"
+
+    wait_for(held, timeout=15, message="the first send in flight")
+    _publish_due(settings, DueMessage(message_id=mid, contact_id=cid, deliver_at=datetime.now(UTC)))
+    try:
+        wait_for(
+            lambda: worker.metric("nudge_retries_total", queue="nudge.due") >= 1,
+            timeout=15,
+            message="the copy sent back to wait for the lease",
+        )
+    finally:
+        release.set()
+    row = final_row(engine, "held")
+    assert (row["status"], row["takeovers"]) == ("sent", 0)
+    assert len(sink.requests) == 1, "sent once"
