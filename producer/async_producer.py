@@ -56,10 +56,12 @@ class AsyncProducer:
         or raises :class:`~shared.errors.PublishNotConfirmed` naming those that were not."""
         publisher = await self._open()
         batch = list(requests)
-        await publisher.publish_many(
-            amqp.Outgoing(r.exchange, r.routing_key, r.body, r.idempotency_key) for r in batch
-        )
-        return [r.idempotency_key for r in batch]
+        keys = [r.idempotency_key for r in batch]
+        known: dict[tuple[str, str, bool], tuple[str, str, bool]] = {}  # one tuple per route
+        routes = [known.setdefault(route, route) for route in _routes(batch)]
+        bodies = [r.body for r in batch]  # a body too large raises before anything is sent
+        await publisher.publish_plain(keys, routes, bodies)
+        return keys
 
     async def schedule(
         self,
@@ -98,3 +100,7 @@ class AsyncProducer:
         """Record that ``contact`` read message ``message_id``; returns the receipt id once
         confirmed. The first receipt of a recipient wins."""
         return (await self.publish([read(message_id, contact, read_at=read_at)]))[0]
+
+
+def _routes(batch: Iterable[Request]) -> Iterable[tuple[str, str, bool]]:
+    return ((r.exchange, r.routing_key, True) for r in batch)
