@@ -299,7 +299,8 @@ def build(model: type[M], **fields: Any) -> M:
 
 def encode(model: BaseModel) -> bytes:
     """The JSON body for ``model``; raises :class:`InvalidMessage` when it is too large."""
-    body = model.model_dump_json(exclude_defaults=False).encode()
+    # the model's serializer gives the bytes model_dump_json would give as text
+    body = type(model).__pydantic_serializer__.to_json(model)
     if len(body) > MAX_BODY_BYTES:
         raise InvalidMessage(f"body: {len(body)} bytes, at most {MAX_BODY_BYTES} allowed")
     return body
