@@ -457,7 +457,7 @@ class _Chunk:
     """Stands in the aiormq channel's ``confirmations`` for each publish of one written chunk,
     where ``basic_publish`` puts a future: the delivery tag less ``offset`` is the publish's
     index in the batch. One plain object per chunk, settled by :func:`_settle_acks_at_once`;
-    aiormq calls only :meth:`set_exception`, when the broker returns a message."""
+    aiormq calls it only when the broker returns a message."""
 
     __slots__ = ("_channel", "confirms", "offset")
 
@@ -472,28 +472,28 @@ class _Chunk:
     def cancelled(self) -> bool:
         return False
 
-    def set_result(self, _: object) -> None:  # pragma: no cover (only returns reach it)
-        return None
+    def set_result(self, message: object) -> None:
+        """A returned publish, on a channel without ``on_return_raises``."""
+        self._returned(message)
 
     def set_exception(self, exc: BaseException) -> None:
-        """A returned publish (aiormq found its tag by message id, as for its own)."""
-        message = getattr(exc, "message", None)
-        message_id = message.header.properties.message_id if message is not None else None
-        tag = self._channel.message_id_delivery_tag.get(message_id)
+        """A returned publish: aiormq found its tag by message id, as for its own."""
+        self._returned(getattr(exc, "message", None))
+
+    def _returned(self, message: Any) -> None:
+        properties = getattr(getattr(message, "header", None), "properties", None)
+        tag = self._channel.message_id_delivery_tag.get(getattr(properties, "message_id", None))
         if tag is None:
             return
         confirms = self.confirms
         index = tag - self.offset
         if 0 <= index < confirms.written and confirms.state[index] == _PENDING:
-            if isinstance(exc, aiormq.exceptions.PublishError):
-                exchange, routing_key, _ = confirms.routes[index]
-                why = (
-                    f"returned unroutable by {exchange!r} with key {routing_key!r}: "
-                    "run `nudge topology apply`"
-                )
-            else:
-                why = f"not confirmed: {exc!r}"
-            confirms.fail(index, why)
+            exchange, routing_key, _ = confirms.routes[index]
+            confirms.fail(
+                index,
+                f"returned unroutable by {exchange!r} with key {routing_key!r}: "
+                "run `nudge topology apply`",
+            )
             confirms.wake()
 
 
