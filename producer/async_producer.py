@@ -12,6 +12,7 @@ from aio_pika.abc import AbstractRobustConnection
 from producer.requests import Contact, Request, Scheduled, read, scheduled, tracked
 from shared import amqp
 from shared.contract import ScheduleOptions
+from shared.errors import InvalidMessage
 
 
 class AsyncProducer:
@@ -55,11 +56,27 @@ class AsyncProducer:
         """Publish all with pipelined confirms; returns the keys once every one was confirmed,
         or raises :class:`~shared.errors.PublishNotConfirmed` naming those that were not."""
         publisher = await self._open()
-        batch = list(requests)
-        await publisher.publish_many(
-            amqp.Outgoing(r.exchange, r.routing_key, r.body, r.idempotency_key) for r in batch
-        )
-        return [r.idempotency_key for r in batch]
+        # Every request is taken (validated, by a generator) before anything is sent, and
+        # kept only as its key, route and body: a batch of requests kept alive whole would
+        # make each of the garbage collector's full passes longer.
+        keys: list[str] = []
+        routes: list[tuple[str, str, bool]] = []
+        bodies: list[bytes] = []
+        known: dict[tuple[str, str, bool], tuple[str, str, bool]] = {}  # one tuple per route
+        too_large: InvalidMessage | None = None  # raised once every request was taken
+        for r in requests:
+            route = (r.exchange, r.routing_key, True)
+            routes.append(known.setdefault(route, route))
+            keys.append(r.idempotency_key)
+            try:
+                bodies.append(r.body)
+            except InvalidMessage as exc:
+                too_large = too_large or exc
+                bodies.append(b"")
+        if too_large is not None:
+            raise too_large
+        await publisher.publish_plain(keys, routes, bodies)
+        return keys
 
     async def schedule(
         self,

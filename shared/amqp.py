@@ -290,20 +290,48 @@ class Publisher:
         Up to :data:`PUBLISH_WINDOW` publishes are in flight, written :data:`PUBLISH_CHUNK` at
         a time in one ``send`` (aiormq's ``basic_publish`` writes each message on its own
         while it holds the channel lock). Their delivery tags and confirmations are registered
-        in the aiormq channel as ``basic_publish`` registers them, so acks (multiple or not),
-        nacks and returns settle them the same way; see :class:`_Confirms`.
+        in the aiormq channel as ``basic_publish`` registers them, one :class:`_Chunk` standing
+        for a chunk's, so acks (multiple or not), nacks and returns settle them; see
+        :class:`_Confirms`.
         """
-        batch = list(messages)
-        if not batch:
+        ids: list[str] = []
+        routes: list[tuple[str, str, bool]] = []
+        bodies: list[bytes] = []
+        special: dict[int, Outgoing] = {}  # beyond what shared.frames marshals
+        for out in messages:
+            if out.headers or out.exchange == DEAD_EXCHANGE:
+                special[len(ids)] = out
+            ids.append(out.message_id)
+            routes.append((out.exchange, out.routing_key, out.mandatory))
+            bodies.append(out.body)
+        await self._publish_all(ids, routes, bodies, special)
+
+    async def publish_plain(
+        self, ids: list[str], routes: list[tuple[str, str, bool]], bodies: list[bytes]
+    ) -> None:
+        """:meth:`publish_many` of messages without headers, given as lists: each one's
+        message id, (exchange, routing key, mandatory) and body. What a service publishes,
+        without an :class:`Outgoing` per message."""
+        await self._publish_all(ids, routes, bodies, {})
+
+    async def _publish_all(
+        self,
+        ids: list[str],
+        routes: list[tuple[str, str, bool]],
+        bodies: list[bytes],
+        special: Mapping[int, Outgoing],
+    ) -> None:
+        if not ids:
             return
-        confirms = _Confirms(batch)
+        confirms = _Confirms(ids, routes)
         try:
             channel: Any = await self._channel.get_underlay_channel()
             _settle_acks_at_once(channel)
-            for start in range(0, len(batch), PUBLISH_CHUNK):
+            for start in range(0, len(ids), PUBLISH_CHUNK):
                 await confirms.wait(channel, PUBLISH_WINDOW - PUBLISH_CHUNK)
+                stop = min(start + PUBLISH_CHUNK, len(ids))
                 await _write_publishes(
-                    channel, confirms, start, start + PUBLISH_CHUNK, self.user_id
+                    channel, confirms, bodies, special, start, stop, self.user_id
                 )
             await confirms.wait(channel, 0)
         except _PUBLISH_ERRORS as exc:
@@ -311,7 +339,7 @@ class Publisher:
         finally:
             confirms.forget()
         if confirms.failed:
-            raise PublishNotConfirmed.of(confirms.failed, confirms.confirmed(), len(batch))
+            raise PublishNotConfirmed.of(confirms.failed, confirms.confirmed(), len(ids))
 
     @staticmethod
     def delayed(
@@ -373,110 +401,146 @@ def _settle_acks_at_once(channel: Any) -> None:
     aiormq schedules one callback per confirmation still registered below the ack's tag, for
     every ack frame: with thousands in flight and acks arriving faster than the callbacks run,
     each confirmation costs four or five callbacks, more than the publish itself.
-    This settles each once, with the channel's own ``_confirm_delivery``; installed once per
-    underlying channel (a robust channel gets a new one after a reconnection).
+    This settles each once, as it reads the frame: the tags a multiple ack covers are those
+    above the previous multiple ack's, up to its own, so it looks up only those (not every
+    confirmation registered). A :meth:`Publisher.publish_many` confirmation (a
+    :class:`_Chunk`) is settled in place, any other with the channel's own
+    ``_confirm_delivery``. Installed once per underlying channel (a robust channel gets a new
+    one after a reconnection).
     """
     if getattr(channel, "_nudge_acks", False):
         return
+    floor = [0]  # every tag up to this one was settled by a multiple ack
 
     async def on_confirm_frame(frame: spec.Basic.Ack | spec.Basic.Nack) -> None:
         confirmations = channel.confirmations
-        if frame.delivery_tag not in confirmations:
+        last = frame.delivery_tag
+        if last not in confirmations:
             logging.getLogger(__name__).error("unexpected confirmation %r from broker", frame)
             return
         if getattr(frame, "multiple", False):
-            for tag in [t for t in confirmations if t <= frame.delivery_tag]:
-                channel._confirm_delivery(tag, frame)
+            tags: Iterable[int] = range(floor[0] + 1, last + 1)
+            floor[0] = max(floor[0], last)
         else:
-            channel._confirm_delivery(frame.delivery_tag, frame)
+            tags = (last,)
+        nacked = isinstance(frame, spec.Basic.Nack)
+        touched: set[_Confirms] = set()
+        for tag in tags:
+            entry = confirmations.get(tag)
+            if entry is None:
+                continue
+            if entry.__class__ is not _Chunk:  # aiormq's own, or a returned message's
+                channel._confirm_delivery(tag, frame)
+                continue
+            del confirmations[tag]
+            confirms = entry.confirms
+            index = tag - entry.offset
+            if confirms.state[index] == _PENDING:
+                if nacked:
+                    confirms.fail(index, "nacked by the broker")
+                else:
+                    confirms.state[index] = _CONFIRMED
+                    confirms.pending -= 1
+            touched.add(confirms)
+        for confirms in touched:
+            confirms.wake()
 
     channel._on_confirm_frame = on_confirm_frame
     channel._nudge_acks = True
 
 
-class _Confirm:
-    """Stands in the aiormq channel's ``confirmations`` for one publish, where
-    ``basic_publish`` puts a future: the channel calls ``set_result`` on an ack and
-    ``set_exception`` on a nack or a return. A plain object, not a future: no callbacks to
-    schedule per message."""
+#: What :class:`_Confirms` knows of each publish of its batch.
+_PENDING, _CONFIRMED, _FAILED = 0, 1, 2
 
-    __slots__ = ("_confirms", "_done", "_index")
 
-    def __init__(self, confirms: _Confirms, index: int) -> None:
-        self._confirms = confirms
-        self._index = index
-        self._done = False
+class _Chunk:
+    """Stands in the aiormq channel's ``confirmations`` for each publish of one written chunk,
+    where ``basic_publish`` puts a future: the delivery tag less ``offset`` is the publish's
+    index in the batch. One plain object per chunk, settled by :func:`_settle_acks_at_once`;
+    aiormq calls it only when the broker returns a message."""
+
+    __slots__ = ("_channel", "confirms", "offset")
+
+    def __init__(self, confirms: _Confirms, offset: int, channel: Any) -> None:
+        self.confirms = confirms
+        self.offset = offset
+        self._channel = channel
 
     def done(self) -> bool:
-        return self._done
+        return False
 
     def cancelled(self) -> bool:
         return False
 
-    def set_result(self, _: object) -> None:
-        if not self._done:
-            self._done = True
-            self._confirms.settled(self._index, None)
+    def set_result(self, message: object) -> None:
+        """A returned publish, on a channel without ``on_return_raises``."""
+        self._returned(message)
 
     def set_exception(self, exc: BaseException) -> None:
-        if not self._done:
-            self._done = True
-            self._confirms.settled(self._index, exc)
+        """A returned publish: aiormq found its tag by message id, as for its own."""
+        self._returned(getattr(exc, "message", None))
+
+    def _returned(self, message: Any) -> None:
+        properties = getattr(getattr(message, "header", None), "properties", None)
+        tag = self._channel.message_id_delivery_tag.get(getattr(properties, "message_id", None))
+        if tag is None:
+            return
+        confirms = self.confirms
+        index = tag - self.offset
+        if 0 <= index < confirms.written and confirms.state[index] == _PENDING:
+            exchange, routing_key, _ = confirms.routes[index]
+            confirms.fail(
+                index,
+                f"returned unroutable by {exchange!r} with key {routing_key!r}: "
+                "run `nudge topology apply`",
+            )
+            confirms.wake()
 
 
 class _Confirms:
-    """The confirms of one :meth:`Publisher.publish_many`: how many are pending, which failed
-    and why, and a waiter woken when the pending fall to a limit."""
+    """The confirms of one :meth:`Publisher.publish_many`, as plain lists indexed like the
+    batch: each publish's message id, route and state (pending, confirmed, failed), how many
+    are pending, which failed and why, and a waiter woken when the pending fall to a limit."""
 
-    def __init__(self, batch: Sequence[Outgoing]) -> None:
-        self.batch = batch
-        self.pending: dict[int, int] = {}  # index in batch -> delivery tag
+    def __init__(self, ids: list[str], routes: list[tuple[str, str, bool]]) -> None:
+        self.ids = ids
+        self.routes = routes
+        self.state = bytearray(len(ids))  # all _PENDING
+        self.pending = 0  # written and not settled
+        self.written = 0  # ids[:written] were put on the write queue
         self.failed: dict[str, str] = {}  # message id -> why
-        self._failed_index: set[int] = set()
+        self._chunks: list[tuple[Any, _Chunk, int, int]] = []  # channel, chunk, first tag, n
         self._limit = 0
         self._waiter: asyncio.Future[None] | None = None
-        self._channel: Any = None
-        self.written = 0  # batch[:written] were put on the write queue
 
-    def register(self, channel: Any, index: int) -> None:
-        """Take the channel's next delivery tag for ``batch[index]``, as ``basic_publish``."""
-        self._channel = channel
-        channel.delivery_tag += 1
-        tag = channel.delivery_tag
-        channel.confirmations[tag] = _Confirm(self, index)
-        channel.message_id_delivery_tag[self.batch[index].message_id] = tag
-        self.pending[index] = tag
+    def register(self, channel: Any, start: int, stop: int) -> None:
+        """Take the channel's next delivery tags for ``ids[start:stop]``, as ``basic_publish``
+        takes one for each message, with one :class:`_Chunk` standing for them all."""
+        first = channel.delivery_tag + 1
+        channel.delivery_tag += stop - start
+        tags = range(first, first + stop - start)
+        chunk = _Chunk(self, first - start, channel)
+        channel.confirmations.update(dict.fromkeys(tags, chunk))
+        channel.message_id_delivery_tag.update(zip(self.ids[start:stop], tags, strict=True))
+        self._chunks.append((channel, chunk, first, stop - start))
+        self.pending += stop - start
+        self.written = stop
 
-    def settled(self, index: int, error: BaseException | None) -> None:
-        """``batch[index]`` was acked (``error`` None), nacked or returned."""
-        if error is None:
-            self._settle(index, None)
-            return
-        out = self.batch[index]
-        if isinstance(error, aiormq.exceptions.PublishError):
-            why = (
-                f"returned unroutable by {out.exchange!r} with key {out.routing_key!r}: "
-                "run `nudge topology apply`"
-            )
-        elif isinstance(error, aiormq.exceptions.DeliveryError):
-            why = "nacked by the broker"
-        else:
-            why = f"not confirmed: {error!r}"
-        self._settle(index, why)
+    def fail(self, index: int, why: str) -> None:
+        if self.state[index] == _PENDING and index < self.written:
+            self.pending -= 1
+        self.state[index] = _FAILED
+        self.failed[self.ids[index]] = why
 
-    def _settle(self, index: int, why: str | None) -> None:
-        self.pending.pop(index, None)
-        if why is not None:
-            self.failed[self.batch[index].message_id] = why
-            self._failed_index.add(index)
+    def wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and len(self.pending) <= self._limit and not waiter.done():
+        if waiter is not None and self.pending <= self._limit and not waiter.done():
             waiter.set_result(None)
 
     async def wait(self, channel: Any, limit: int) -> None:
         """Until at most ``limit`` are pending; raises when the channel closes first or no
         confirm comes within :data:`CONFIRM_TIMEOUT`."""
-        if len(self.pending) <= limit:
+        if self.pending <= limit:
             return
         self._limit = limit
         self._waiter = waiter = asyncio.get_running_loop().create_future()
@@ -489,7 +553,7 @@ class _Confirms:
             self._waiter = None
             if not closing.done():
                 closing.cancel()  # an observer of its own: cancelling it leaves the channel be
-        if len(self.pending) <= limit:
+        if self.pending <= limit:
             return
         if closing.done():
             raise aio_pika.exceptions.ChannelInvalidStateError(
@@ -499,69 +563,80 @@ class _Confirms:
 
     def fail_pending(self, why: str) -> None:
         """Count every publish still pending (or not yet written) as failed, for ``why``."""
-        for index in [*self.pending, *range(self.written, len(self.batch))]:
-            self._settle(index, why)
+        state = self.state
+        for index in range(len(state)):
+            if state[index] == _PENDING:
+                self.fail(index, why)
 
     def confirmed(self) -> list[str]:
-        """The message ids the broker confirmed (written, settled, not failed)."""
-        return [
-            out.message_id
-            for index, out in enumerate(self.batch[: self.written])
-            if index not in self.pending and index not in self._failed_index
-        ]
+        """The message ids the broker confirmed."""
+        state = self.state
+        return [self.ids[i] for i in range(self.written) if state[i] == _CONFIRMED]
 
     def forget(self) -> None:
-        """Drop what the channel still holds of this batch (after a timeout, or the ids)."""
-        channel = self._channel
-        if channel is None:
-            return
-        for tag in self.pending.values():
-            channel.confirmations.pop(tag, None)
-        ids = channel.message_id_delivery_tag
-        for out in self.batch[: self.written]:
-            ids.pop(out.message_id, None)
+        """Drop what the channels still hold of this batch (after a failure, and the ids)."""
+        for channel, chunk, first, n in self._chunks:
+            confirmations = channel.confirmations
+            ids = channel.message_id_delivery_tag
+            start = first - chunk.offset
+            for tag, message_id in zip(
+                range(first, first + n), self.ids[start : start + n], strict=True
+            ):
+                if confirmations.get(tag) is chunk:
+                    del confirmations[tag]
+                if ids.get(message_id) == tag:
+                    del ids[message_id]
+        self._chunks.clear()
 
 
 async def _write_publishes(
-    channel: Any, confirms: _Confirms, start: int, stop: int, user_id: str | None
+    channel: Any,
+    confirms: _Confirms,
+    bodies: Sequence[bytes],
+    special: Mapping[int, Outgoing],
+    start: int,
+    stop: int,
+    user_id: str | None,
 ) -> None:
-    """Put the publishes ``confirms.batch[start:stop]`` on the connection's write queue as one
-    frame burst, registering their confirmations (see :meth:`Publisher.publish_many`); what
-    goes to ``nudge.dead`` carries ``user_id``."""
+    """Put the publishes ``start:stop`` of the batch on the connection's write queue as one
+    frame burst, registering their confirmations (see :meth:`Publisher.publish_many`);
+    ``special`` holds those with headers or parked, which pamqp marshals (what goes to
+    ``nudge.dead`` carries ``user_id``)."""
     impl: Any = channel  # aiormq.Channel: its confirm bookkeeping is not in the abstract type
     if impl.is_closed:
         raise aio_pika.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
     number = impl.number
-    publishes: dict[tuple[str, str, bool], bytes] = {}  # the same few routes, marshalled once
+    methods: dict[tuple[str, str, bool], bytes] = {}  # the same few routes, marshalled once
     max_body = impl.max_content_size
+    ids, routes = confirms.ids, confirms.routes
     parts: list[bytes] = []
+    content = frames.content
     async with impl.lock:
-        for index in range(start, min(stop, len(confirms.batch))):
-            out = confirms.batch[index]
-            route = (out.exchange, out.routing_key, out.mandatory)
-            if route not in publishes:
-                publishes[route] = frames.publish_method(
-                    number, out.exchange, out.routing_key, mandatory=out.mandatory
+        for index in range(start, stop):
+            route = routes[index]
+            method = methods.get(route)
+            if method is None:
+                exchange, routing_key, mandatory = route
+                method = methods[route] = frames.publish_method(
+                    number, exchange, routing_key, mandatory=mandatory
                 )
-            parts.append(publishes[route])
-            parked = out.exchange == DEAD_EXCHANGE
-            if out.headers or parked:  # beyond what shared.frames marshals
-                properties = spec.Basic.Properties(
-                    content_type=CONTENT_TYPE,
-                    delivery_mode=int(DeliveryMode.PERSISTENT),
-                    message_id=out.message_id,
-                    headers=dict(out.headers),
-                    user_id=user_id if parked else None,
-                )
-                parts.append(marshal(ContentHeader(0, len(out.body), properties), number))
-                parts.extend(marshal(part, number) for part in impl._split_body(out.body))
-            else:
-                parts.append(frames.content(number, out.message_id, out.body, max_body))
+            parts.append(method)
+            out = special.get(index) if special else None
+            if out is None:
+                parts.append(content(number, ids[index], bodies[index], max_body))
+                continue
+            properties = spec.Basic.Properties(
+                content_type=CONTENT_TYPE,
+                delivery_mode=int(DeliveryMode.PERSISTENT),
+                message_id=out.message_id,
+                headers=dict(out.headers),
+                user_id=user_id if out.exchange == DEAD_EXCHANGE else None,
+            )
+            parts.append(marshal(ContentHeader(0, len(out.body), properties), number))
+            parts.extend(marshal(part, number) for part in impl._split_body(out.body))
         # Only once every frame is built (marshalling can raise): the delivery tags must
         # match what the broker receives.
-        for index in range(start, min(stop, len(confirms.batch))):
-            confirms.register(impl, index)
-        confirms.written = min(stop, len(confirms.batch))
+        confirms.register(impl, start, stop)
         await impl.write_queue.put(ChannelFrame(payload=b"".join(parts), should_close=False))
 
 

@@ -21,6 +21,15 @@ _BASIC, _PUBLISH = 60, 40
 _FLAGS = 0x8000 | 0x1000 | 0x0080
 _CONTENT_TYPE = bytes([len(CONTENT_TYPE)]) + CONTENT_TYPE.encode()
 _FRAME = struct.Struct(">BHI")
+#: A content header frame's start: the frame's type, channel and size, then the header's
+#: class, weight, body size and property flags.
+_HEADER_START = struct.Struct(">BHIHHQH")
+#: content_type and delivery_mode, the properties before message_id.
+_PROPERTIES = _CONTENT_TYPE + bytes([PERSISTENT])
+#: A content header's size but for the message id's bytes: class, weight, body size and
+#: flags (14 bytes), the properties, the message id's length byte.
+_HEADER_FIXED = 14 + len(_PROPERTIES) + 1
+_LENGTHS = [bytes([n]) for n in range(256)]
 
 
 def _short(value: str) -> bytes:
@@ -48,14 +57,24 @@ def publish_method(channel: int, exchange: str, routing_key: str, *, mandatory: 
 def content(channel: int, message_id: str, body: bytes, max_body: int) -> bytes:
     """The content header (``content_type`` JSON, persistent, ``message_id``) and body frames
     of one publish; ``max_body`` is the longest body frame payload the connection allows."""
-    header = (
-        struct.pack(">HHQH", _BASIC, 0, len(body), _FLAGS)
-        + _CONTENT_TYPE
-        + bytes([PERSISTENT])
-        + _short(message_id)
-    )
-    parts = [_frame(_HEADER, channel, header)]
-    parts += [
-        _frame(_BODY, channel, body[at : at + max_body]) for at in range(0, len(body), max_body)
+    raw_id = message_id.encode()
+    if len(raw_id) > 255:
+        raise ValueError(
+            f"{message_id[:20]!r}...: more than 255 bytes, too long for a short string"
+        )
+    size = len(body)
+    parts = [
+        _HEADER_START.pack(_HEADER, channel, _HEADER_FIXED + len(raw_id), _BASIC, 0, size, _FLAGS),
+        _PROPERTIES,
+        _LENGTHS[len(raw_id)],
+        raw_id,
+        _END,
     ]
+    if size <= max_body:  # one body frame, or none for an empty body
+        if size:
+            parts += (_FRAME.pack(_BODY, channel, size), body, _END)
+    else:
+        parts += [
+            _frame(_BODY, channel, body[at : at + max_body]) for at in range(0, size, max_body)
+        ]
     return b"".join(parts)

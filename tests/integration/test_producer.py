@@ -4,14 +4,25 @@ raises; many publishes pipeline their confirms."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pika
 import pytest
 
-from producer import AsyncProducer, BrokerUnavailable, Producer, PublishNotConfirmed, scheduled
+from producer import (
+    AsyncProducer,
+    BrokerUnavailable,
+    InvalidMessage,
+    Producer,
+    PublishNotConfirmed,
+    Scheduled,
+    scheduled,
+)
 from producer.sync_producer import WINDOW
+from shared.contract import MAX_BODY_BYTES
 from shared.topology import INTAKE_EXCHANGE, INTAKE_QUEUE, SCHEDULE_KEY
 from tests.support import Management, free_port, ready_count
 from workers.config import Settings
@@ -41,6 +52,37 @@ def test_the_async_producer_publishes_with_confirms(settings: Settings) -> None:
     keys = asyncio.run(publish())
     assert keys[0] == "a-1"
     assert ready_count(settings.amqp_url, INTAKE_QUEUE) == 501
+
+
+def test_the_async_producer_sends_nothing_of_a_batch_with_a_request_it_refuses(
+    settings: Settings,
+) -> None:
+    # Request 500's body is over the size limit and request 1000 has no valid channel: the
+    # error is the first the requests raise (the channel's), and no request is sent.
+    def requests() -> Iterator[Scheduled]:
+        for i in range(1000):
+            data = {"blob": "x" * MAX_BODY_BYTES} if i == 500 else {}
+            yield scheduled(f"c-{i}", "welcome", "log", data=data)
+        yield scheduled("c-1000", "welcome", "pigeon")
+
+    async def publish() -> str:
+        async with AsyncProducer(settings.amqp_url) as producer:
+            with pytest.raises(InvalidMessage) as refused:
+                await producer.schedule_many(requests())
+            assert ready_count(settings.amqp_url, INTAKE_QUEUE) == 0
+            return refused.value.reason
+
+    assert asyncio.run(publish()).startswith("channel: ")
+
+    async def publish_oversized() -> str:
+        async with AsyncProducer(settings.amqp_url) as producer:
+            with pytest.raises(InvalidMessage) as refused:
+                await producer.schedule_many(itertools.islice(requests(), 1000))
+            await producer.schedule("c-after", "welcome", "log")
+            return refused.value.reason
+
+    assert asyncio.run(publish_oversized()).startswith("body: ")
+    assert ready_count(settings.amqp_url, INTAKE_QUEUE) == 1
 
 
 def test_an_unroutable_publish_raises_instead_of_vanishing(

@@ -58,6 +58,7 @@ def test_a_valid_request_round_trips_through_the_wire_format() -> None:
         exclude_events=["upgrade_subscription"],
         data={"plan": "pro"},
     )
+    assert request.body == request.message.model_dump_json().encode()
     decoded = contract.decode(ScheduleMessage, request.body, content_type="application/json")
     assert decoded == request.message
     assert decoded.deliver_at.tzinfo is not None
