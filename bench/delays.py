@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -25,10 +26,10 @@ import click
 import psutil  # type: ignore[import-untyped]  # no stubs in the lock file
 
 from bench import report, store
-from bench.fleet import Fleet, cpu_busy
+from bench.fleet import Fleet, Servers, cpu_busy
 from bench.report import Figure
 from producer import AsyncProducer, Producer, Scheduled, scheduled
-from shared import amqp
+from shared import amqp, brokers
 from workers.config import Settings
 from workers.store import templates
 from workers.store.db import sync_engine
@@ -61,6 +62,12 @@ class Measured:
     #: Seconds dispatch spent on the checks before sending, and recipients checked.
     check_s: float
     checked: float
+    #: CPU seconds (user + system) per process kind over the publish and the delivery: the
+    #: worker roles, ``rabbitmq``, ``postgres`` (every process of the server) and
+    #: ``publisher`` (this process while it publishes, validation included).
+    cpu: dict[str, float]
+    #: Wall seconds from the start of the publish to the last final row.
+    wall_s: float
 
 
 def requests_for(
@@ -154,6 +161,8 @@ def measure(settings: Settings, p: Params) -> Result:
             templates.add(conn, "bench", "bench for {{ contact.id }}", None, None)
     backend = asyncio.run(amqp.resolve_backend(settings.delay_backend, settings.amqp_url))
     fleet = Fleet(p.workers, p.concurrency, report.RESULTS, p.split)
+    amqp_port = urllib.parse.urlsplit(brokers.addresses(settings.amqp_url)[0]).port or 5672
+    servers = Servers(amqp_port, engine.url.port or 5432)
     click.echo(
         f"run {run_id}: {p.n} messages due over {p.spread:g} s; {p.workers} worker(s), "
         f"concurrency {p.concurrency}, {backend} backend"
@@ -164,19 +173,26 @@ def measure(settings: Settings, p: Params) -> Result:
         async_s = asyncio.run(publish_async(settings.amqp_url, warmup, p))
         if store.wait_final(engine, warmup, p.async_n, time.monotonic() + 120) < p.async_n:
             raise RuntimeError("warm-up messages not delivered within 120 s: are workers ok?")
-        cpu0, since = fleet.cpu_seconds(), psutil.cpu_times()
+        cpu0, since = fleet.cpu_by_role() | servers.cpu_seconds(), psutil.cpu_times()
         check0 = fleet.metric("nudge_check_seconds_total")
         checked0 = fleet.metric("nudge_checked_total")
+        began, publisher0 = time.monotonic(), time.process_time()
         publish_s, validate_s = publish_sync(settings.amqp_url, prefix, p)
+        publisher_s = time.process_time() - publisher0
         final = store.wait_final(engine, prefix, p.n, time.monotonic() + p.lead + p.spread + 120)
+        wall_s = time.monotonic() - began
+        cpu1 = fleet.cpu_by_role() | servers.cpu_seconds()
+        cpu = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1} | {"publisher": publisher_s}
         measured = Measured(
             publish_s,
             validate_s,
             async_s,
-            fleet.cpu_seconds() - cpu0,
+            sum(cpu1[w.role] for w in fleet.workers) - sum(cpu0[w.role] for w in fleet.workers),
             cpu_busy(since),
             fleet.metric("nudge_check_seconds_total") - check0,
             fleet.metric("nudge_checked_total") - checked0,
+            cpu,
+            wall_s,
         )
         outcome = store.outcomes(engine, prefix)
         host = report.machine(settings.rabbitmq_mgmt_url, store.server_version(engine))
@@ -215,7 +231,25 @@ def _figures(p: Params, m: Measured, o: store.Outcomes) -> list[Figure]:
         Figure("lateness p99", o.lateness_p99, "ms", 100, "<="),
         Figure("lateness max", o.lateness_max, "ms"),
         Figure("worker CPU per message", m.worker_cpu_s * 1e6 / p.n, "µs"),
+        *cpu_figures(m.cpu, p.n, m.wall_s, m.publish_s),
         # checks 1-8 (lock, facts in a constant number of statements, decisions), wall time
         Figure("  checks before sending, per message", m.check_s * 1e6 / max(1.0, m.checked), "µs"),
         Figure("machine CPU busy", m.busy * 100, "%"),
     ]
+
+
+#: The processes whose CPU the scenario reports, in the order printed.
+PROCESSES = ("scheduler", "dispatch", "worker", "rabbitmq", "postgres", "publisher")
+
+
+def cpu_figures(cpu: dict[str, float], n: int, wall_s: float, publish_s: float) -> list[Figure]:
+    """CPU per delivered message of each process kind in ``cpu`` and of all together, and
+    each kind's use of the cores (100 % = one core; a Python worker saturates there) over
+    ``wall_s``, the publisher's over ``publish_s``."""
+    kinds = [k for k in PROCESSES if k in cpu]
+    out = [Figure(f"CPU per message, {k}", cpu[k] * 1e6 / n, "µs") for k in kinds]
+    out.append(Figure("CPU per message, all", sum(cpu[k] for k in kinds) * 1e6 / n, "µs"))
+    for k in kinds:
+        window = publish_s if k == "publisher" else wall_s
+        out.append(Figure(f"  cores used, {k}", cpu[k] * 100 / max(1e-3, window), "%"))
+    return out

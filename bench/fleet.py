@@ -118,10 +118,15 @@ class Fleet:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the live workers used so far."""
-        total = 0.0
+        return sum(self.cpu_by_role().values())
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU time (user + system) the live workers used so far, summed per role."""
+        total: dict[str, float] = {}
         for w in self.workers:
             with contextlib.suppress(psutil.Error):
-                total += sum(psutil.Process(w.process.pid).cpu_times()[:2])
+                cpu = sum(psutil.Process(w.process.pid).cpu_times()[:2])
+                total[w.role] = total.get(w.role, 0.0) + cpu
         return total
 
     def stop(self, timeout: float = 60.0) -> list[int]:
@@ -142,6 +147,34 @@ class Fleet:
         if self._sampler is not None:
             self._sampler.join()
         return [w.process.returncode for w in self.workers]
+
+
+class Servers:
+    """The local RabbitMQ and Postgres servers' processes, found by the ports they listen on:
+    RabbitMQ's Erlang VM, and Postgres' postmaster with its children (backends, WAL writer,
+    checkpointer...). :meth:`cpu_seconds` counts the children that exited too, through the
+    postmaster's reaped-children times."""
+
+    def __init__(self, amqp_port: int, postgres_port: int) -> None:
+        self.rabbitmq = _listening(amqp_port, "RabbitMQ")
+        self.postgres = _listening(postgres_port, "Postgres")
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """User + system CPU seconds so far of ``rabbitmq`` and ``postgres`` (all processes)."""
+        times = self.postgres.cpu_times()
+        postgres = times.user + times.system + times.children_user + times.children_system
+        for child in self.postgres.children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # it exited: counted once reaped
+                postgres += sum(child.cpu_times()[:2])
+        return {"rabbitmq": sum(self.rabbitmq.cpu_times()[:2]), "postgres": postgres}
+
+
+def _listening(port: int, what: str) -> psutil.Process:
+    """The process listening on TCP ``port`` of this machine."""
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return psutil.Process(conn.pid)
+    raise RuntimeError(f"no process listens on port {port} ({what}): is `make setup` done?")
 
 
 def _free_port() -> int:
