@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -167,6 +168,35 @@ class Servers:
             with contextlib.suppress(psutil.Error):  # it exited: counted once reaped
                 postgres += sum(child.cpu_times()[:2])
         return {"rabbitmq": sum(self.rabbitmq.cpu_times()[:2]), "postgres": postgres}
+
+
+class CpuPeaks:
+    """Samples cumulative CPU seconds (``source()``: seconds by process kind) every
+    ``period`` seconds on a thread and keeps each kind's busiest period, as cores used
+    (1.0 = one core), until :meth:`stop`."""
+
+    def __init__(self, source: Callable[[], dict[str, float]], period: float = 1.0) -> None:
+        self._source = source
+        self._period = period
+        self.peaks: dict[str, float] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-peaks", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last, at = self._source(), time.monotonic()
+        while not self._done.wait(self._period):
+            now, now_at = self._source(), time.monotonic()
+            for kind, seconds in now.items():
+                used = (seconds - last.get(kind, seconds)) / max(1e-3, now_at - at)
+                self.peaks[kind] = max(self.peaks.get(kind, 0.0), used)
+            last, at = now, now_at
+
+    def stop(self) -> dict[str, float]:
+        """Stop sampling; each kind's busiest period in cores."""
+        self._done.set()
+        self._thread.join()
+        return dict(self.peaks)
 
 
 def _listening(port: int, what: str) -> psutil.Process:
