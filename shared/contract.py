@@ -340,8 +340,17 @@ def _parse(body: bytes, content_type: str | None) -> dict[str, Any]:
         raise InvalidMessage("body: nested too deeply") from exc
     if not isinstance(raw, dict):
         raise InvalidMessage("body: must be a JSON object")
-    _refuse_unstorable(raw)
+    if _MAY_BE_UNSTORABLE.search(body):
+        _refuse_unstorable(raw)
     return raw
+
+
+#: What a JSON text must contain for :func:`_refuse_unstorable` to find anything in it: a NUL
+#: can only be written ``\u0000`` (a raw control character is not valid JSON), NaN and the
+#: infinities only as those words or as a number with an exponent (``1e999``) or with more
+#: than 18 digits, as must an integer beyond bigint. A match may be harmless (the words in a
+#: string, ``\\u0000``); the walk then decides.
+_MAY_BE_UNSTORABLE = re.compile(rb"\\u0000|NaN|Infinity|\d[eE]|\d{19}")
 
 
 def _refuse_unstorable(raw: Mapping[str, Any]) -> None:
