@@ -165,7 +165,9 @@ def run(settings: Settings, p: Params) -> bool:
         delays.warm_up(rig, f"bench-{run_id}-a-", base)
         for rate in p.rates:
             sp = delays.Params(**{**asdict(base), "n": int(rate * p.spread)})
-            measured, outcome, final = delays.load(rig, f"bench-{run_id}-{rate}-", sp, 1.0)
+            # A step beyond capacity drains a backlog: a second more per 1,000 messages.
+            grace = 120 + sp.n / 1000
+            measured, outcome, final = delays.load(rig, f"bench-{run_id}-{rate}-", sp, 1.0, grace)
             figures = [
                 f
                 for f in delays.figures(sp, measured, outcome)

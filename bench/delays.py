@@ -193,9 +193,12 @@ def warm_up(rig: Rig, prefix: str, p: Params) -> float:
     return async_s
 
 
-def load(rig: Rig, prefix: str, p: Params, async_s: float) -> tuple[Measured, store.Outcomes, int]:
+def load(
+    rig: Rig, prefix: str, p: Params, async_s: float, grace: float = 120.0
+) -> tuple[Measured, store.Outcomes, int]:
     """Publish the ``n`` messages of ``p`` with :class:`Producer`, wait until they are final
-    (or a deadline passes) and measure: the figures, their outcomes, how many are final."""
+    (or ``grace`` seconds pass after the publish and the spread) and measure: the figures,
+    their outcomes, how many are final."""
     cpu0, since = rig.cpu(), psutil.cpu_times()
     check0 = rig.fleet.metric("nudge_check_seconds_total")
     checked0 = rig.fleet.metric("nudge_checked_total")
@@ -204,7 +207,7 @@ def load(rig: Rig, prefix: str, p: Params, async_s: float) -> tuple[Measured, st
     try:
         publish_s, validate_s = publish_sync(rig.settings.amqp_url, prefix, p)
         publisher_s = time.process_time() - publisher0
-        deadline = time.monotonic() + p.lead + p.spread + 120
+        deadline = time.monotonic() + p.lead + p.spread + grace
         final = store.wait_final(rig.engine, prefix, p.n, deadline)
     finally:
         peak = peaks.stop()
