@@ -97,7 +97,7 @@ def summary(steps: list[Step], cores: int | None = None) -> tuple[list[Figure], 
         if over:
             kind = max(over, key=lambda k: over[k])
             saturated_at = s.rate
-            busy = s.value("machine CPU busy")
+            busy = s.value("machine CPU busy") or 0.0
             lines.append(
                 f"first to saturate: {kind}, at {s.rate} /s (busiest second "
                 f"{shares[kind] * _ceiling(kind, cores) * 100:.0f} % of a core; machine busy "
@@ -105,7 +105,18 @@ def summary(steps: list[Step], cores: int | None = None) -> tuple[list[Figure], 
             )
             break
     else:
-        lines.append(f"no process reached {SATURATED:.0%} of its ceiling in any second")
+        busiest = max(
+            ((s.value("machine CPU busy") or 0.0, s.rate) for s in steps), default=(0.0, 0)
+        )
+        lines.append(
+            f"no process reached {SATURATED:.0%} of its ceiling in any second"
+            + (
+                f"; the machine was {busiest[0]:.0f} % busy (at {busiest[1]} /s): the cores,"
+                " shared with whatever else runs, were the limit"
+                if busiest[0] >= SATURATED * 100
+                else ""
+            )
+        )
     figures = [
         Figure("p99 within 100 ms up to", last_within, "/s", absent="no step"),
         Figure("p99 over 100 ms from", first_beyond, "/s", absent="no step"),
