@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from bench import backends, campaign, celery_compare, delays, publish, report, table
+from bench import backends, campaign, capacity, celery_compare, delays, publish, report, table
 from shared.errors import NudgeError
 from workers.config import Settings
 
@@ -73,6 +73,38 @@ def delays_command(
     try:
         ok = delays.run(
             Settings.load(), delays.Params(n, spread, lead, workers, concurrency, async_n, split)
+        )
+    except (NudgeError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(0 if ok else 1)
+
+
+@main.command("capacity")
+@click.option(
+    "--rates",
+    default="1000,2000,3000,4000,5000,6000,8000",
+    help="Due rates per second, stepped in this order (comma-separated).",
+)
+@click.option("--spread", default=10.0, type=click.FloatRange(0.1), help="Seconds per step.")
+@click.option("--lead", default=2.0, type=click.FloatRange(0), help="Publish start to first due.")
+@click.option("--concurrency", default=2, type=click.IntRange(1, 64), help="Batches per role.")
+@click.option("--split/--together", default=True, help="Roles in separate processes, or one.")
+def capacity_command(rates: str, spread: float, lead: float, concurrency: int, split: bool) -> None:
+    """Step the due rate up (the delays load at each rate) and print where lateness p99
+    crosses 100 ms and which process saturates first."""
+    try:
+        steps = tuple(int(r) for r in rates.split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"{rates!r}: give positive integers separated by commas, e.g. 1000,2000",
+            param_hint="--rates",
+        ) from None
+    if not steps or min(steps) < 1:
+        raise click.BadParameter(f"{rates!r}: every rate must be at least 1", param_hint="--rates")
+    try:
+        ok = capacity.run(
+            Settings.load(),
+            capacity.Params(steps, spread, lead, concurrency=concurrency, split=split),
         )
     except (NudgeError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -23,12 +24,13 @@ from datetime import UTC, datetime, timedelta
 
 import click
 import psutil  # type: ignore[import-untyped]  # no stubs in the lock file
+from sqlalchemy import Engine
 
 from bench import report, store
-from bench.fleet import Fleet, cpu_busy
+from bench.fleet import CpuPeaks, Fleet, Servers, cpu_busy
 from bench.report import Figure
 from producer import AsyncProducer, Producer, Scheduled, scheduled
-from shared import amqp
+from shared import amqp, brokers, delay
 from workers.config import Settings
 from workers.store import templates
 from workers.store.db import sync_engine
@@ -61,6 +63,14 @@ class Measured:
     #: Seconds dispatch spent on the checks before sending, and recipients checked.
     check_s: float
     checked: float
+    #: CPU seconds (user + system) per process kind over the publish and the delivery: the
+    #: worker roles, ``rabbitmq``, ``postgres`` (every process of the server) and
+    #: ``publisher`` (this process while it publishes, validation included).
+    cpu: dict[str, float]
+    #: Each of them at its busiest second, in cores (1.0 = one core).
+    peak_cores: dict[str, float]
+    #: Wall seconds from the start of the publish to the last final row.
+    wall_s: float
 
 
 def requests_for(
@@ -143,63 +153,130 @@ def run(settings: Settings, p: Params) -> bool:
     return r.ok
 
 
-def measure(settings: Settings, p: Params) -> Result:
-    """Run the scenario against ``settings`` (its vhost and delay backend); the workers take
-    their settings from the environment, so both must agree."""
-    run_id = uuid.uuid4().hex[:8]
-    prefix = f"bench-{run_id}-s-"
+@dataclass
+class Rig:
+    """What a run measures with: the started workers, the servers, the database."""
+
+    settings: Settings
+    engine: Engine
+    fleet: Fleet
+    servers: Servers
+    backend: delay.BackendName
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far per worker role, server and ``publisher`` (this process)."""
+        return (
+            self.fleet.cpu_by_role()
+            | self.servers.cpu_seconds()
+            | {"publisher": time.process_time()}
+        )
+
+
+def prepare(settings: Settings, p: Params) -> Rig:
+    """The bench template, the backend, the (not yet started) workers and the servers."""
     engine = sync_engine(settings.database_url)
     with engine.begin() as conn:  # the scheduler parks messages naming an unknown template
         if templates.missing(conn, ["bench"]):
             templates.add(conn, "bench", "bench for {{ contact.id }}", None, None)
     backend = asyncio.run(amqp.resolve_backend(settings.delay_backend, settings.amqp_url))
     fleet = Fleet(p.workers, p.concurrency, report.RESULTS, p.split)
+    amqp_port = urllib.parse.urlsplit(brokers.addresses(settings.amqp_url)[0]).port or 5672
+    return Rig(settings, engine, fleet, Servers(amqp_port, engine.url.port or 5432), backend)
+
+
+def warm_up(rig: Rig, prefix: str, p: Params) -> float:
+    """Publish ``async_n`` messages with :class:`AsyncProducer` and wait until all are final;
+    the publish's seconds."""
+    async_s = asyncio.run(publish_async(rig.settings.amqp_url, prefix, p))
+    if store.wait_final(rig.engine, prefix, p.async_n, time.monotonic() + 120) < p.async_n:
+        raise RuntimeError("warm-up messages not delivered within 120 s: are workers ok?")
+    return async_s
+
+
+def load(
+    rig: Rig, prefix: str, p: Params, async_s: float, grace: float = 120.0
+) -> tuple[Measured, store.Outcomes, int]:
+    """Publish the ``n`` messages of ``p`` with :class:`Producer`, wait until they are final
+    (or ``grace`` seconds pass after the publish and the spread) and measure: the figures,
+    their outcomes, how many are final."""
+    cpu0, since = rig.cpu(), psutil.cpu_times()
+    check0 = rig.fleet.metric("nudge_check_seconds_total")
+    checked0 = rig.fleet.metric("nudge_checked_total")
+    began, publisher0 = time.monotonic(), time.process_time()
+    peaks = CpuPeaks(rig.cpu)
+    try:
+        publish_s, validate_s = publish_sync(rig.settings.amqp_url, prefix, p)
+        publisher_s = time.process_time() - publisher0
+        deadline = time.monotonic() + p.lead + p.spread + grace
+        final = store.wait_final(rig.engine, prefix, p.n, deadline)
+    finally:
+        peak = peaks.stop()
+    wall_s = time.monotonic() - began
+    cpu1 = rig.cpu()
+    cpu = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1} | {"publisher": publisher_s}
+    roles = {w.role for w in rig.fleet.workers}
+    measured = Measured(
+        publish_s,
+        validate_s,
+        async_s,
+        sum(cpu[role] for role in roles),
+        cpu_busy(since),
+        rig.fleet.metric("nudge_check_seconds_total") - check0,
+        rig.fleet.metric("nudge_checked_total") - checked0,
+        cpu,
+        peak,
+        wall_s,
+    )
+    return measured, store.outcomes(rig.engine, prefix), final
+
+
+def measure(settings: Settings, p: Params) -> Result:
+    """Run the scenario against ``settings`` (its vhost and delay backend); the workers take
+    their settings from the environment, so both must agree."""
+    run_id = uuid.uuid4().hex[:8]
+    rig = prepare(settings, p)
     click.echo(
         f"run {run_id}: {p.n} messages due over {p.spread:g} s; {p.workers} worker(s), "
-        f"concurrency {p.concurrency}, {backend} backend"
+        f"concurrency {p.concurrency}, {rig.backend} backend"
     )
     try:
-        fleet.start(settings.amqp_url)
-        warmup = f"bench-{run_id}-a-"
-        async_s = asyncio.run(publish_async(settings.amqp_url, warmup, p))
-        if store.wait_final(engine, warmup, p.async_n, time.monotonic() + 120) < p.async_n:
-            raise RuntimeError("warm-up messages not delivered within 120 s: are workers ok?")
-        cpu0, since = fleet.cpu_seconds(), psutil.cpu_times()
-        check0 = fleet.metric("nudge_check_seconds_total")
-        checked0 = fleet.metric("nudge_checked_total")
-        publish_s, validate_s = publish_sync(settings.amqp_url, prefix, p)
-        final = store.wait_final(engine, prefix, p.n, time.monotonic() + p.lead + p.spread + 120)
-        measured = Measured(
-            publish_s,
-            validate_s,
-            async_s,
-            fleet.cpu_seconds() - cpu0,
-            cpu_busy(since),
-            fleet.metric("nudge_check_seconds_total") - check0,
-            fleet.metric("nudge_checked_total") - checked0,
-        )
-        outcome = store.outcomes(engine, prefix)
-        host = report.machine(settings.rabbitmq_mgmt_url, store.server_version(engine))
+        rig.fleet.start(settings.amqp_url)
+        async_s = warm_up(rig, f"bench-{run_id}-a-", p)
+        measured, outcome, final = load(rig, f"bench-{run_id}-s-", p, async_s)
+        host = report.machine(settings.rabbitmq_mgmt_url, store.server_version(rig.engine))
     finally:
-        codes = fleet.stop()
-        engine.dispose()
-    figures = _figures(p, measured, outcome)
-    figures += [
+        codes = rig.fleet.stop()
+        rig.engine.dispose()
+    out = figures(p, measured, outcome)
+    out += [
         Figure(f"peak RSS, {w.role} {i + 1}", w.peak_rss / 2**20, "MB")
-        for i, w in enumerate(fleet.workers)
+        for i, w in enumerate(rig.fleet.workers)
     ]
-    worker_settings = {
+    ok = final == p.n and outcome.not_sent == 0 and codes == [0] * len(rig.fleet.workers)
+    return Result(
+        run_id,
+        out,
+        worker_settings(settings, rig.backend),
+        host,
+        final,
+        outcome.not_sent,
+        codes,
+        ok,
+    )
+
+
+def worker_settings(settings: Settings, backend: str) -> dict[str, object]:
+    """The settings the workers ran with, as recorded beside the figures."""
+    return {
         "prefetch": settings.prefetch,
         "batch_size": settings.batch_size,
         "batch_wait_seconds": settings.batch_wait_seconds,
         "log_level": os.environ.get("NUDGE_LOG_LEVEL", "warning"),
         "delay_backend": backend,
     }
-    ok = final == p.n and outcome.not_sent == 0 and codes == [0] * len(fleet.workers)
-    return Result(run_id, figures, worker_settings, host, final, outcome.not_sent, codes, ok)
 
 
-def _figures(p: Params, m: Measured, o: store.Outcomes) -> list[Figure]:
+def figures(p: Params, m: Measured, o: store.Outcomes) -> list[Figure]:
     """The scenario's figures; rates are per second, lateness in ms."""
     sent_span = max(1e-3, o.last_sent - o.first_sent)
     due_span = max(1e-3, o.last_sent - o.first_due)
@@ -215,7 +292,23 @@ def _figures(p: Params, m: Measured, o: store.Outcomes) -> list[Figure]:
         Figure("lateness p99", o.lateness_p99, "ms", 100, "<="),
         Figure("lateness max", o.lateness_max, "ms"),
         Figure("worker CPU per message", m.worker_cpu_s * 1e6 / p.n, "µs"),
+        *cpu_figures(m.cpu, m.peak_cores, p.n),
         # checks 1-8 (lock, facts in a constant number of statements, decisions), wall time
         Figure("  checks before sending, per message", m.check_s * 1e6 / max(1.0, m.checked), "µs"),
         Figure("machine CPU busy", m.busy * 100, "%"),
     ]
+
+
+#: The processes whose CPU the scenario reports, in the order printed.
+PROCESSES = ("scheduler", "dispatch", "worker", "rabbitmq", "postgres", "publisher")
+
+
+def cpu_figures(cpu: dict[str, float], peaks: dict[str, float], n: int) -> list[Figure]:
+    """CPU per delivered message of each process kind in ``cpu`` and of all together, and
+    each kind's busiest second in ``peaks`` (100 % = one core, where a Python worker
+    saturates)."""
+    kinds = [k for k in PROCESSES if k in cpu]
+    out = [Figure(f"CPU per message, {k}", cpu[k] * 1e6 / n, "µs") for k in kinds]
+    out.append(Figure("CPU per message, all", sum(cpu[k] for k in kinds) * 1e6 / n, "µs"))
+    out += [Figure(f"  busiest second, {k}", peaks.get(k, 0.0) * 100, "%") for k in kinds]
+    return out

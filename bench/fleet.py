@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -118,10 +119,15 @@ class Fleet:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the live workers used so far."""
-        total = 0.0
+        return sum(self.cpu_by_role().values())
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU time (user + system) the live workers used so far, summed per role."""
+        total: dict[str, float] = {}
         for w in self.workers:
             with contextlib.suppress(psutil.Error):
-                total += sum(psutil.Process(w.process.pid).cpu_times()[:2])
+                cpu = sum(psutil.Process(w.process.pid).cpu_times()[:2])
+                total[w.role] = total.get(w.role, 0.0) + cpu
         return total
 
     def stop(self, timeout: float = 60.0) -> list[int]:
@@ -142,6 +148,63 @@ class Fleet:
         if self._sampler is not None:
             self._sampler.join()
         return [w.process.returncode for w in self.workers]
+
+
+class Servers:
+    """The local RabbitMQ and Postgres servers' processes, found by the ports they listen on:
+    RabbitMQ's Erlang VM, and Postgres' postmaster with its children (backends, WAL writer,
+    checkpointer...). :meth:`cpu_seconds` counts the children that exited too, through the
+    postmaster's reaped-children times."""
+
+    def __init__(self, amqp_port: int, postgres_port: int) -> None:
+        self.rabbitmq = _listening(amqp_port, "RabbitMQ")
+        self.postgres = _listening(postgres_port, "Postgres")
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """User + system CPU seconds so far of ``rabbitmq`` and ``postgres`` (all processes)."""
+        times = self.postgres.cpu_times()
+        postgres = times.user + times.system + times.children_user + times.children_system
+        for child in self.postgres.children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # it exited: counted once reaped
+                postgres += sum(child.cpu_times()[:2])
+        return {"rabbitmq": sum(self.rabbitmq.cpu_times()[:2]), "postgres": postgres}
+
+
+class CpuPeaks:
+    """Samples cumulative CPU seconds (``source()``: seconds by process kind) every
+    ``period`` seconds on a thread and keeps each kind's busiest period, as cores used
+    (1.0 = one core), until :meth:`stop`."""
+
+    def __init__(self, source: Callable[[], dict[str, float]], period: float = 1.0) -> None:
+        self._source = source
+        self._period = period
+        self.peaks: dict[str, float] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-peaks", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last, at = self._source(), time.monotonic()
+        while not self._done.wait(self._period):
+            now, now_at = self._source(), time.monotonic()
+            for kind, seconds in now.items():
+                used = (seconds - last.get(kind, seconds)) / max(1e-3, now_at - at)
+                self.peaks[kind] = max(self.peaks.get(kind, 0.0), used)
+            last, at = now, now_at
+
+    def stop(self) -> dict[str, float]:
+        """Stop sampling; each kind's busiest period in cores."""
+        self._done.set()
+        self._thread.join()
+        return dict(self.peaks)
+
+
+def _listening(port: int, what: str) -> psutil.Process:
+    """The process listening on TCP ``port`` of this machine."""
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return psutil.Process(conn.pid)
+    raise RuntimeError(f"no process listens on port {port} ({what}): is `make setup` done?")
 
 
 def _free_port() -> int:

@@ -181,7 +181,7 @@ def write(
         "params": params,
         "worker_settings": env,
         "machine": host,
-        "figures": [_as_json(f) for f in figures],
+        "figures": [as_json(f) for f in figures],
         **extra,
     }
     path.write_text(json.dumps(doc, indent=2) + "\n")
@@ -189,7 +189,7 @@ def write(
     return path
 
 
-def _as_json(f: Figure) -> dict[str, Any]:
+def as_json(f: Figure) -> dict[str, Any]:
     ratio = round(f.ratio, 3) if f.ratio is not None else None
     return {
         **asdict(f),

@@ -94,8 +94,53 @@ def render(root: Path = RESULTS) -> str:
                 if len(got) < len(vs):
                     cell += f"; {len(vs) - len(got)} run(s) without"
             rows.append(f"| {name} | {cell} | {target} |")
+        if scenario == "capacity":
+            rows += ["", *_steps(good)]
         parts.append("\n".join(head + rows))
     return "\n\n".join(parts)
+
+
+#: The step table's columns for the ``capacity`` scenario: (heading, figure name).
+STEP_COLUMNS = (
+    ("stored /s", "stored by the scheduler"),
+    ("delivered /s", "delivered, first to last send"),
+    ("p50 ms", "lateness p50"),
+    ("p99 ms", "lateness p99"),
+    ("CPU per message µs", "CPU per message, all"),
+    ("scheduler %", "busiest second, scheduler"),
+    ("dispatch %", "busiest second, dispatch"),
+    ("RabbitMQ %", "busiest second, rabbitmq"),
+    ("Postgres %", "busiest second, postgres"),
+    ("publisher %", "busiest second, publisher"),
+    ("machine busy %", "machine CPU busy"),
+)
+
+
+def _steps(docs: list[dict[str, Any]]) -> list[str]:
+    """The ``capacity`` runs' steps as one table, a row per due rate, each cell the median
+    (and range) over the runs; the processes' columns are their busiest second, 100 % = one
+    core."""
+    cells: dict[int, dict[str, list[float]]] = {}
+    for d in docs:
+        for step in d.get("steps", []):
+            row = cells.setdefault(step["due_per_second"], {})
+            for f in step["figures"]:
+                if f["value"] is not None:
+                    row.setdefault(f["name"], []).append(f["value"])
+    lines = [
+        "| due /s | " + " | ".join(h for h, _ in STEP_COLUMNS) + " |",
+        "|---" * (len(STEP_COLUMNS) + 1) + "|",
+    ]
+    for rate, row in sorted(cells.items()):
+        out = []
+        for _, name in STEP_COLUMNS:
+            got = row.get(name, [])
+            cell = _fmt(statistics.median(got)) if got else ""
+            if len(got) > 1:
+                cell += f" ({_fmt(min(got))} to {_fmt(max(got))})"
+            out.append(cell)
+        lines.append(f"| {rate:,} | " + " | ".join(out) + " |")
+    return lines
 
 
 def section(text: str, name: str = "docs/benchmarks.md") -> str:

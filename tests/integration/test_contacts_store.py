@@ -5,12 +5,13 @@ repeats what is stored does not rewrite the row."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, text
 
-from shared.contract import ContactRef
-from workers.store import contacts
+from shared.contract import ContactRef, ScheduleMessage
+from workers.store import contacts, messages
 from workers.store.db import async_engine, transaction
 
 
@@ -57,3 +58,37 @@ def test_a_reference_changes_what_it_names_and_repeating_it_writes_nothing(
     assert changed["attributes"] == {"tier": "free", "lang": "fr"}  # merged
     assert changed["subscribed"] is False
     assert changed["updated_at"] > created["updated_at"]
+
+
+def test_a_batch_of_new_requests_stores_each_contact_with_its_latest_fields(
+    engine: Engine, database_url: str
+) -> None:
+    def request(email: str) -> ScheduleMessage:
+        return ScheduleMessage(
+            contact=ContactRef(id="u-1", email=email, attributes={"n": email[0]}),
+            template="t",
+            channel="log",
+            deliver_at=datetime.now(UTC),
+        )
+
+    async def run() -> None:
+        eng = async_engine(database_url, pool_size=1)
+        try:
+            async with transaction(eng) as conn:
+                await messages.insert_single_messages(
+                    conn,
+                    [("k-1", request("a@example.com")), ("k-2", request("b@example.com"))],
+                    datetime.now(UTC),
+                )
+            async with transaction(eng) as conn:  # k-1 again, stale: it changes nothing
+                await messages.insert_single_messages(
+                    conn,
+                    [("k-1", request("a@example.com")), ("k-3", request("c@example.com"))],
+                    datetime.now(UTC),
+                )
+        finally:
+            await eng.dispose()
+
+    asyncio.run(run())
+    row = _row(engine)
+    assert (row["email"], row["attributes"]) == ("c@example.com", {"n": "c"})

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from bench import report, scaling, table
+from bench import capacity, report, scaling, table
 
 
 def test_the_tables_in_docs_benchmarks_are_what_the_committed_results_give() -> None:
@@ -101,3 +101,31 @@ def test_the_sizing_model_sizes_each_role_on_its_latest_successful_run_and_floor
     assert "At least one role needs more replicas than the floor for CPU." in text
     assert f"| events | not measured | | | {scaling.MIN_REPLICAS} (the floor) |" in text
     assert "`message_items` bytes per row: not measured." in text
+
+
+def _step(rate: int, p99: float, busiest: dict[str, float], ok: bool = True) -> capacity.Step:
+    figures = [report.Figure("lateness p99", p99, "ms"), report.Figure("machine CPU busy", 90, "%")]
+    figures += [report.Figure(f"  busiest second, {k}", v, "%") for k, v in busiest.items()]
+    return capacity.Step(rate, figures, ok)
+
+
+def test_the_capacity_summary_names_where_p99_crosses_and_the_first_process_to_saturate() -> None:
+    steps = [
+        _step(1000, 20, {"scheduler": 40, "dispatch": 30, "postgres": 50}),
+        _step(2000, 60, {"scheduler": 85, "dispatch": 50, "postgres": 150}),
+        _step(3000, 400, {"scheduler": 97, "dispatch": 70, "postgres": 170}),
+        _step(4000, 900, {"scheduler": 99, "dispatch": 95, "postgres": 190}),
+    ]
+    figures, lines = capacity.summary(steps, cores=2)
+    assert [f.value for f in figures] == [2000, 3000, 3000]
+    assert lines[0] == "p99 crosses 100 ms between 2000 and 3000 due per second"
+    # Postgres at 170 % is 85 % of two cores: the scheduler, alone on its one core, is first.
+    assert lines[1].startswith("first to saturate: scheduler, at 3000 /s")
+
+
+def test_a_capacity_step_that_failed_counts_as_beyond_the_target_whatever_its_p99() -> None:
+    steps = [_step(1000, 20, {"dispatch": 10}), _step(2000, 30, {"dispatch": 20}, ok=False)]
+    figures, lines = capacity.summary(steps, cores=2)
+    assert [f.value for f in figures] == [1000, 2000, None]
+    assert lines[1].startswith("no process reached 90% of its ceiling in any second")
+    assert "the machine was 90 % busy (at 2000 /s)" in lines[1]  # the box was the limit

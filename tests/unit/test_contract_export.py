@@ -517,6 +517,31 @@ def test_the_workers_refuse_what_the_published_schema_refuses_without_coercing(
 
 
 @pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"n": 1e999}', "data.n: must be a finite number"),
+        (b'{"n": -1E400}', "data.n: must be a finite number"),
+        (b'{"n": 1' + b"0" * 400 + b".5}", "data.n: must be a finite number"),
+        (b'{"a": {"b": "x\\u0000"}}', "data.a.b: must not contain NUL characters"),
+        (b'{"n": 99999999999999999999}', "data.n: integers must be between"),
+    ],
+)
+def test_unstorable_values_however_the_json_spells_them_are_refused(
+    raw: bytes, reason: str
+) -> None:
+    example = json.dumps({**asyncapi.EXAMPLE_SCHEDULE, "data": {}}).encode()
+    body = example.replace(b'"data": {}', b'"data": ' + raw)
+    with pytest.raises(InvalidMessage, match=f"^{re.escape(reason)}"):
+        contract.decode(ScheduleMessage, body, content_type=None)
+
+
+def test_words_and_escapes_that_only_look_unstorable_are_accepted() -> None:
+    data = {"note": "NaN and Infinity, 1e5 and \\u0000", "n": 1.5e3, "big": 2**62}
+    body = json.dumps({**asyncapi.EXAMPLE_SCHEDULE, "data": data}).encode()
+    assert contract.decode(ScheduleMessage, body, content_type=None).data == data
+
+
+@pytest.mark.parametrize(
     ("data", "reason"),
     [
         ({"name": "a\x00b"}, "data.name: must not contain NUL characters"),

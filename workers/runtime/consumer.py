@@ -181,6 +181,9 @@ class Consumer(Generic[T]):
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.last_activity = time.monotonic()
+        # Per delivery: the labelled children looked up once.
+        self._received = metrics.received.labels(handler.queue)
+        self._held_gauge = metrics.held.labels(handler.queue)
 
     @property
     def idle(self) -> bool:
@@ -212,7 +215,7 @@ class Consumer(Generic[T]):
 
     async def _on_message(self, message: Incoming) -> None:
         self.last_activity = time.monotonic()
-        metrics.received.labels(self.handler.queue).inc()
+        self._received.inc()
         headers = trusted_headers(self.handler.queue, message.headers)
         tries = tries_before(message, headers)
         try:
@@ -256,7 +259,7 @@ class Consumer(Generic[T]):
             )
         bucket.append(inbound)
         self._held_count += 1
-        metrics.held.labels(self.handler.queue).set(self._held_count)
+        self._held_gauge.set(self._held_count)
 
     def _release(self, tick: int) -> None:
         now = time.time()
@@ -270,7 +273,7 @@ class Consumer(Generic[T]):
             )
         bucket = self._held.pop(tick, [])
         self._held_count -= len(bucket)
-        metrics.held.labels(self.handler.queue).set(self._held_count)
+        self._held_gauge.set(self._held_count)
         ready_at = time.monotonic()
         for inbound in bucket:
             inbound.held = True

@@ -19,6 +19,7 @@ SELECT external_id, email, phone, timezone, attributes, coalesce(subscribed, tru
        AS t(external_id, email, phone, timezone, attributes, subscribed)
  ORDER BY external_id
 ON CONFLICT (external_id) DO NOTHING
+RETURNING id, external_id
 """)
 
 _IDS = text("""
@@ -65,10 +66,21 @@ def _params(refs: Iterable[ContactRef]) -> dict[str, list[object]]:
 async def ensure(conn: AsyncConnection, refs: Iterable[ContactRef]) -> dict[str, int]:
     """Create the contacts that do not exist yet (with the fields given); returns the ids of
     all. Existing contacts are left as they are: see :func:`update`."""
+    return (await ensure_created(conn, refs))[0]
+
+
+async def ensure_created(
+    conn: AsyncConnection, refs: Iterable[ContactRef]
+) -> tuple[dict[str, int], set[str]]:
+    """:func:`ensure`, and which external ids it created: those hold the fields given (the
+    last reference of each wins, as in :func:`update`)."""
     params = _params(refs)
-    await conn.execute(_INSERT_NEW, params)
-    result = await conn.execute(_IDS, {"ids": params["ids"]})
-    return {row.external_id: row.id for row in result}
+    ids = {row.external_id: row.id for row in await conn.execute(_INSERT_NEW, params)}
+    created = set(ids)
+    if rest := [i for i in params["ids"] if i not in created]:
+        result = await conn.execute(_IDS, {"ids": rest})
+        ids.update((row.external_id, row.id) for row in result)
+    return ids, created
 
 
 async def update(conn: AsyncConnection, refs: Iterable[ContactRef]) -> None:

@@ -81,7 +81,7 @@ async def insert_single_messages(
     keeps its first row. The keys in ``from_rules`` are automation rules' messages (kind
     ``rule``), the others kind ``single``; a message without a category takes its template's.
     Returns every message of the batch, new or old, so the caller can (re)publish it."""
-    ids = await contacts_repo.ensure(conn, (req.contact for _, req in requests))
+    ids, created = await contacts_repo.ensure_created(conn, (req.contact for _, req in requests))
     result = await conn.execute(
         _INSERT_SINGLES,
         {
@@ -110,8 +110,13 @@ async def insert_single_messages(
         )
         if r.new:
             new.add(r.idempotency_key)
-    # a re-published request does not apply its (possibly stale) contact fields again
-    await contacts_repo.update(conn, (req.contact for key, req in requests if key in new))
+    # a re-published request does not apply its (possibly stale) contact fields again; a
+    # contact this batch created holds its new requests' fields already, unless an old one
+    # named it too
+    fresh = created - {req.contact.id for key, req in requests if key not in new}
+    await contacts_repo.update(
+        conn, (req.contact for key, req in requests if key in new and req.contact.id not in fresh)
+    )
     return list(stored.values())
 
 
