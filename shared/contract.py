@@ -333,15 +333,55 @@ def _parse(body: bytes, content_type: str | None) -> dict[str, Any]:
         raise InvalidMessage(f"body: {len(body)} bytes, at most {MAX_BODY_BYTES} allowed")
     try:
         # decoded first: json.loads(bytes) would also take UTF-16 and UTF-32
-        raw = json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
+        try:
+            raw, suspect = _loads_storable(text), False
+        except _Suspect:
+            raw, suspect = json.loads(text), True
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidMessage(f"body: not valid UTF-8 JSON ({exc})") from exc
     except RecursionError as exc:  # "[[[[...", well under the size limit, found by fuzzing
         raise InvalidMessage("body: nested too deeply") from exc
     if not isinstance(raw, dict):
         raise InvalidMessage("body: must be a JSON object")
-    _refuse_unstorable(raw)
+    if suspect:  # walk it all to name the first offending value
+        _refuse_unstorable(raw)
     return raw
+
+
+class _Suspect(Exception):
+    """The body may hold a value the contract refuses: :func:`_refuse_unstorable` decides."""
+
+
+def _loads_storable(text: str) -> Any:
+    """``json.loads(text)``, raising :class:`_Suspect` instead when the text may hold what
+    :func:`_refuse_unstorable` refuses, at the parser's own cost: a NUL character can only
+    be written ``\\u0000`` in valid JSON (strict parsing refuses a raw control character),
+    and every number and constant goes through the hooks below. Walking every decoded value
+    in Python instead costs about as much as parsing the body."""
+    if "\\u0000" in text:
+        raise _Suspect
+    return json.loads(
+        text, parse_int=_storable_int, parse_float=_finite_float, parse_constant=_constant
+    )
+
+
+def _storable_int(text: str) -> int:
+    value = int(text)
+    if not MIN_INT <= value <= MAX_INT:
+        raise _Suspect
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)  # "1e400" is infinite
+    if not math.isfinite(value):
+        raise _Suspect
+    return value
+
+
+def _constant(name: str) -> float:  # NaN, Infinity, -Infinity
+    raise _Suspect
 
 
 def _refuse_unstorable(raw: Mapping[str, Any]) -> None:
