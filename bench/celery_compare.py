@@ -388,11 +388,19 @@ def dramatiq_delayed(settings: Settings, broker_api: Broker, p: Params, log: Any
 
 
 def nudge_delayed(settings: Settings, p: Params) -> Side:
-    """Nudge: the ``delays`` scenario with the same schedule, figures as it recorded them."""
+    """Nudge: the ``delays`` scenario with the same schedule, figures as it recorded them; the
+    same run as ``python -m bench delays --together`` (one process with both roles, its
+    warm-up of ``async_n`` messages included)."""
     ok = delays.run(
         settings,
         delays.Params(
-            n=p.n, spread=p.spread, lead=p.lead, concurrency=p.concurrency, async_n=min(2000, p.n)
+            n=p.n,
+            spread=p.spread,
+            lead=p.lead,
+            workers=1,
+            concurrency=p.concurrency,
+            async_n=min(delays.Params.async_n, p.n),
+            split=False,
         ),
     )
     if not ok:
