@@ -1,17 +1,22 @@
-"""Scenario ``celery``: Nudge and Celery side by side, on the same RabbitMQ and Postgres.
+"""Scenario ``celery``: Nudge, Celery and dramatiq side by side, on the same RabbitMQ and
+Postgres, one after the other.
 
 1. **Delayed messages.** The same N messages due evenly over ``spread`` s from ``lead`` s
    after the publish starts. Nudge runs the ``delays`` scenario (which records its own
    result too); Celery publishes the same schedule as ETA tasks with
    publisher confirms to a quorum queue, so Celery 5.5+ routes them through its native delayed
-   delivery, and a prefork worker writes one row to Postgres per task.
+   delivery, and a prefork worker writes one row to Postgres per task; dramatiq publishes it
+   as delayed messages with confirms through its RabbitMQ broker, and its worker (one process
+   per ``concurrency``) holds them in memory until due and writes one row per message.
 2. **Long delays.** ``long_n`` messages due in ``hours``: the RSS of Nudge's worker (the
    messages wait in RabbitMQ's delay ladder) against Celery's worker with native delayed
    delivery (they wait in ``celery_delayed_*``) and without it (a classic queue: the worker
-   takes every ETA task and holds it in memory until due).
+   takes every ETA task and holds it in memory until due), and dramatiq's worker holding every
+   delayed message (its delay prefetch raised to ``long_n`` over its processes).
 
-Each Celery run and the long Nudge run use a vhost of their own, deleted afterwards with
-everything still waiting in it; Celery's rows go to a database of their own.
+Each Celery and dramatiq run and the long Nudge run use a vhost of their own, deleted
+afterwards with everything still waiting in it; Celery's and dramatiq's rows go to a database
+of their own.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
+import dramatiq
 import httpx
+import pika.exceptions
 import psutil  # type: ignore[import-untyped]  # no stubs in the lock file
 import psycopg
 
@@ -43,6 +50,10 @@ from shared.topology import INTAKE_QUEUE
 from workers.config import Settings
 
 CELERY_DB = "nudge_bench_celery"
+#: dramatiq's worker threads per process (its default).
+DRAMATIQ_THREADS = 8
+#: The largest prefetch AMQP can express (``basic.qos`` takes a 16-bit count).
+MAX_PREFETCH = 65_535
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,13 @@ class Tree:
             procs = [root, *root.children(recursive=True)]
             return sum(p.memory_info().rss for p in procs if p.is_running())
         return 0
+
+    def cpu(self) -> float:
+        """CPU seconds (user + system) the process and its live children used so far."""
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(self.process.pid)
+            return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
+        return 0.0
 
     def _sample(self) -> None:
         while not self._done.wait(0.1):
@@ -234,6 +252,40 @@ def _rows(dsn: str, prefix: str) -> int:
         return int(row[0]) if row else 0
 
 
+def _lateness(dsn: str, prefix: str) -> tuple[float, float, float, float]:
+    """The rows of ``prefix``: (first to last row in s, lateness p50, p99, max in ms)."""
+    with psycopg.connect(dsn) as conn:
+        r = conn.execute(
+            "SELECT extract(epoch FROM max(done_at) - min(done_at)), "
+            "percentile_cont(0.5) WITHIN GROUP (ORDER BY late), "
+            "percentile_cont(0.99) WITHIN GROUP (ORDER BY late), max(late) "
+            "FROM (SELECT done_at, extract(epoch FROM done_at - due_at) * 1000 AS late "
+            "FROM celery_rows WHERE key LIKE %s) t",
+            (f"{prefix}%",),
+        ).fetchone()
+    assert r is not None
+    span, p50, p99, late_max = (float(x) for x in r)
+    return span, p50, p99, late_max
+
+
+def _delayed_side(
+    p: Params, publish_s: float, dsn: str, prefix: str, worker: Tree, cpu_s: float, early: int
+) -> Side:
+    span, p50, p99, late_max = _lateness(dsn, prefix)
+    return Side(
+        {
+            "publish with confirms (/s)": p.n / publish_s,
+            "delivered, first to last (/s)": p.n / max(span, 1e-3),
+            "lateness p50 (ms)": p50,
+            "lateness p99 (ms)": p99,
+            "lateness max (ms)": late_max,
+            "peak RSS, worker (MB)": worker.peak / 2**20,
+            "worker CPU per message (µs)": cpu_s * 1e6 / p.n,
+            "published without ETA (< 1 s ahead)": early,
+        }
+    )
+
+
 def celery_delayed(settings: Settings, broker_api: Broker, p: Params, log: Any) -> Side:
     """Celery, native delayed delivery: the delayed scenario's schedule, one row per task."""
     dsn = _celery_dsn(settings)
@@ -249,41 +301,106 @@ def celery_delayed(settings: Settings, broker_api: Broker, p: Params, log: Any) 
         start = time.time() + p.lead
         keys = [f"{prefix}{i}" for i in range(p.n)]
         dues = [start + i * p.spread / p.n for i in range(p.n)]
+        cpu0 = worker.cpu()
         publish_s, without_eta = _celery_publish(url, "native", keys, dues)
         _wait(lambda: _rows(dsn, prefix) >= p.n, p.lead + p.spread + 300, "Celery's rows")
-        with psycopg.connect(dsn) as conn:
-            r = conn.execute(
-                "SELECT extract(epoch FROM max(done_at) - min(done_at)), "
-                "percentile_cont(0.5) WITHIN GROUP (ORDER BY late), "
-                "percentile_cont(0.99) WITHIN GROUP (ORDER BY late), max(late) "
-                "FROM (SELECT done_at, extract(epoch FROM done_at - due_at) * 1000 AS late "
-                "FROM celery_rows WHERE key LIKE %s) t",
-                (f"{prefix}%",),
-            ).fetchone()
-        assert r is not None
-        span, p50, p99, late_max = (float(x) for x in r)
+        cpu_s = worker.cpu() - cpu0
     finally:
         worker.stop()
         broker_api.delete("bench-celery-delayed")
-    return Side(
-        {
-            "publish with confirms (/s)": p.n / publish_s,
-            "delivered, first to last (/s)": p.n / max(span, 1e-3),
-            "lateness p50 (ms)": p50,
-            "lateness p99 (ms)": p99,
-            "lateness max (ms)": late_max,
-            "peak RSS, worker (MB)": worker.peak / 2**20,
-            "published without ETA (< 1 s ahead)": without_eta,
-        }
+    return _delayed_side(p, publish_s, dsn, prefix, worker, cpu_s, without_eta)
+
+
+def _dramatiq_worker(
+    broker: str, dsn: str, processes: int, log: Any, delay_prefetch: int | None = None
+) -> Tree:
+    """``dramatiq bench.dramatiq_app`` with ``processes`` worker processes of
+    :data:`DRAMATIQ_THREADS` threads; ``delay_prefetch``: messages each process takes from the
+    delay queue and holds (dramatiq's default: 1,000 per thread)."""
+    env = {**os.environ, "BENCH_DRAMATIQ_BROKER": broker, "BENCH_DRAMATIQ_DSN": dsn}
+    if delay_prefetch is not None:
+        env["dramatiq_delay_queue_prefetch"] = str(delay_prefetch)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dramatiq",
+            "bench.dramatiq_app",
+            "--processes",
+            str(processes),
+            "--threads",
+            str(DRAMATIQ_THREADS),
+        ],
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
+    return Tree(process)
+
+
+def _dramatiq_consuming(broker_api: Broker, vhost: str, processes: int) -> None:
+    from bench.dramatiq_app import QUEUE
+
+    _wait(
+        lambda: all(
+            broker_api.queue(vhost, q).get("consumers", 0) >= processes
+            for q in (QUEUE, f"{QUEUE}.DQ")
+        ),
+        60,
+        "the dramatiq worker to consume",
     )
 
 
+def _dramatiq_publish(url: str, keys: list[str], dues: list[float]) -> float:
+    """Send delayed messages with confirms from this process (the delay in ms from now to the
+    due time); returns the seconds it took."""
+    from bench.dramatiq_app import make_actor
+
+    actor = make_actor(url)
+    began = time.perf_counter()
+    for key, due in zip(keys, dues, strict=True):
+        actor.send_with_options(args=(key, due), delay=round((due - time.time()) * 1000))
+    took = time.perf_counter() - began
+    actor.broker.close()
+    return took
+
+
+def dramatiq_delayed(settings: Settings, broker_api: Broker, p: Params, log: Any) -> Side:
+    """dramatiq: the delayed scenario's schedule, one row per message."""
+    vhost = "bench-dramatiq-delayed"
+    dsn = _celery_dsn(settings)
+    url = broker_api.vhost(vhost)
+    worker = _dramatiq_worker(url, dsn, p.concurrency, log)
+    try:
+        _dramatiq_consuming(broker_api, vhost, p.concurrency)
+        prefix = f"d{uuid.uuid4().hex[:6]}-"
+        start = time.time() + p.lead
+        keys = [f"{prefix}{i}" for i in range(p.n)]
+        dues = [start + i * p.spread / p.n for i in range(p.n)]
+        cpu0 = worker.cpu()
+        publish_s = _dramatiq_publish(url, keys, dues)
+        _wait(lambda: _rows(dsn, prefix) >= p.n, p.lead + p.spread + 300, "dramatiq's rows")
+        cpu_s = worker.cpu() - cpu0
+    finally:
+        worker.stop()
+        broker_api.delete(vhost)
+    return _delayed_side(p, publish_s, dsn, prefix, worker, cpu_s, 0)
+
+
 def nudge_delayed(settings: Settings, p: Params) -> Side:
-    """Nudge: the ``delays`` scenario with the same schedule, figures as it recorded them."""
+    """Nudge: the ``delays`` scenario with the same schedule, figures as it recorded them; the
+    same run as ``python -m bench delays --together`` (one process with both roles, its
+    warm-up of ``async_n`` messages included)."""
     ok = delays.run(
         settings,
         delays.Params(
-            n=p.n, spread=p.spread, lead=p.lead, concurrency=p.concurrency, async_n=min(2000, p.n)
+            n=p.n,
+            spread=p.spread,
+            lead=p.lead,
+            workers=1,
+            concurrency=p.concurrency,
+            async_n=min(delays.Params.async_n, p.n),
+            split=False,
         ),
     )
     if not ok:
@@ -299,6 +416,7 @@ def nudge_delayed(settings: Settings, p: Params) -> Side:
             "lateness p99 (ms)": got["lateness p99"],
             "lateness max (ms)": got["lateness max"],
             "peak RSS, worker (MB)": rss,
+            "worker CPU per message (µs)": got["worker CPU per message"],
             "published without ETA (< 1 s ahead)": 0,
         }
     )
@@ -413,8 +531,47 @@ def celery_long(settings: Settings, broker_api: Broker, p: Params, mode: str, lo
     )
 
 
+def dramatiq_long(settings: Settings, broker_api: Broker, p: Params, log: Any) -> Side:
+    """dramatiq's worker RSS holding ``long_n`` delayed messages due in ``hours``: its delay
+    prefetch raised so that its processes take them all (up to :data:`MAX_PREFETCH` each)."""
+    vhost = "bench-dramatiq-long"
+    url = broker_api.vhost(vhost)
+    dsn = _celery_dsn(settings)
+    prefetch = min(MAX_PREFETCH, -(-p.long_n // p.concurrency))
+    worker = _dramatiq_worker(url, dsn, p.concurrency, log, delay_prefetch=prefetch)
+    try:
+        _dramatiq_consuming(broker_api, vhost, p.concurrency)
+        time.sleep(2)
+        idle = worker.rss()
+        due = time.time() + p.hours * 3600
+        keys = [f"long-{i}" for i in range(p.long_n)]
+        publish_s = _dramatiq_publish(url, keys, [due + i % 3600 for i in range(p.long_n)])
+        held_all = min(p.long_n, prefetch * p.concurrency)
+        _wait(
+            lambda: broker_api.totals(vhost)[1] >= held_all,
+            600,
+            "the worker to take the delayed messages",
+        )
+        time.sleep(6)
+        rss = worker.rss()
+        waiting, held = broker_api.totals(vhost)
+    finally:
+        worker.stop(timeout=60)
+        broker_api.delete(vhost)
+    return Side(
+        {
+            "publish with confirms (/s)": p.long_n / publish_s,
+            "RSS with all pending (MB)": rss / 2**20,
+            "peak RSS (MB)": worker.peak / 2**20,
+            "RSS idle before (MB)": idle / 2**20,
+            "waiting in RabbitMQ": waiting,
+            "held by the worker (unacked)": held,
+        }
+    )
+
+
 def _side_by_side(title: str, columns: dict[str, Side]) -> tuple[str, list[dict[str, Any]]]:
-    names = list(next(iter(columns.values())).figures)
+    names = list(dict.fromkeys(name for side in columns.values() for name in side.figures))
     base = next(iter(columns))
     head = (
         f"{title:<34}"
@@ -443,8 +600,9 @@ def _side_by_side(title: str, columns: dict[str, Side]) -> tuple[str, list[dict[
 
 
 def run(settings: Settings, p: Params) -> bool:
-    """Run both scenarios, print them side by side, record the result. False, and the run
-    recorded as failed, when a half of either comparison failed: each failure is printed."""
+    """Run both scenarios, print them side by side, record the result: the figures of every
+    half that succeeded, and the failures. False, and the run recorded as failed, when a half
+    of either comparison failed: each failure is printed."""
     broker_api = Broker(settings)
     report.RESULTS.mkdir(exist_ok=True)
     out: dict[str, Any] = {}
@@ -453,7 +611,14 @@ def run(settings: Settings, p: Params) -> bool:
     def half(name: str, measure: Any) -> Side | None:
         try:
             side: Side = measure()
-        except (RuntimeError, OSError, psycopg.Error, httpx.HTTPError) as exc:
+        except (
+            RuntimeError,
+            OSError,
+            psycopg.Error,
+            httpx.HTTPError,
+            pika.exceptions.AMQPError,
+            dramatiq.DramatiqError,
+        ) as exc:
             failures[name] = f"{type(exc).__name__}: {exc}"
             click.echo(f"FAILED: {name}: {failures[name]}", err=True)
             return None
@@ -461,7 +626,7 @@ def run(settings: Settings, p: Params) -> bool:
 
     def compare(section: str, title: str, sides: dict[str, Side | None]) -> None:
         done = {name: side for name, side in sides.items() if side is not None}
-        if len(done) == len(sides):
+        if done:
             text, out[section] = _side_by_side(title, done)
             click.echo(text + "\n")
 
@@ -475,6 +640,10 @@ def run(settings: Settings, p: Params) -> bool:
                     "celery native": half(
                         "delayed, celery native",
                         lambda: celery_delayed(settings, broker_api, p, log),
+                    ),
+                    "dramatiq": half(
+                        "delayed, dramatiq",
+                        lambda: dramatiq_delayed(settings, broker_api, p, log),
                     ),
                 },
             )
@@ -492,6 +661,10 @@ def run(settings: Settings, p: Params) -> bool:
                         "long, celery eta",
                         lambda: celery_long(settings, broker_api, p, "eta", log),
                     ),
+                    "dramatiq": half(
+                        "long, dramatiq",
+                        lambda: dramatiq_long(settings, broker_api, p, log),
+                    ),
                 },
             )
     with psycopg.connect(settings.database_url.replace("postgresql+psycopg", "postgresql")) as c:
@@ -502,7 +675,14 @@ def run(settings: Settings, p: Params) -> bool:
     path = report.write(
         "celery",
         asdict(p),
-        {"celery": celery.__version__, "pool": "prefork"},
+        {
+            "celery": celery.__version__,
+            "pool": "prefork",
+            "dramatiq": dramatiq.__version__,
+            "dramatiq_processes": p.concurrency,
+            "dramatiq_threads": DRAMATIQ_THREADS,
+            "dramatiq_delay_prefetch_long": min(MAX_PREFETCH, -(-p.long_n // p.concurrency)),
+        },
         host,
         [],
         {"side_by_side": out, "failures": failures},

@@ -574,6 +574,32 @@ def test_values_postgres_cannot_store_are_refused_anywhere_naming_the_path(
     assert any("NUL" in rule for rule in _committed_schema("ScheduleMessage")["x-nudge-rules"])
 
 
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ('{"n": 1e400}', "data.n: must be a finite number"),
+        ('{"n": [1, -1E+400]}', "data.n[1]: must be a finite number"),
+        ('{"n": -Infinity}', "data.n: must be a finite number"),
+        ('{"n": 99999999999999999999}', "data.n: integers must be between"),
+        ('{"k\\u0000": 1}', "data: keys must not contain NUL characters"),
+        ('{"s": "a\\u0000"}', "data.s: must not contain NUL characters"),
+        ('{"s": "NaN, 1e400 and \\\\u0000 as text"}', None),
+        ('{"n": -9223372036854775808, "x": 1.5e300}', None),
+    ],
+)
+def test_refused_values_are_found_however_the_json_text_writes_them(
+    data: str, reason: str | None
+) -> None:
+    body = json.dumps({**asyncapi.EXAMPLE_SCHEDULE, "data": "DATA"}).replace('"DATA"', data)
+    if reason is None:
+        decoded = contract.decode(ScheduleMessage, body.encode(), content_type=None)
+        assert decoded.data == json.loads(data)
+        return
+    with pytest.raises(InvalidMessage) as info:
+        contract.decode(ScheduleMessage, body.encode(), content_type=None)
+    assert info.value.reason.startswith(reason)
+
+
 def test_a_body_in_another_encoding_than_utf8_is_refused() -> None:
     text = json.dumps(asyncapi.EXAMPLE_SCHEDULE)
     contract.decode(ScheduleMessage, text.encode("utf-8"), content_type=None)
