@@ -69,6 +69,15 @@ def _latest(scenario: str, root: Path) -> dict[str, Any] | None:
     return good[-1] if good else None
 
 
+def _latest_split(scenario: str, root: Path) -> dict[str, Any] | None:
+    """The most recent successful run of ``scenario`` with the roles in processes of their
+    own (as deployed), else the most recent successful run."""
+    good = [d for d in runs(root) if d["scenario"] == scenario and d.get("ok", True)]
+    split = [d for d in good if d.get("params", {}).get("split", True)]
+    chosen = split or good
+    return chosen[-1] if chosen else None
+
+
 def _figure(doc: dict[str, Any], name: str) -> float | None:
     for f in doc.get("figures", []):
         if f["name"].strip() == name:
@@ -90,22 +99,44 @@ def _sig(v: float) -> str:
 def costs(root: Path = RESULTS) -> list[Cost]:
     """Each role's CPU per message from the latest run that measured it."""
     out: list[Cost] = []
-    delays = _latest("delays", root)
+    delays = _latest_split("delays", root)
     if delays is not None:
-        us = _figure(delays, "worker CPU per message")
         stored = _figure(delays, "stored by the scheduler")
         delivered = _figure(delays, "delivered, first to last send")
-        out.append(
-            Cost(
-                "scheduler + dispatch",
-                "single messages, `log` channel",
-                us / 1e6 if us is not None else None,
-                _source(delays),
-                "both roles' processes together (the run does not split them); "
-                f"stored {_fmt(stored or 0)}/s, delivered {_fmt(delivered or 0)}/s, "
-                "which is the schedule's rate",
-            )
+        spread = float(delays.get("params", {}).get("spread") or 0)
+        n = float(delays.get("params", {}).get("n") or 0)
+        due = n / spread if spread else 0
+        rates = (
+            f"stored {_fmt(stored or 0)}/s, delivered {_fmt(delivered or 0)}/s "
+            f"of {_fmt(due)} due per second"
         )
+        path = "single messages, `log` channel"
+        split = {
+            role: _figure(delays, f"CPU per message, {role}")
+            for role in ("scheduler", "dispatch", "rabbitmq", "postgres")
+        }
+        if split["scheduler"] is not None and split["dispatch"] is not None:
+            for role, name, note in (
+                ("scheduler", "scheduler", f"its own process; {rates}"),
+                ("dispatch", "dispatch", "its own process"),
+                ("PostgreSQL", "postgres", "store, claim and finalise of each message"),
+                ("RabbitMQ", "rabbitmq", "intake, the delay ladder and the due queue"),
+            ):
+                us = split[name]
+                out.append(
+                    Cost(role, path, us / 1e6 if us is not None else None, _source(delays), note)
+                )
+        else:
+            us = _figure(delays, "worker CPU per message")
+            out.append(
+                Cost(
+                    "scheduler + dispatch",
+                    path,
+                    us / 1e6 if us is not None else None,
+                    _source(delays),
+                    f"both roles' processes together (the run does not split them); {rates}",
+                )
+            )
     campaign = _latest("campaign", root)
     if campaign is not None:
         sent = _figure(campaign, "receiver: messages (unique)") or campaign.get("sent")
