@@ -23,13 +23,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from shared.contract import Channel, Priority
-from shared.errors import (
-    BrokerError,
-    BrokerUnavailable,
-    InvalidMessage,
-    InvalidTransition,
-    NotFound,
-)
+from shared.errors import BrokerError, InvalidMessage, InvalidTransition, NotFound
 from workers.cli.base import (
     DURATION,
     EXIT_INVALID,
@@ -421,40 +415,22 @@ def pause(settings: Settings, ref: str, reason: str) -> Paused:
 def _announce_control(settings: Settings, campaign_id: int, action: str, round_: int) -> None:
     """Publish a control announcement with pika and wait for its confirm (what
     :func:`workers.runtime.control.announce` publishes, without the event loop)."""
-    import pika
-    import pika.exceptions
-
     from shared import brokers, contract
-    from shared.contract import CONTENT_TYPE, PERSISTENT, CampaignControl
+    from shared.contract import CONTENT_TYPE, CampaignControl
     from shared.topology import CONTROL_EXCHANGE
 
     body = contract.encode(
         contract.build(CampaignControl, campaign_id=campaign_id, action=action, round=round_)
     )
-    try:
-        connection = pika.BlockingConnection(
-            brokers.pika_parameters(settings.amqp_url, connection_name="nudge-cli")
-        )
-    except pika.exceptions.AMQPError as exc:
-        raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc!r}") from exc
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        channel.basic_publish(
-            CONTROL_EXCHANGE,
-            "",
-            body,
-            pika.BasicProperties(
-                content_type=CONTENT_TYPE,
-                delivery_mode=PERSISTENT,
-                message_id=f"control-{campaign_id}-{action}-{round_}",
-            ),
-        )
-    except pika.exceptions.AMQPError as exc:
-        raise BrokerError(f"the {action} announcement was not confirmed: {exc!r}") from exc
-    finally:
-        if connection.is_open:
-            connection.close()
+    brokers.publish_confirmed(
+        settings.amqp_url,
+        CONTROL_EXCHANGE,
+        "",
+        body,
+        message_id=f"control-{campaign_id}-{action}-{round_}",
+        content_type=CONTENT_TYPE,
+        connection_name="nudge-cli",
+    )
 
 
 @campaign.command("resume")
