@@ -33,7 +33,6 @@ from sqlalchemy import Engine, create_engine, text
 from bench import report
 from bench.report import Figure
 from shared.topology import BATCHES_QUEUE, PLAN_QUEUE
-from workers.cli.campaigns import pause as pause_campaign
 from workers.config import Settings
 from workers.store import templates
 from workers.store.db import upgrade
@@ -168,7 +167,6 @@ def run(settings: Settings, p: Params) -> bool:
     upgrade(url)
     engine = create_engine(url)
     env = {**os.environ, "NUDGE_DATABASE_URL": url, "NUDGE_LOG_LEVEL": "warning"}
-    worker_settings = settings.model_copy(update={"database_url": url})
     workdir = Path(tempfile.mkdtemp(prefix="nudge-bench-campaign-"))
     processes: list[subprocess.Popen[bytes]] = []
     sink: subprocess.Popen[str] | None = None
@@ -264,9 +262,9 @@ def run(settings: Settings, p: Params) -> bool:
             sent = _count(engine, sent_sql)
             print(f"  {time.time() - t_start:6.1f} s  sent {int(sent)}", flush=True)
             if not pause and sent >= p.pause_at * p.contacts:
-                # in this process: the figure is the pause, not a CLI's start on a busy machine
+                # the real command, as an operator runs it: its start-up is part of the figure
                 asked = time.time()
-                pause_campaign(worker_settings, "bench", "benchmark")
+                _nudge(env, "campaign", "pause", "bench", "--reason", "benchmark")
                 returned = time.time()
                 time.sleep(3.0)  # let what was in flight land, then count it
                 pause = {
@@ -322,7 +320,14 @@ def run(settings: Settings, p: Params) -> bool:
         Figure("message_items per 1M rows (all)", size / rows * 1e6 / mb, "MB"),
         Figure("message_items per 1M rows (heap)", heap / rows * 1e6 / mb, "MB"),
         Figure("  of which paused (pause to resume)", _ms(pause, "paused_s", 1), "s", absent=np),
-        Figure("pause: commit and announce", _ms(pause, "command_s"), "ms", absent=np),
+        Figure(
+            "pause: `nudge campaign pause`, start to return",
+            _ms(pause, "command_s"),
+            "ms",
+            500,
+            "<=",
+            absent=np,
+        ),
         Figure(
             "sends after pause returned",
             pause.get("after_return"),

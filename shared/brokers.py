@@ -7,8 +7,9 @@ from __future__ import annotations
 import urllib.parse
 
 import pika
+import pika.exceptions
 
-from shared.errors import ConfigError
+from shared.errors import BrokerError, BrokerUnavailable, ConfigError
 
 SCHEMES = ("amqp://", "amqps://")
 
@@ -43,3 +44,37 @@ def pika_parameters(url: str, **client_properties: str) -> list[pika.URLParamete
             p.client_properties = dict(client_properties)
         parameters.append(p)
     return parameters
+
+
+def publish_confirmed(
+    url: str,
+    exchange: str,
+    routing_key: str,
+    body: bytes,
+    *,
+    message_id: str,
+    content_type: str,
+    connection_name: str,
+) -> None:
+    """Publish one persistent message with pika and wait for its confirm, on a connection of
+    its own: for a command that publishes once and should not pay for an event loop's
+    imports (``nudge campaign pause``). Raises :class:`BrokerUnavailable` when no node
+    answers, :class:`BrokerError` when the publish was not confirmed."""
+    try:
+        connection = pika.BlockingConnection(pika_parameters(url, connection_name=connection_name))
+    except pika.exceptions.AMQPError as exc:
+        raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc!r}") from exc
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(
+            exchange,
+            routing_key,
+            body,
+            pika.BasicProperties(content_type=content_type, delivery_mode=2, message_id=message_id),
+        )
+    except pika.exceptions.AMQPError as exc:
+        raise BrokerError(f"{message_id} was not confirmed: {exc!r}") from exc
+    finally:
+        if connection.is_open:
+            connection.close()

@@ -23,13 +23,15 @@ PACKAGES = ("producer", "shared", "workers")
 
 #: Each driver package and the only modules that may name its exceptions.
 ADAPTERS = {
-    "psycopg": {"workers/store/db.py"},
+    # the pause is written with psycopg alone, so that its command starts without SQLAlchemy
+    "psycopg": {"workers/store/db.py", "workers/store/campaign_states.py"},
     "sqlalchemy": {"workers/store/db.py"},
     "aio_pika": {"shared/amqp.py"},
     "aiormq": {"shared/amqp.py"},
     "pamqp": {"shared/amqp.py"},
-    # pika is blocking: the sync producer and the CLI's nudge.dead browser are its adapters.
-    "pika": {"producer/sync_producer.py", "workers/deadletters.py"},
+    # pika is blocking: the sync producer, the CLI's nudge.dead browser and the one confirmed
+    # publish of a CLI command (shared/brokers.py) are its adapters.
+    "pika": {"producer/sync_producer.py", "workers/deadletters.py", "shared/brokers.py"},
 }
 
 #: What role and runtime modules may take from the database libraries: the engine's type.

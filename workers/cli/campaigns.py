@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Connection
 
     from workers.config import Settings
+    from workers.store.campaign_states import Paused
     from workers.store.campaigns import Campaign
 
 
@@ -400,15 +401,36 @@ def campaign_pause(ctx: click.Context, ref: str, reason: str) -> None:
     click.echo(f"campaign {found.name!r} paused")
 
 
-def pause(settings: Settings, ref: str, reason: str) -> Campaign:
-    """Commit the pause, then announce it to every worker (also used by the benchmark)."""
-    from workers.store import campaigns
+def pause(settings: Settings, ref: str, reason: str) -> Paused:
+    """Commit the pause, then announce it to every worker. Neither SQLAlchemy nor aio-pika
+    is imported on this path (psycopg, and pika with a confirm): their import was most of the
+    command's time, while the workers went on sending."""
+    from workers.store import campaign_states
 
-    with database(settings, write=True) as conn:
-        found = _find(conn, ref)
-        round_ = campaigns.pause(conn, found, f"pause: {reason}")
-    _announce(settings, control=(found.id, "pause", round_))
-    return found
+    paused = campaign_states.pause(settings.database_url, ref, f"pause: {reason}")
+    _announce_control(settings, paused.id, "pause", paused.round)
+    return paused
+
+
+def _announce_control(settings: Settings, campaign_id: int, action: str, round_: int) -> None:
+    """Publish a control announcement with pika and wait for its confirm (what
+    :func:`workers.runtime.control.announce` publishes, without the event loop)."""
+    from shared import brokers, contract
+    from shared.contract import CONTENT_TYPE, CampaignControl
+    from shared.topology import CONTROL_EXCHANGE
+
+    body = contract.encode(
+        contract.build(CampaignControl, campaign_id=campaign_id, action=action, round=round_)
+    )
+    brokers.publish_confirmed(
+        settings.amqp_url,
+        CONTROL_EXCHANGE,
+        "",
+        body,
+        message_id=f"control-{campaign_id}-{action}-{round_}",
+        content_type=CONTENT_TYPE,
+        connection_name="nudge-cli",
+    )
 
 
 @campaign.command("resume")

@@ -13,28 +13,22 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.errors import InvalidTransition
 from workers.reasons import Reason, ReasonRule
 from workers.recipients import ItemStatus, MessageStatus
 from workers.store import audiences
+from workers.store.campaign_states import ALLOWED as ALLOWED  # the states, also read from here
+from workers.store.campaign_states import check_state, state_name
 from workers.store.db import autocommit
 from workers.store.schema import messages
 
-#: The states an operator sees, and which actions each allows.
-ALLOWED: dict[str, frozenset[str]] = {
-    "schedule": frozenset({"draft", "scheduled"}),
-    "start": frozenset({"draft", "scheduled"}),
-    "pause": frozenset({"sending"}),
-    "resume": frozenset({"paused"}),
-    "cancel": frozenset({"draft", "scheduled", "sending", "paused"}),
-    "retry-failed": frozenset({"sending", "paused", "completed"}),
-}
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 
 @dataclass(frozen=True)
@@ -73,15 +67,7 @@ class Campaign:
 
     @property
     def state(self) -> str:
-        status = MessageStatus(self.status)
-        if status is MessageStatus.NOT_STARTED:
-            return "scheduled" if self.start_at is not None else "draft"
-        return {
-            MessageStatus.SENDING: "sending",
-            MessageStatus.PAUSED: "paused",
-            MessageStatus.COMPLETED: "completed",
-            MessageStatus.CANCELLED: "cancelled",
-        }[status]
+        return state_name(self.status, self.start_at)
 
 
 _COLUMNS = [messages.c[f.name] for f in fields(Campaign)]
@@ -93,12 +79,7 @@ def _campaign(row: Any) -> Campaign:
 
 def check(campaign: Campaign, action: str) -> None:
     """Raise :class:`InvalidTransition` unless ``action`` is allowed in the campaign's state."""
-    if campaign.state not in ALLOWED[action]:
-        allowed = ", ".join(sorted(ALLOWED[action]))
-        raise InvalidTransition(
-            f"cannot {action} campaign {campaign.name!r}: it is {campaign.state} "
-            f"({action} needs a campaign that is {allowed})"
-        )
+    check_state(campaign.name, campaign.state, action)
 
 
 @dataclass(frozen=True)
@@ -233,24 +214,6 @@ async def start_scheduled(conn: AsyncConnection, campaign_id: int) -> int | None
     n = await audiences.freeze_async(conn, campaign_id, row.audience)
     await conn.execute(_PLANNED, {"id": campaign_id, "n": n})
     return int(row.plan_round)
-
-
-def pause(conn: Connection, campaign: Campaign, reason: str) -> int:
-    """Pause; returns the round paused."""
-    check(campaign, "pause")
-    sql = (
-        "UPDATE messages SET status = :paused, status_reason = :reason "
-        "WHERE id = :id AND status = :sending RETURNING plan_round"
-    )
-    return _one(
-        conn,
-        campaign,
-        "pause",
-        sql,
-        reason=reason,
-        paused=int(MessageStatus.PAUSED),
-        sending=int(MessageStatus.SENDING),
-    )
 
 
 _NEXT_ROUND = (

@@ -9,14 +9,19 @@ from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
 import sqlalchemy.exc
+from psycopg.abc import Buffer
 from psycopg.rows import namedtuple_row
-from sqlalchemy import Engine, TextClause, create_engine, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from psycopg.types.array import ListDumper
+from sqlalchemy import Engine, TextClause, create_engine, event, text
 
 from shared.errors import StoreError, StoreUnavailable
 
 if TYPE_CHECKING:  # alembic (and mako, pygments) only where migrations are read: not per command
     from alembic.config import Config
+
+    # nor SQLAlchemy's asyncio extension (it imports the ORM) where no worker runs: a CLI
+    # command such as `nudge campaign pause` starts faster without it
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -29,7 +34,29 @@ def async_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
     ``target_session_attrs=read-write``, each new connection goes to the host that accepts
     writes: after a failover, the promoted standby (docs/operations.md, "Postgres high
     availability")."""
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800)
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800
+    )
+    event.listen(engine.sync_engine, "connect", _register_adapters)
+    return engine
+
+
+class _ListDumper(ListDumper):
+    """psycopg's list dumper, with a shortcut for lists of plain ints (the keys of every
+    batch statement): joined at once, where psycopg dumps each element and matches it
+    against a regular expression, about a tenth of a dispatch worker's CPU in a campaign.
+    Lists of anything else, or with a None, are dumped as psycopg dumps them."""
+
+    def dump(self, obj: list[Any]) -> Buffer | None:
+        if obj and set(map(type, obj)) == {int}:
+            return b"{%s}" % ",".join(map(str, obj)).encode()
+        return super().dump(obj)
+
+
+def _register_adapters(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.driver_connection.adapters.register_dumper(list, _ListDumper)
 
 
 def sync_engine(url: str) -> Engine:
