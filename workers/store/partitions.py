@@ -303,10 +303,15 @@ SELECT m.id, m.exclude_scope,
        END)::float8 AS reach
   FROM messages m
  WHERE jsonb_array_length(m.exclude_events) > 0
-   AND (m.status = ANY(CAST(:open AS smallint[]))
-        OR EXISTS (SELECT 1 FROM message_items i
-                    WHERE i.message_id = m.id
-                      AND i.status IN ('planned', 'sending', 'deferred')))
+   AND m.id IN (
+         -- each has a partial index: no need to read the whole history
+         SELECT id FROM messages
+          WHERE kind <> 'campaign' AND status IN (0, 1) AND contact_id IS NOT NULL
+         UNION ALL
+         SELECT id FROM messages WHERE kind = 'campaign' AND status IN (0, 1, 2)
+         UNION ALL
+         SELECT message_id FROM message_items
+          WHERE status IN ('planned', 'sending', 'deferred'))
  ORDER BY reach
  LIMIT 1
 """)
@@ -333,8 +338,7 @@ def plan_prune(conn: Connection, now: datetime, retention: Retention) -> list[De
     events_cutoff = now - timedelta(days=retention.events_days)
     interactions_from = now - timedelta(seconds=interaction_window)
     reach = conn.execute(
-        _EXCLUSION_REACH,
-        {"now": now, "buffer": retention.exclusion_buffer_seconds, "open": list(_OPEN_STATUSES)},
+        _EXCLUSION_REACH, {"now": now, "buffer": retention.exclusion_buffer_seconds}
     ).first()
     for p in partitions(conn, EVENTS):
         ends = p.ends_at

@@ -124,6 +124,9 @@ messages = Table(
         "deliver_at",
         postgresql_where=text("kind <> 'campaign' AND status IN (0, 1) AND contact_id IS NOT NULL"),
     ),
+    # campaigns by status, a handful of rows: the prune's "which campaigns are not finished"
+    # (migration 0014)
+    Index("ix_messages_campaigns", "status", postgresql_where=text("kind = 'campaign'")),
     # one partition per month of ids (workers/store/partitions.py, migration 0014)
     postgresql_partition_by="RANGE (id)",
 )

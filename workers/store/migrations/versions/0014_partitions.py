@@ -6,7 +6,8 @@ into ``*_initial``, which covers every id below the first id of next month.
 ``contact_events`` becomes partitioned by RANGE of ``occurred_at``: one partition per month
 from its oldest event (at most three years back) to two months ahead, and
 ``contact_events_default`` for the rest. The unique idempotency keys (and with them campaign
-names) move to ``message_keys``; the unique event id becomes (event_id, occurred_at).
+names) move to ``message_keys``; the unique event id becomes (event_id, occurred_at). A partial
+index of campaigns by status lets the prune find the unfinished ones without a scan.
 
 Each table is copied into a new partitioned table, which then takes the old one's name,
 indexes and constraints; the id sequences keep their positions.
@@ -111,6 +112,7 @@ def upgrade() -> None:
         CREATE INDEX ix_messages_contact_id ON messages (contact_id);
         CREATE INDEX ix_messages_pending_singles ON messages (deliver_at)
             WHERE kind <> 'campaign' AND status IN (0, 1) AND contact_id IS NOT NULL;
+        CREATE INDEX ix_messages_campaigns ON messages (status) WHERE kind = 'campaign';
         ALTER TABLE message_items ADD CONSTRAINT pk_message_items
             PRIMARY KEY (message_id, contact_id);
         ALTER TABLE message_items ADD CONSTRAINT fk_message_items_contact_id_contacts
