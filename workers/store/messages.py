@@ -45,14 +45,17 @@ WITH given AS (
         CAST(:excludes AS jsonb[]), CAST(:scopes AS text[]), CAST(:withins AS float8[]),
         CAST(:data AS jsonb[]), CAST(:deliver_ats AS timestamptz[]),
         CAST(:expires_ats AS timestamptz[]), CAST(:exclude_sinces AS timestamptz[]),
-        CAST(:kinds AS text[]))
+        CAST(:kinds AS text[])) WITH ORDINALITY
       AS t(idempotency_key, contact_id, template, channel, category, priority,
            exclude_events, exclude_scope, exclude_within_seconds, data, deliver_at, expires_at,
-           exclude_since, kind)
+           exclude_since, kind, ord)
+     ORDER BY idempotency_key, ord
 ), keys AS (
-    -- the keys' uniqueness: messages is partitioned, message_keys is not
+    -- the keys' uniqueness: messages is partitioned, message_keys is not; ids in the
+    -- batch's order (a volatile function runs after the sort)
     INSERT INTO message_keys (key, message_id)
     SELECT g.idempotency_key, nextval(pg_get_serial_sequence('messages', 'id')) FROM given g
+     ORDER BY g.ord
     ON CONFLICT (key) DO NOTHING
     RETURNING key, message_id
 ), inserted AS (
