@@ -10,7 +10,17 @@ import sys
 
 import click
 
-from bench import backends, campaign, capacity, celery_compare, delays, publish, report, table
+from bench import (
+    backends,
+    campaign,
+    capacity,
+    celery_compare,
+    delays,
+    prune,
+    publish,
+    report,
+    table,
+)
 from shared.errors import NudgeError
 from workers.config import Settings
 
@@ -106,6 +116,23 @@ def capacity_command(rates: str, spread: float, lead: float, concurrency: int, s
             Settings.load(),
             capacity.Params(steps, spread, lead, concurrency=concurrency, split=split),
         )
+    except (NudgeError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(0 if ok else 1)
+
+
+@main.command("prune")
+@click.option("--rows", default=10_000_000, type=click.IntRange(1000), help="Rows in the month.")
+@click.option(
+    "--delete-rows",
+    default=1_000_000,
+    type=click.IntRange(1000),
+    help="Rows deleted for comparison (extrapolated to ROWS).",
+)
+def prune_command(rows: int, delete_rows: int) -> None:
+    """Drop a month of ROWS message_items rows with the prune; DELETE DELETE_ROWS rows."""
+    try:
+        ok = prune.run(Settings.load(), prune.Params(rows, delete_rows))
     except (NudgeError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(0 if ok else 1)

@@ -36,7 +36,7 @@ from producer import Producer, scheduled
 from shared import amqp, delay, topology
 from workers.config import Settings
 from workers.store.db import sync_engine
-from workers.store.schema import messages
+from workers.store.schema import message_keys, messages
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ROOT / "infra/local/servers.sh"
@@ -270,6 +270,7 @@ def _forget(settings: Settings, prefix: str) -> None:
     try:
         with engine.begin() as conn:
             conn.execute(sa.delete(messages).where(messages.c.idempotency_key.like(prefix + "%")))
+            conn.execute(sa.delete(message_keys).where(message_keys.c.key.like(prefix + "%")))
     finally:
         engine.dispose()
 

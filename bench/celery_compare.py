@@ -488,6 +488,7 @@ def _forget(settings: Settings, prefix: str) -> None:
     dsn = settings.database_url.replace("postgresql+psycopg", "postgresql")
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DELETE FROM messages WHERE idempotency_key LIKE %s", (f"{prefix}%",))
+        conn.execute("DELETE FROM message_keys WHERE key LIKE %s", (f"{prefix}%",))
 
 
 def celery_long(settings: Settings, broker_api: Broker, p: Params, mode: str, log: Any) -> Side:

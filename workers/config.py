@@ -103,6 +103,24 @@ class Settings(BaseSettings):
     #: its time is published again, straight to the due queue, by a ``scheduler`` worker (the
     #: delay lost it: the plugin across a broker restart, a purge, a lost node).
     rescue_after_seconds: float = Field(default=300.0, ge=1)
+    # Retention (docs/operations.md, "Retention"): what ``nudge db prune`` and the scheduler
+    # role may drop, whole months at a time, once nothing pending needs it.
+    #: Months of ``contact_events`` older than this may be dropped.
+    retention_events_days: float = Field(default=180.0, gt=0)
+    #: Months of ``messages`` and ``message_items`` whose last activity is older than this
+    #: may be dropped.
+    retention_messages_days: float = Field(default=90.0, gt=0)
+    #: Idempotency keys older than this whose message is gone are deleted: a publish of the
+    #: same key after that schedules the message again.
+    retention_message_keys_days: float = Field(default=90.0, gt=0)
+    #: Rule runs older than this are deleted (unset: kept for ever); a run-once rule may then
+    #: fire again for the contact.
+    retention_rule_runs_days: float | None = Field(default=None, gt=0)
+    #: How often a ``scheduler`` worker creates the coming months' partitions and moves the
+    #: message id sequence at a month boundary.
+    partition_maintenance_seconds: float = Field(default=300.0, ge=1)
+    #: How often a ``scheduler`` worker prunes (0: never; run ``nudge db prune`` instead).
+    prune_interval_seconds: float = Field(default=3600.0, ge=0)
     #: How many times a recipient whose lease ran out is claimed again before it is recorded
     #: ``failed`` (reason ``lease``): it is sent at most this many times plus one.
     max_takeovers: int = Field(default=3, ge=0, le=100)

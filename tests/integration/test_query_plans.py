@@ -39,7 +39,9 @@ def _plan(engine: Engine, clause: TextClause, params: dict[str, Any]) -> str:
 def campaign_midway(engine: Engine) -> int:
     """A campaign of N recipients, analyzed when all were planned, three quarters sent since."""
     with engine.begin() as conn:
-        conn.execute(text("ALTER TABLE message_items SET (autovacuum_enabled = false)"))
+        # the partition that holds the campaign's recipients (a partitioned table has no
+        # storage parameters of its own)
+        conn.execute(text("ALTER TABLE message_items_initial SET (autovacuum_enabled = false)"))
         conn.execute(
             text(
                 "INSERT INTO contacts (external_id) SELECT 'c-' || g FROM generate_series(1, :n) g"
@@ -103,7 +105,8 @@ def test_the_finalise_probes_each_recipient_by_key_whatever_the_statistics_say(
     # one index probe per recipient, not a scan of every row or index entry then a hash
     assert "Index Cond: ((message_id = v.message_id) AND (contact_id = v.contact_id))" in plan
     assert "Hash Join" not in plan, plan
-    assert "Seq Scan on message_items" not in plan, plan
+    # (the empty partitions of the coming months may be scanned: nothing to read there)
+    assert "Seq Scan on message_items_initial" not in plan, plan
     assert "Bitmap" not in plan, plan
 
 
@@ -119,4 +122,13 @@ def test_completion_looks_for_an_unfinished_recipient_from_the_top(
             "completed": int(MessageStatus.COMPLETED),
         },
     )
-    assert "Index Only Scan Backward using ix_message_items_unfinished" in plan, plan
+    # the index's copy on the partitions (Postgres names them)
+    with engine.connect() as conn:
+        names = conn.execute(
+            text(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'ix_message_items_unfinished'::regclass"
+            )
+        ).scalars()
+        wanted = {f"Index Only Scan Backward using {name}" for name in names}
+    assert any(w in plan for w in wanted), plan

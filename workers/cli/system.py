@@ -43,6 +43,51 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
     click.echo(f"database at {revision}")
 
 
+@db.command("partitions")
+@click.pass_context
+def db_partitions(ctx: click.Context) -> None:
+    """Create the partitions of this month and the next two, and move the message id
+    sequence to this month's partition (the scheduler role does it every few minutes)."""
+    from datetime import UTC, datetime
+
+    from workers.cli.base import database
+    from workers.store import partitions
+
+    settings = load_settings(ctx)
+    with errors(), database(settings, write=True) as conn:
+        partitions.lock(conn)
+        done = partitions.maintain(conn, datetime.now(UTC))
+        listing = {t: partitions.partitions(conn, t) for t in partitions.PARTITIONED}
+    for line in done:
+        click.echo(line)
+    for table, found in listing.items():
+        click.echo(f"{table}: {', '.join(p.name for p in found)}")
+
+
+@db.command("prune")
+@click.option("--dry-run", is_flag=True, help="Print what would be dropped and kept, and why.")
+@click.pass_context
+def db_prune(ctx: click.Context, dry_run: bool) -> None:
+    """Drop the month partitions older than their table's retention that nothing pending
+    needs, and delete old idempotency keys (and rule runs, when NUDGE_RETENTION_RULE_RUNS_DAYS
+    is set). Prints, per partition, drop or keep and why."""
+    from datetime import UTC, datetime
+
+    from workers.cli.base import database
+    from workers.store import partitions
+
+    settings = load_settings(ctx)
+    with errors(), database(settings, write=True) as conn:
+        partitions.lock(conn)
+        decisions, deleted = partitions.prune(
+            conn, datetime.now(UTC), partitions.Retention.of(settings), dry_run=dry_run
+        )
+    for d in decisions:
+        click.echo(("would " if dry_run and d.drop else "") + d.line())
+    for line in deleted:
+        click.echo(line)
+
+
 @click.group("topology")
 def topology_group() -> None:
     """RabbitMQ exchanges and queues."""

@@ -8,7 +8,9 @@ and publishes again; the dispatch claim makes the duplicate harmless.
 
 It also rescues what the delay lost: every few seconds, the recipients still pending well
 after their time (``NUDGE_RESCUE_AFTER_SECONDS``) are published again straight to the due
-queue (``workers/store/rescue.py``).
+queue (``workers/store/rescue.py``). And it keeps the time partitions: the coming months'
+are created every ``NUDGE_PARTITION_MAINTENANCE_SECONDS``, the old ones no longer needed
+dropped every ``NUDGE_PRUNE_INTERVAL_SECONDS`` (``workers/store/partitions.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
+from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract, delay
@@ -29,11 +32,23 @@ from shared.topology import INTAKE_QUEUE, due_destination
 from workers.rules.firing import RULE_HEADER
 from workers.runtime import metrics
 from workers.runtime.outcomes import DONE, Outcome, Reject
-from workers.store import messages, rescue, templates
+from workers.store import messages, partitions, rescue, templates
 from workers.store.db import transaction
 from workers.store.messages import StoredMessage
 
 log = structlog.get_logger("nudge.scheduler")
+
+
+def _partitions_round(conn: Connection, retention: partitions.Retention, prune: bool) -> list[str]:
+    if not partitions.lock(conn, wait=False):
+        return []
+    now = datetime.now(UTC)
+    done = partitions.maintain(conn, now)
+    if prune:
+        decisions, deleted = partitions.prune(conn, now, retention)
+        done += [d.line() for d in decisions if d.drop] + deleted
+    return done
+
 
 #: The most recipients of each kind one rescue round publishes again.
 RESCUE_LIMIT = 1000
@@ -135,6 +150,28 @@ class SchedulerHandler:
                     pass  # a full round: there may be more
             except (StoreError, BrokerError) as exc:
                 log.warning("rescue failed", error=str(exc))
+
+    async def partitions_forever(
+        self, maintain_every: float, prune_every: float, retention: partitions.Retention
+    ) -> None:
+        """Create the coming months' partitions now and every ``maintain_every`` seconds,
+        and prune every ``prune_every`` seconds (0: never); a round another scheduler is
+        running is skipped."""
+        last_prune = asyncio.get_running_loop().time()
+        while True:
+            prune = (
+                prune_every > 0 and asyncio.get_running_loop().time() - last_prune >= prune_every
+            )
+            try:
+                async with transaction(self._engine) as conn:
+                    done = await conn.run_sync(_partitions_round, retention, prune)
+                for line in done:
+                    log.info("partitions", done=line)
+            except StoreError as exc:
+                log.warning("partition maintenance failed", error=str(exc))
+            if prune:
+                last_prune = asyncio.get_running_loop().time()
+            await asyncio.sleep(maintain_every)
 
     async def rescue(self, after: float) -> int:
         """One round; returns how many recipients it published again. The marks commit only

@@ -33,6 +33,7 @@ from workers.roles.scheduler import SchedulerHandler
 from workers.runtime import health, metrics
 from workers.runtime.consumer import Consumer
 from workers.runtime.control import Control
+from workers.store import partitions
 from workers.store.db import async_engine, check_schema
 from workers.templating import Renderer
 from workers.web.server import WebServer
@@ -102,6 +103,15 @@ async def _handlers(
         scheduler = SchedulerHandler(engine, publisher, backend)
         background.append(
             asyncio.create_task(scheduler.rescue_forever(settings.rescue_after_seconds))
+        )
+        background.append(
+            asyncio.create_task(
+                scheduler.partitions_forever(
+                    settings.partition_maintenance_seconds,
+                    settings.prune_interval_seconds,
+                    partitions.Retention.of(settings),
+                )
+            )
         )
         return [(scheduler, False)]
     if role == "events":

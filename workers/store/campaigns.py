@@ -107,19 +107,26 @@ class NewCampaign:
 
 
 _CREATE = text("""
-INSERT INTO messages (kind, idempotency_key, template, channel, category, priority, data,
+WITH key AS (
+    -- names are unique through the message's idempotency key (message_keys)
+    INSERT INTO message_keys (key, message_id)
+    VALUES ('campaign:' || :name, nextval(pg_get_serial_sequence('messages', 'id')))
+    ON CONFLICT (key) DO NOTHING
+    RETURNING message_id
+)
+INSERT INTO messages (id, kind, idempotency_key, template, channel, category, priority, data,
                       scheduled_at, deliver_at, name, audience, batch_size, chunk_size,
                       rate_per_second, auto_pause_threshold, auto_pause_window,
                       expires_after_seconds, exclude_events, exclude_scope,
                       exclude_within_seconds)
-VALUES ('campaign', 'campaign:' || :name, :template, :channel,
-        coalesce(:category, (SELECT category FROM templates WHERE name = :template
-                              ORDER BY version DESC LIMIT 1)),
-        :priority, :data,
-        now(), now(), :name, :audience, :batch_size, :chunk_size, :rate_per_second,
-        :auto_pause_threshold, :auto_pause_window, :expires_after_seconds, :exclude_events,
-        :exclude_scope, :exclude_within_seconds)
-ON CONFLICT DO NOTHING
+SELECT key.message_id, 'campaign', 'campaign:' || :name, :template, :channel,
+       coalesce(:category, (SELECT category FROM templates WHERE name = :template
+                             ORDER BY version DESC LIMIT 1)),
+       :priority, :data,
+       now(), now(), :name, :audience, :batch_size, :chunk_size, :rate_per_second,
+       :auto_pause_threshold, :auto_pause_window, :expires_after_seconds, :exclude_events,
+       :exclude_scope, :exclude_within_seconds
+  FROM key
 RETURNING id
 """)
 

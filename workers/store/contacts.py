@@ -97,7 +97,7 @@ INSERT INTO contact_events (contact_id, name, occurred_at, event_id, data)
 SELECT * FROM unnest(CAST(:contact_ids AS bigint[]), CAST(:names AS text[]),
                      CAST(:occurred AS timestamptz[]), CAST(:event_ids AS text[]),
                      CAST(:data AS jsonb[]))
-ON CONFLICT (event_id) DO NOTHING
+ON CONFLICT (event_id, occurred_at) DO NOTHING
 RETURNING event_id
 """)
 
@@ -130,8 +130,8 @@ RETURNING id
 
 _UNSUBSCRIBED_EVENT = text("""
 INSERT INTO contact_events (contact_id, name, occurred_at, event_id, data)
-VALUES (:contact_id, 'unsubscribed', now(), :event_id, :data)
-ON CONFLICT (event_id) DO NOTHING
+SELECT :contact_id, 'unsubscribed', now(), :event_id, :data
+ WHERE NOT EXISTS (SELECT 1 FROM contact_events WHERE event_id = :event_id)
 """)
 
 

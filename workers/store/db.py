@@ -243,8 +243,22 @@ def check_schema(url: str) -> None:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Apply migrations up to ``revision``; safe to run from several processes at once."""
+    """Apply migrations up to ``revision``; safe to run from several processes at once. At
+    head, also create the partitions of this month and the next ones
+    (:func:`workers.store.partitions.maintain`), so that workers start with them."""
+    from datetime import UTC, datetime
+
     from alembic import command
+
+    from workers.store import partitions
 
     with sync_errors():
         command.upgrade(alembic_config(url), revision)
+        if revision == "head":
+            engine = create_engine(url)
+            try:
+                with engine.begin() as conn:
+                    partitions.lock(conn)
+                    partitions.maintain(conn, datetime.now(UTC))
+            finally:
+                engine.dispose()

@@ -20,7 +20,7 @@ from workers.reasons import Reason, ReasonRule
 from workers.recipients import Claimed, ItemOutcome, ItemState, ItemStatus, Key, MessageStatus
 from workers.store import contacts as contacts_repo
 from workers.store.db import Statement
-from workers.store.schema import contacts, message_items, messages
+from workers.store.schema import contacts, message_items, message_keys, messages
 
 
 @dataclass(frozen=True)
@@ -39,34 +39,44 @@ _CLAIMED_COLUMNS = tuple(f.name for f in fields(Claimed))
 
 _INSERT_SINGLES = text("""
 WITH given AS (
-    SELECT * FROM unnest(
+    SELECT DISTINCT ON (idempotency_key) * FROM unnest(
         CAST(:keys AS text[]), CAST(:contact_ids AS bigint[]), CAST(:templates AS text[]),
         CAST(:channels AS text[]), CAST(:categories AS text[]), CAST(:priorities AS text[]),
         CAST(:excludes AS jsonb[]), CAST(:scopes AS text[]), CAST(:withins AS float8[]),
         CAST(:data AS jsonb[]), CAST(:deliver_ats AS timestamptz[]),
         CAST(:expires_ats AS timestamptz[]), CAST(:exclude_sinces AS timestamptz[]),
-        CAST(:kinds AS text[]))
+        CAST(:kinds AS text[])) WITH ORDINALITY
       AS t(idempotency_key, contact_id, template, channel, category, priority,
            exclude_events, exclude_scope, exclude_within_seconds, data, deliver_at, expires_at,
-           exclude_since, kind)
+           exclude_since, kind, ord)
+     ORDER BY idempotency_key, ord
+), keys AS (
+    -- the keys' uniqueness: messages is partitioned, message_keys is not; ids in the
+    -- batch's order (a volatile function runs after the sort)
+    INSERT INTO message_keys (key, message_id)
+    SELECT g.idempotency_key, nextval(pg_get_serial_sequence('messages', 'id')) FROM given g
+     ORDER BY g.ord
+    ON CONFLICT (key) DO NOTHING
+    RETURNING key, message_id
 ), inserted AS (
-    INSERT INTO messages (kind, idempotency_key, contact_id, template, channel, category,
+    INSERT INTO messages (id, kind, idempotency_key, contact_id, template, channel, category,
                           priority, exclude_events, exclude_scope, exclude_within_seconds,
                           data, scheduled_at, deliver_at, expires_at, planned, exclude_since)
-    SELECT g.kind, g.idempotency_key, g.contact_id, g.template, g.channel,
+    SELECT k.message_id, g.kind, g.idempotency_key, g.contact_id, g.template, g.channel,
            -- a message without a category takes its template's (newest version)
            coalesce(g.category, (SELECT t.category FROM templates t WHERE t.name = g.template
                                   ORDER BY t.version DESC LIMIT 1)),
            g.priority, g.exclude_events, g.exclude_scope, g.exclude_within_seconds, g.data,
            :now, g.deliver_at, g.expires_at, 1, g.exclude_since
-      FROM given g
-    ON CONFLICT (idempotency_key) DO NOTHING
+      FROM given g JOIN keys k ON k.key = g.idempotency_key
     RETURNING id, contact_id, deliver_at, idempotency_key
 )
 SELECT id, contact_id, deliver_at, idempotency_key, true AS new FROM inserted
 UNION ALL
 SELECT m.id, m.contact_id, m.deliver_at, m.idempotency_key, false
-  FROM messages m JOIN given g ON g.idempotency_key = m.idempotency_key
+  FROM given g
+  JOIN message_keys k ON k.key = g.idempotency_key
+  JOIN messages m ON m.id = k.message_id
 """)
 
 
@@ -394,7 +404,8 @@ def cancel(conn: Connection, message_id: int) -> bool:
 
 def find(conn: Connection, ref: str) -> dict[str, Any] | None:
     """A message by numeric id or idempotency key (its recipients: :func:`recipients`)."""
-    cond = (messages.c.id == int(ref)) if ref.isdigit() else (messages.c.idempotency_key == ref)
+    by_key = select(message_keys.c.message_id).where(message_keys.c.key == ref)
+    cond = (messages.c.id == int(ref)) if ref.isdigit() else messages.c.id.in_(by_key)
     row = conn.execute(select(messages).where(cond)).mappings().first()
     return dict(row) if row is not None else None
 

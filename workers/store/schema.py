@@ -1,8 +1,9 @@
 """The Postgres schema, as SQLAlchemy Core tables. Alembic migrations create it; a test proves
 the migrations and these tables agree.
 
-``message_items`` is keyed by (message_id, contact_id) so it can be hash-partitioned on
-``message_id`` when it reaches billions of rows without changing a key.
+``messages`` and ``message_items`` are partitioned by RANGE of the message id, one partition
+per month, and ``contact_events`` by RANGE of ``occurred_at`` (workers/store/partitions.py):
+their partitions are not declared here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sqlalchemy import (
     SmallInteger,
     Table,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
@@ -63,15 +65,20 @@ contacts = Table(
 contact_events = Table(
     "contact_events",
     metadata,
-    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("id", BigInteger, Identity(always=False), nullable=False),
     Column("contact_id", BigInteger, ForeignKey("contacts.id", ondelete="CASCADE"), nullable=False),
     Column("name", Text, nullable=False),
     Column("occurred_at", DateTime(timezone=True), nullable=False),
-    Column("event_id", Text, nullable=False, unique=True),
+    Column("event_id", Text, nullable=False),
     Column("data", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # keys contain the partition key (migration 0014): a redelivered event carries the same
+    # occurred_at, so (event_id, occurred_at) still records it once
+    PrimaryKeyConstraint("id", "occurred_at"),
+    UniqueConstraint("event_id", "occurred_at"),
     # "did contact C do any of E1..En since T"
     Index(None, "contact_id", "name", "occurred_at"),
+    postgresql_partition_by="RANGE (occurred_at)",
 )
 
 messages = Table(
@@ -79,7 +86,8 @@ messages = Table(
     metadata,
     Column("id", BigInteger, Identity(always=False), primary_key=True),
     Column("kind", Text, nullable=False),
-    Column("idempotency_key", Text, nullable=False, unique=True),
+    #: Unique through ``message_keys`` (a partitioned table has no global unique index).
+    Column("idempotency_key", Text, nullable=False),
     Column("contact_id", BigInteger, ForeignKey("contacts.id", ondelete="CASCADE")),
     Column("template", Text, nullable=False),
     Column("channel", Text, nullable=False),
@@ -116,6 +124,11 @@ messages = Table(
         "deliver_at",
         postgresql_where=text("kind <> 'campaign' AND status IN (0, 1) AND contact_id IS NOT NULL"),
     ),
+    # campaigns by status, a handful of rows: the prune's "which campaigns are not finished"
+    # (migration 0014)
+    Index("ix_messages_campaigns", "status", postgresql_where=text("kind = 'campaign'")),
+    # one partition per month of ids (workers/store/partitions.py, migration 0014)
+    postgresql_partition_by="RANGE (id)",
 )
 
 _item_statuses = ", ".join(f"'{s.value}'" for s in ItemStatus)
@@ -159,6 +172,21 @@ message_items = Table(
         "next_attempt_at",
         postgresql_where=text("status = 'deferred'"),
     ),
+    # with its message's partition: the same month of message ids (migration 0014)
+    postgresql_partition_by="RANGE (message_id)",
+)
+
+#: The idempotency key of every message (migration 0014), written in the transaction that
+#: stores the message: the key's global uniqueness, which the partitioned ``messages`` cannot
+#: hold. A campaign's key is ``campaign:<name>``, so it makes names unique too. A key is
+#: deleted by ``nudge db prune`` once older than ``NUDGE_RETENTION_MESSAGE_KEYS_DAYS`` and its
+#: message is gone.
+message_keys = Table(
+    "message_keys",
+    metadata,
+    Column("key", Text, primary_key=True),
+    Column("message_id", BigInteger, nullable=False),
+    _now(),
 )
 
 policies = Table(
@@ -277,7 +305,8 @@ events_watermarks = Table(
 # Campaigns (migration 0005) are ``messages`` rows of kind ``campaign``; these columns are
 # null for other kinds. Draft is status 0 without ``start_at``; scheduled is status 0 with it.
 CAMPAIGN_COLUMNS = (
-    Column("name", Text, unique=True),
+    #: Unique through ``message_keys`` (key ``campaign:<name>``).
+    Column("name", Text),
     #: Who receives it, validated (see workers/store/audiences.py); frozen at start.
     Column("audience", JSONB),
     Column("batch_size", Integer),

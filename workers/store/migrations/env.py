@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
+from workers.store.partitions import in_schema
 from workers.store.schema import metadata
 
 config = context.config
@@ -18,6 +19,8 @@ with engine.connect() as connection:
         target_metadata=metadata,
         compare_type=True,
         compare_server_default=True,
+        # partitions are created at run time, not declared in the schema
+        include_object=in_schema,
     )
     with context.begin_transaction():
         # One migrator at a time, even when several pods start together.
