@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
-from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import contract, delay
@@ -37,17 +36,6 @@ from workers.store.db import transaction
 from workers.store.messages import StoredMessage
 
 log = structlog.get_logger("nudge.scheduler")
-
-
-def _partitions_round(conn: Connection, retention: partitions.Retention, prune: bool) -> list[str]:
-    if not partitions.lock(conn, wait=False):
-        return []
-    now = datetime.now(UTC)
-    done = partitions.maintain(conn, now)
-    if prune:
-        decisions, deleted = partitions.prune(conn, now, retention)
-        done += [d.line() for d in decisions if d.drop] + deleted
-    return done
 
 
 #: The most recipients of each kind one rescue round publishes again.
@@ -164,7 +152,7 @@ class SchedulerHandler:
             )
             try:
                 async with transaction(self._engine) as conn:
-                    done = await conn.run_sync(_partitions_round, retention, prune)
+                    done = await conn.run_sync(partitions.scheduled_round, retention, prune)
                 for line in done:
                     log.info("partitions", done=line)
             except StoreError as exc:

@@ -495,3 +495,16 @@ def prune(
         )
         deleted.append(f"deleted {n} rule runs")
     return decisions, deleted
+
+
+def scheduled_round(conn: Connection, retention: Retention, prune_too: bool) -> list[str]:
+    """One round of the scheduler's schedule: maintain (and with ``prune_too``, prune) unless
+    another scheduler holds the lock; the lines say what was done."""
+    if not lock(conn, wait=False):
+        return []
+    now = datetime.now(UTC)
+    done = maintain(conn, now)
+    if prune_too:
+        decisions, deleted = prune(conn, now, retention)
+        done += [d.line() for d in decisions if d.drop] + deleted
+    return done
