@@ -290,8 +290,14 @@ def run(settings: Settings, p: Params) -> bool:
         elapsed = finished - t_start  # wall time, the pause included (a figure of its own)
         peak.stop()
         rows = _count(engine, "SELECT count(*) FROM message_items")
-        size = _count(engine, "SELECT pg_total_relation_size('message_items')")
-        heap = _count(engine, "SELECT pg_relation_size('message_items')")
+        # summed over the partitions: a partitioned table's own relation is empty
+        size = _count(
+            engine,
+            "SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('message_items')",
+        )
+        heap = _count(
+            engine, "SELECT sum(pg_relation_size(relid)) FROM pg_partition_tree('message_items')"
+        )
         sent = _count(engine, sent_sql)
         received: dict[str, int] = {}
         if sink is not None:
